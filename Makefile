@@ -1,0 +1,44 @@
+# winnow: the two commands a new user types are `make run` and `make test`; both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-fast lint bench-embed clean
+
+setup: $(VENV)/.deps $(VENV)/.installed
+
+# Dependencies, pinned in pyproject.toml. torch is installed first and alone so that pip takes the CPU build
+# (a local wheel on these machines) instead of resolving a CUDA build for the other packages.
+$(VENV)/.deps: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==25.3"
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=strict
+	touch $@
+
+# The package itself. Strict editable mode links pipelines/, selectors/ and rephrase/ as winnow.* subpackages
+# (selectors/ must not shadow the standard library); new files need this relink, edits do not.
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES) pyproject.toml
+	$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	touch $@
+
+run: setup
+	$(BIN)/winnow run configs/default.yaml $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check pipelines selectors rephrase tests scripts bench
+
+bench-embed: setup
+	$(BIN)/python bench/bench_embed.py $(ARGS)
+
+clean:
+	rm -rf out build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,94 @@
+"""The `winnow` command line.
+
+    winnow run CONFIG.yaml [--set section.key=value ...] [-- BEAM_PIPELINE_OPTIONS ...]
+
+Exit status 0 on success; 2 with a one-line reason for a bad config, bad input paths or an output that
+cannot be written; 1 when the job itself fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from winnow.pipelines.config import ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Everything after the first `--` goes to Beam unchanged."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1 :]
+    return argv, []
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="winnow", description="Curate text collections into training shards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run", help="run the job a config describes", epilog="Arguments after -- go to Beam, e.g. -- --runner=DaskRunner"
+    )
+    run.add_argument("config", help="YAML job config (see configs/default.yaml)")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config key; the value is read as YAML (5, true, [a, b], text)",
+    )
+    run.add_argument("--traceback", action="store_true", help="show the full traceback when the job fails")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "sentence_transformers", "transformers", "distributed", "dask"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _summary(manifest: dict, output: str) -> str:
+    counts = manifest["counts"]
+    fates = ", ".join(f"{rows} {fate}" for fate, rows in counts["by_fate"].items())
+    return (
+        f"winnow: {counts['input_records']} records -> {fates}; {len(manifest['shards'])} shard(s) in {output} "
+        f"({manifest['timings']['total_s']:.1f} s)"
+    )
+
+
+def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    logging.getLogger().setLevel(logging.ERROR)
+    from winnow.pipelines.job import OutputError, plan_job, run_job
+    from winnow.pipelines.read import InputError
+    from winnow.selectors.embedding import ModelNotFound
+
+    try:
+        config = load_config(args.config, args.overrides)
+        plan = plan_job(config, beam_args)
+    except (ConfigError, InputError, OutputError, ModelNotFound) as error:
+        print(f"winnow: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        manifest = run_job(plan)
+    except Exception as error:  # noqa: BLE001 - the CLI turns any job failure into one line and exit 1
+        if args.traceback:
+            raise
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        print(f"winnow: error: the job failed: {last} (rerun with --traceback for details)", file=sys.stderr)
+        return EXIT_FAILED
+    print(_summary(manifest, str(plan.output)))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    own_args, beam_args = split_beam_args(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_args(own_args)
+    _quiet_libraries()
+    if args.command == "run":
+        return run_command(args, beam_args)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

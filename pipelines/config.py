@@ -1,0 +1,155 @@
+"""The job configuration: a validated schema, YAML loading and `--set` overrides.
+
+Unknown keys and wrong types are errors that name the key (`input.colums: unknown key`), so a typo never runs
+a job with a silent default. The public key names are those of docs/config.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PACKAGED_EMBED_MODEL = "all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line and names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputColumns(_Section):
+    id: str | None = Field(None, description="column holding a unique id; unset: a content hash of the text")
+    text: str = Field("text", description="column holding the text (required)")
+    source: str | None = Field(None, description="column naming the record's source; unset: default_source")
+
+
+class InputConfig(_Section):
+    path: str = Field(..., description="file path or glob; Parquet (.parquet) or JSON Lines (.jsonl, .json)")
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    columns: InputColumns = InputColumns()
+    default_source: str = "default"
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class ValidateConfig(_Section):
+    max_text_bytes: int = Field(1_000_000, gt=0, description="longer texts (UTF-8 bytes) are rejected")
+
+
+class OutputConfig(_Section):
+    path: str
+    shard_rows: int = Field(50_000, gt=0, description="target rows per output shard")
+    ledger_rows: int = Field(1_000_000, gt=0, description="target rows per ledger file")
+    row_group_rows: int = Field(5_000, gt=0, description="Parquet row-group size, for streaming readers")
+
+
+class EmbedConfig(_Section):
+    enabled: Literal["auto"] | bool = Field(
+        "auto", description="auto: only when a later stage needs embeddings; true: always (written to OUT)"
+    )
+    model: str = Field(PACKAGED_EMBED_MODEL, description="a sentence-transformers model directory, or the default")
+    batch_size: int = Field(64, gt=0, description="texts per forward pass")
+    window: int = Field(2048, gt=0, description="texts handed to the model at once, sorted by length inside")
+    max_seq_length: int | None = Field(None, gt=0, description="truncate longer inputs (model default: unset)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="threads per worker; 0: cores / workers")
+    reuse: bool = Field(True, description="reuse embeddings of unchanged texts from the previous run in OUT")
+
+
+class WinnowConfig(_Section):
+    input: InputConfig
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    output: OutputConfig
+    embed: EmbedConfig = EmbedConfig()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def needs_embeddings(self) -> bool:
+        """Whether the embed stage runs: on request, or when a later stage consumes embeddings."""
+        if self.embed.enabled == "auto":
+            return False
+        return bool(self.embed.enabled)
+
+    def resolved(self) -> dict[str, Any]:
+        """The full config with every default filled in, as plain JSON-able data."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<config>"
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if first["type"] == "missing":
+        return f"{key}: required key is missing"
+    given = first.get("input")
+    given_text = "" if isinstance(given, dict) else f" (got {given!r})"
+    more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    return f"{key}: {first['msg']}{given_text}{more}"
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value typed as YAML: 5, true, [a, b], text)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def build_config(raw: dict[str, Any]) -> WinnowConfig:
+    try:
+        return WinnowConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> WinnowConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(apply_overrides(raw, overrides or []))

@@ -1,0 +1,272 @@
+"""The winnow job: plan on the driver, run the Beam graph, then publish the output directory atomically.
+
+Graph (stages switched by the config):
+    read -> validate -> [embed] -> write shards
+                    \-> rejected ----------------> ledger
+The job writes into a hidden sibling of output.path and renames it into place only after the manifest is
+written, so a crashed run never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from winnow.pipelines.config import WinnowConfig
+from winnow.pipelines.embed import EMBEDDINGS_DIR, EmbedPlan, EmbedRecords, embeddings_table
+from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
+from winnow.pipelines.read import ReadRecords, ReadTask, plan_reads
+from winnow.pipelines.records import ledger_row, order_key
+from winnow.pipelines.validate import REJECTED, VALID, ValidateRecords
+from winnow.pipelines.write import LEDGER_TALLY_FIELDS, WriteLedger, WriteShards
+
+DEFAULT_RUNNER = "FnApiRunner"
+RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+MANIFEST = "manifest.json"
+VERSIONED_PACKAGES = (
+    "winnow", "apache-beam", "torch", "transformers", "sentence-transformers", "faiss-cpu", "sae-lens",
+    "pyarrow", "numpy", "dask", "distributed",
+)
+
+
+class OutputError(ValueError):
+    """The output directory cannot be written as asked; one line."""
+
+
+@dataclass
+class JobPlan:
+    """Everything decided on the driver before the graph is built."""
+
+    config: WinnowConfig
+    input_paths: list[str]
+    tasks: list[ReadTask]
+    output: Path
+    work_dir: Path
+    embed: EmbedPlan | None
+    beam_args: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def beam_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options with winnow's defaults: the in-process FnApiRunner (the DirectRunner first tries to
+    download the Prism runner, which stalls offline); runner aliases such as DaskRunner expanded."""
+    args = []
+    for arg in beam_args:
+        if arg.startswith("--runner="):
+            name = arg.split("=", 1)[1]
+            arg = f"--runner={RUNNER_ALIASES.get(name, name)}"
+        args.append(arg)
+    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in args):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    return PipelineOptions(args)
+
+
+def worker_processes(options: PipelineOptions) -> int:
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing":
+        return direct.direct_num_workers or os.cpu_count() or 1
+    return 1
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: output.path exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).exists():
+        raise OutputError(f"{output}: output.path is a non-empty directory that is not a winnow output; refusing to replace it")
+
+
+def _previous_embeddings(output: Path, fingerprint: str) -> str | None:
+    try:
+        manifest = json.loads((output / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    previous = manifest.get("embeddings") or {}
+    if previous.get("fingerprint") != fingerprint or not previous.get("files"):
+        return None
+    if not all((output / entry["file"]).exists() for entry in previous["files"]):
+        return None
+    return str(output / EMBEDDINGS_DIR / "*.parquet")
+
+
+def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
+    """Check inputs, output and model before anything runs; raises InputError, OutputError, ModelNotFound."""
+    started = time.perf_counter()
+    paths, tasks = plan_reads(config.input)
+    output = Path(config.output.path).expanduser().resolve()
+    _check_output(output)
+    embed = None
+    if config.needs_embeddings():
+        workers = worker_processes(beam_options(beam_args))
+        embed = EmbedPlan.from_config(config.embed, workers)
+        if config.embed.reuse:
+            embed = EmbedPlan(**{**asdict(embed), "reuse_from": _previous_embeddings(output, embed.fingerprint)})
+    work_dir = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}"
+    plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args))
+    plan.timings["plan_s"] = time.perf_counter() - started
+    return plan
+
+
+def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
+    config, work = plan.config, str(plan.work_dir)
+    records = pipeline | "Read" >> ReadRecords(config.input, plan.tasks)
+    checked = records | "Validate" >> ValidateRecords(config.validate_.max_text_bytes)
+    kept = checked[VALID]
+    if plan.embed is not None:
+        kept = kept | "Embed" >> EmbedRecords(plan.embed)
+        _ = (
+            kept
+            | "OrderEmbeddings" >> AssignPositions(order_key)
+            | "WriteEmbeddings"
+            >> WriteOrderedParquet(
+                work,
+                EMBEDDINGS_DIR,
+                config.output.ledger_rows,
+                embeddings_table,
+                config.output.row_group_rows,
+                tally_key=lambda record: "reused" if record["embedding_reused"] else "computed",
+            )
+        )
+    kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write")
+    ledger = (checked[REJECTED], kept_rows) | "LedgerRows" >> beam.Flatten()
+    _ = ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows)
+    _ = kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows)
+
+
+def _read_meta(work_dir: Path, name: str) -> list[dict[str, Any]]:
+    path = work_dir / "_meta" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _files_entry(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{key: f[key] for key in ("file", "rows", "bytes", "sha256")} for f in files]
+
+
+def ledger_counts(ledger_files: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per fate, per (fate, stage, reason) and per source, from the ledger files' tallies."""
+    by_fate: dict[str, int] = {}
+    by_reason: dict[tuple[str, str, str], int] = {}
+    by_source: dict[str, dict[str, int]] = {}
+    for entry in ledger_files:
+        for key, rows in entry["tally"].items():
+            values = dict(zip(LEDGER_TALLY_FIELDS, key.split("\t")))
+            by_fate[values["fate"]] = by_fate.get(values["fate"], 0) + rows
+            reason_key = (values["fate"], values["stage"], values["reason"])
+            by_reason[reason_key] = by_reason.get(reason_key, 0) + rows
+            per_source = by_source.setdefault(values["source"], {})
+            per_source[values["fate"]] = per_source.get(values["fate"], 0) + rows
+    return {
+        "input_records": sum(by_fate.values()),
+        "by_fate": dict(sorted(by_fate.items())),
+        "by_stage_reason": [
+            {"fate": fate, "stage": stage, "reason": reason or None, "rows": rows}
+            for (fate, stage, reason), rows in sorted(by_reason.items())
+        ],
+        "by_source": {source: dict(sorted(f.items())) for source, f in sorted(by_source.items())},
+    }
+
+
+def code_version() -> str:
+    version = metadata.version("winnow")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}" if commit else version
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
+    shards = _read_meta(plan.work_dir, "shards")
+    ledger = _read_meta(plan.work_dir, "ledger")
+    counts = ledger_counts(ledger)
+    kept = counts["by_fate"].get("kept", 0)
+    shard_rows = sum(entry["rows"] for entry in shards)
+    if shard_rows != kept:
+        raise RuntimeError(f"internal error: {shard_rows} rows in shards but {kept} kept in the ledger")
+    manifest: dict[str, Any] = {
+        "winnow_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": plan.config.resolved(),
+        "config_hash": plan.config.fingerprint(),
+        "inputs": plan.input_paths,
+        "counts": counts,
+        "kept_by_source": {s: f.get("kept", 0) for s, f in counts["by_source"].items() if f.get("kept")},
+        "shards": [{**e, "rows_per_source": t} for e, t in zip(_files_entry(shards), (s["tally"] for s in shards))],
+        "ledger": _files_entry(ledger),
+        "embeddings": None,
+        "runner": options.view_as(StandardOptions).runner,
+        "beam_args": plan.beam_args,
+        "versions": package_versions(),
+        "timings": {},
+    }
+    if plan.embed is not None:
+        files = _read_meta(plan.work_dir, EMBEDDINGS_DIR)
+        tally: dict[str, int] = {}
+        for entry in files:
+            for key, rows in entry["tally"].items():
+                tally[key] = tally.get(key, 0) + rows
+        manifest["embeddings"] = {
+            **{k: v for k, v in asdict(plan.embed).items() if k != "reuse_from"},
+            "reused_rows": tally.get("reused", 0),
+            "computed_rows": tally.get("computed", 0),
+            "files": _files_entry(files),
+        }
+    return manifest
+
+
+def publish(work_dir: Path, output: Path) -> None:
+    """Swap the finished work directory into place; the old output survives until the new one is there."""
+    shutil.rmtree(work_dir / "_meta", ignore_errors=True)
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:12]}"
+        output.rename(old)
+    work_dir.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_job(plan: JobPlan) -> dict[str, Any]:
+    """Run the planned job and publish OUT; returns the manifest."""
+    options = beam_options(plan.beam_args)
+    plan.work_dir.mkdir(parents=True)
+    try:
+        started = time.perf_counter()
+        pipeline = beam.Pipeline(options=options)
+        build_graph(pipeline, plan)
+        pipeline.run().wait_until_finish()
+        plan.timings["pipeline_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        manifest = build_manifest(plan, options)
+        manifest["timings"] = {**plan.timings, "finalize_s": time.perf_counter() - started}
+        manifest["timings"]["total_s"] = sum(manifest["timings"].values())
+        (plan.work_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    except BaseException:
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+        raise
+    publish(plan.work_dir, plan.output)
+    return manifest

@@ -1,0 +1,155 @@
+"""Ordered Parquet output without collecting a collection on one worker.
+
+`AssignPositions` numbers elements 0..n-1 in a global order (e.g. input order) with two small steps: counts
+per block of the order key (a side input of n / block_rows entries) and a sort inside each block.
+`WriteOrderedParquet` cuts the numbered elements into files of `rows_per_file` consecutive positions, named
+`part-00000.parquet`, ... so that reading the files in name order gives the global order, and returns each
+file's metadata (rows, bytes, SHA-256, and a tally of rows by `tally_key`, by default the source) for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, Iterable, Iterator
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+OrderKey = tuple[int, int]
+
+
+def block_offsets(block_counts: Iterable[tuple[Any, int]]) -> dict[Any, int]:
+    """{block: number of elements in all earlier blocks}, blocks ordered by their key."""
+    offsets, running = {}, 0
+    for block, count in sorted(block_counts):
+        offsets[block] = running
+        running += count
+    return offsets
+
+
+class AssignPositions(beam.PTransform):
+    """elements -> (position, element), positions dense and in `order_key` order."""
+
+    def __init__(self, order_key: Callable[[Any], OrderKey], block_rows: int = 10_000):
+        super().__init__()
+        self.order_key = order_key
+        self.block_rows = block_rows
+
+    def expand(self, elements):
+        order_key, block_rows = self.order_key, self.block_rows
+        blocked = elements | "Block" >> beam.Map(
+            lambda element: ((order_key(element)[0], order_key(element)[1] // block_rows), element)
+        )
+        offsets = (
+            blocked
+            | "BlockOne" >> beam.Map(lambda kv: (kv[0], 1))
+            | "CountBlocks" >> beam.CombinePerKey(sum)
+            | "AllBlocks" >> beam.combiners.ToList()
+            | "Offsets" >> beam.Map(block_offsets)
+        )
+
+        def number(kv, offsets):
+            block, members = kv
+            start = offsets[block]
+            for index, element in enumerate(sorted(members, key=order_key)):
+                yield start + index, element
+
+        return (
+            blocked
+            | "GroupBlocks" >> beam.GroupByKey()
+            | "Number" >> beam.FlatMap(number, offsets=beam.pvalue.AsSingleton(offsets))
+        )
+
+
+def table_bytes(table: pa.Table, row_group_rows: int) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_bytes(path: str, payload: bytes) -> None:
+    with FileSystems.create(path) as handle:
+        handle.write(payload)
+
+
+class _WriteFileFn(beam.DoFn):
+    def __init__(self, directory, relative_dir, to_table, row_group_rows, tally_key):
+        self.directory = directory
+        self.relative_dir = relative_dir
+        self.to_table = to_table
+        self.row_group_rows = row_group_rows
+        self.tally_key = tally_key
+
+    def process(self, element, *side_values) -> Iterator[dict[str, Any]]:
+        file_number, numbered = element
+        rows = [row for _, row in sorted(numbered, key=lambda pair: pair[0])]
+        table = self.to_table(rows, *side_values)
+        payload = table_bytes(table, self.row_group_rows)
+        name = f"part-{file_number:05d}.parquet"
+        write_bytes(FileSystems.join(self.directory, self.relative_dir, name), payload)
+        tally: dict[str, int] = {}
+        for row in rows:
+            key = self.tally_key(row)
+            tally[key] = tally.get(key, 0) + 1
+        yield {
+            "file": f"{self.relative_dir}/{name}",
+            "index": file_number,
+            "rows": table.num_rows,
+            "bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "tally": dict(sorted(tally.items())),
+        }
+
+
+class WriteOrderedParquet(beam.PTransform):
+    """(position, row) -> files DIRECTORY/RELATIVE_DIR/part-NNNNN.parquet; returns their metadata, and
+    writes it (sorted by file) to DIRECTORY/_meta/RELATIVE_DIR.json for the driver to read."""
+
+    def __init__(
+        self,
+        directory: str,
+        relative_dir: str,
+        rows_per_file: int,
+        to_table: Callable[..., pa.Table],
+        row_group_rows: int = 5_000,
+        tally_key: Callable[[Any], str] = lambda row: row["source"],
+        side_inputs: tuple = (),
+    ):
+        super().__init__()
+        self.directory = directory
+        self.relative_dir = relative_dir
+        self.rows_per_file = rows_per_file
+        self.to_table = to_table
+        self.row_group_rows = row_group_rows
+        self.tally_key = tally_key
+        self.side_inputs = side_inputs
+
+    def expand(self, numbered):
+        rows_per_file = self.rows_per_file
+        metas = (
+            numbered
+            | "ToFile" >> beam.Map(lambda pair: (pair[0] // rows_per_file, pair))
+            | "GroupFile" >> beam.GroupByKey()
+            | "Write"
+            >> beam.ParDo(
+                _WriteFileFn(
+                    self.directory, self.relative_dir, self.to_table, self.row_group_rows, self.tally_key
+                ),
+                *self.side_inputs,
+            )
+        )
+        meta_path = FileSystems.join(self.directory, "_meta", f"{self.relative_dir}.json")
+        _ = (
+            metas
+            | "AllMeta" >> beam.combiners.ToList()
+            | "WriteMeta"
+            >> beam.Map(
+                lambda files: write_bytes(
+                    meta_path, json.dumps(sorted(files, key=lambda f: f["index"]), indent=1).encode()
+                )
+            )
+        )
+        return metas

@@ -1,0 +1,204 @@
+"""Read stage: Parquet and JSON Lines files, by glob, on any filesystem Beam supports.
+
+Output: records (see records.py), one per input row, each with either a usable text or a `problem`
+(reason, detail) that the validate stage turns into a `rejected` ledger row. Nothing read is dropped.
+
+Files are planned on the driver before the job starts (glob expansion, Parquet footers, the first JSON line),
+so that a missing file, an unreadable file or a missing column stops the run with one line naming the file.
+Work is split per Parquet row group and per JSON Lines file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from winnow.pipelines.config import InputConfig
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class InputError(ValueError):
+    """The input cannot be read at all; the message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One unit of reading: a Parquet row group or a whole JSON Lines file."""
+
+    path: str
+    file_index: int
+    fmt: str
+    row_group: int | None = None
+    first_row: int = 0
+
+
+def detect_format(path: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    lower = path.lower()
+    if lower.endswith(".parquet") or lower.endswith(".pq"):
+        return "parquet"
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    raise InputError(f"{path}: cannot tell the format from the name; set input.format to parquet or jsonl")
+
+
+def expand_paths(pattern: str) -> list[str]:
+    try:
+        results = FileSystems.match([pattern])
+    except Exception as error:  # noqa: BLE001 - Beam raises BeamIOError and others for bad patterns
+        raise InputError(f"{pattern}: cannot list input files ({type(error).__name__})") from None
+    paths = sorted(m.path for m in results[0].metadata_list)
+    if not paths:
+        raise InputError(f"{pattern}: no input files match")
+    return paths
+
+
+def _required_columns(columns: Any) -> list[str]:
+    return [name for name in (columns.text, columns.id, columns.source) if name]
+
+
+def _plan_parquet(path: str, file_index: int, config: InputConfig) -> list[ReadTask]:
+    try:
+        with FileSystems.open(path) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+            schema = metadata.schema.to_arrow_schema()
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise InputError(f"{path}: not a readable Parquet file ({_short(error)})") from None
+    missing = [name for name in _required_columns(config.columns) if name not in schema.names]
+    if missing:
+        raise InputError(f"{path}: missing column {missing[0]!r} (has: {', '.join(schema.names)})")
+    tasks, first_row = [], 0
+    for group in range(metadata.num_row_groups):
+        tasks.append(ReadTask(path, file_index, "parquet", group, first_row))
+        first_row += metadata.row_group(group).num_rows
+    return tasks
+
+
+def _plan_jsonl(path: str, file_index: int, config: InputConfig) -> list[ReadTask]:
+    try:
+        with FileSystems.open(path) as handle:
+            first = b""
+            for line in handle:
+                if line.strip():
+                    first = line
+                    break
+    except Exception as error:  # noqa: BLE001
+        raise InputError(f"{path}: cannot read ({_short(error)})") from None
+    if first:
+        try:
+            obj = json.loads(first)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if isinstance(obj, dict):
+            missing = [name for name in _required_columns(config.columns) if name not in obj]
+            if missing:
+                raise InputError(f"{path}: missing column {missing[0]!r} in the first record")
+    return [ReadTask(path, file_index, "jsonl")]
+
+
+def _short(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+def plan_reads(config: InputConfig) -> tuple[list[str], list[ReadTask]]:
+    """Expand the glob and check every file; returns the sorted paths and the read tasks."""
+    paths = expand_paths(config.path)
+    tasks: list[ReadTask] = []
+    for index, path in enumerate(paths):
+        fmt = detect_format(path, config.format)
+        plan = _plan_parquet if fmt == "parquet" else _plan_jsonl
+        tasks.extend(plan(path, index, config))
+    return paths, tasks
+
+
+def make_record(
+    values: dict[str, Any], task: ReadTask, row: int, config: InputConfig, problem: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """Map one input row to a record. Id problems are noted here; the text is judged by the validate stage."""
+    columns = config.columns
+    if problem is None and columns.text not in values:
+        problem = ("missing_text", f"no {columns.text!r} field")
+    source = values.get(columns.source) if columns.source else None
+    record_id: str | None = None
+    if problem is None and columns.id:
+        raw_id = values.get(columns.id)
+        if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+            problem = ("missing_id", f"column {columns.id!r} is null or empty")
+        elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+            record_id = str(raw_id)
+        else:
+            problem = ("invalid_id", f"column {columns.id!r} holds a {type(raw_id).__name__}")
+    skip = {columns.text, columns.id, columns.source}
+    return {
+        "id": record_id,
+        "text": values.get(columns.text),
+        "source": config.default_source if source is None else str(source),
+        "extra": {key: value for key, value in values.items() if key not in skip},
+        "input_file": task.path,
+        "input_row": row,
+        "file_index": task.file_index,
+        "problem": problem,
+    }
+
+
+class _ReadTaskFn(beam.DoFn):
+    def __init__(self, config: InputConfig):
+        self.config = config
+        self.rows = beam.metrics.Metrics.counter("winnow.read", "rows")
+
+    def process(self, task: ReadTask) -> Iterator[dict[str, Any]]:
+        reader = self._parquet if task.fmt == "parquet" else self._jsonl
+        for record in reader(task):
+            self.rows.inc()
+            yield record
+
+    def _parquet(self, task: ReadTask) -> Iterator[dict[str, Any]]:
+        with FileSystems.open(task.path) as handle:
+            table = pq.ParquetFile(handle).read_row_group(task.row_group)
+        for offset, values in enumerate(table.to_pylist()):
+            yield make_record(values, task, task.first_row + offset, self.config)
+
+    def _jsonl(self, task: ReadTask) -> Iterator[dict[str, Any]]:
+        with FileSystems.open(task.path) as handle:
+            for row, line in enumerate(handle):
+                if not line.strip():
+                    continue
+                try:
+                    values = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    yield self._broken(task, row, ("invalid_utf8", f"byte {error.start} of the line"))
+                    continue
+                except json.JSONDecodeError as error:
+                    yield self._broken(task, row, ("invalid_json", error.msg))
+                    continue
+                if not isinstance(values, dict):
+                    yield self._broken(task, row, ("not_an_object", f"a JSON {type(values).__name__}"))
+                    continue
+                yield make_record(values, task, row, self.config)
+
+    def _broken(self, task: ReadTask, row: int, problem: tuple[str, str]) -> dict[str, Any]:
+        return make_record({}, task, row, self.config, problem=problem)
+
+
+class ReadRecords(beam.PTransform):
+    """Planned read tasks -> records, in parallel over row groups and files."""
+
+    def __init__(self, config: InputConfig, tasks: list[ReadTask]):
+        super().__init__()
+        self.config = config
+        self.tasks = tasks
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Tasks" >> beam.Create(self.tasks)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadTaskFn(self.config))
+        )

