@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="winnow", description="Curate text collections into training shards.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "run", help="run the job a config describes", epilog="Arguments after -- go to Beam, e.g. -- --runner=DaskRunner"
+        "run",
+        help="run the job a config describes",
+        epilog="Arguments after -- go to Beam, e.g. -- --runner=DaskRunner",
     )
     run.add_argument("config", help="YAML job config (see configs/default.yaml)")
     run.add_argument(

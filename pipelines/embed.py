@@ -1,28 +1,34 @@
-"""Embed stage: sentence embeddings through Beam's RunInference, the model loaded once per worker.
+"""Embed stage: sentence embeddings, the model loaded once per worker and fed a window of texts at a time.
 
 Input: valid records (`id`, `text`, `text_hash`, ...). Output: the same records with `embedding` (a unit
 float32 vector) and `embedding_reused` (whether it came from the previous run's embeddings).
 
-RunInference hands the model windows of up to `embed.window` texts; sentence-transformers sorts each window by
-length before cutting batches of `embed.batch_size`, which keeps padding low. When the previous run's
-embeddings exist for the same model, texts whose hash is there are not embedded again.
+Records are grouped into windows of up to `embed.window` consecutive input rows, and the model gets one
+window at a time; sentence-transformers sorts each window by length before cutting batches of
+`embed.batch_size`, which keeps padding low. Windows come from a GroupByKey rather than Beam's BatchElements:
+their contents are then the same on every runner, so the vectors are too, and the DaskRunner of Beam 2.77,
+which drops what a DoFn emits in finish_bundle (where BatchElements flushes its last batch), loses nothing.
+When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
-
+from apache_beam.utils.shared import Shared
 from winnow.pipelines.config import EmbedConfig
+from winnow.pipelines.records import order_key, split_routed
 from winnow.selectors import embedding
 
 EMBEDDINGS_DIR = "embeddings"
+REUSED, TO_EMBED = "reused", "to_embed"
 
 
 @dataclass(frozen=True)
@@ -55,31 +61,37 @@ class EmbedPlan:
         )
 
 
-class SentenceEmbeddingHandler(ModelHandler[str, np.ndarray, Any]):
-    """RunInference handler for a local sentence-transformers model."""
+class _EmbedWindowsFn(beam.DoFn):
+    """Embeds one window of records at a time with a model loaded once per worker process.
+
+    A plain DoFn rather than RunInference: on Beam 2.77's DaskRunner, RunInference lost whole windows of
+    records (seen here), and nothing may be dropped silently. `Shared` gives every thread of a worker the same
+    model, as RunInference's model handler would.
+    """
 
     def __init__(self, plan: EmbedPlan):
-        super().__init__()
         self.plan = plan
+        self._shared = Shared()
+        self.texts = beam.metrics.Metrics.counter("winnow.embed", "texts_embedded")
+        self.window_ms = beam.metrics.Metrics.distribution("winnow.embed", "window_ms")
 
-    def load_model(self):
+    def _load(self):
         import torch
 
         torch.set_num_threads(self.plan.torch_threads)
         return embedding.load_model(self.plan.model_path, self.plan.device, self.plan.max_seq_length)
 
-    def run_inference(self, batch: Sequence[str], model, inference_args=None) -> Iterable[PredictionResult]:
-        vectors = embedding.encode(model, batch, self.plan.batch_size)
-        return [PredictionResult(text, vector) for text, vector in zip(batch, vectors)]
+    def setup(self):
+        self.model = self._shared.acquire(self._load, tag=self.plan.fingerprint)
 
-    def get_num_bytes(self, batch: Sequence[str]) -> int:
-        return sum(len(text) for text in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "winnow.embed"
-
-    def batch_elements_kwargs(self):
-        return {"min_batch_size": min(self.plan.batch_size, self.plan.window), "max_batch_size": self.plan.window}
+    def process(self, window: tuple[Any, Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        records = sorted(window[1], key=order_key)
+        started = time.perf_counter()
+        vectors = embedding.encode(self.model, [record["text"] for record in records], self.plan.batch_size)
+        self.window_ms.update(int(1000 * (time.perf_counter() - started)))
+        self.texts.inc(len(records))
+        for record, vector in zip(records, vectors, strict=True):
+            yield _attach(record, vector, False)
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -115,16 +127,14 @@ def _attach(record: dict[str, Any], vector: np.ndarray, reused: bool) -> dict[st
 class _ReuseFn(beam.DoFn):
     """Per text hash: records with a previous vector get it; the others go on to be embedded."""
 
-    TO_EMBED = "to_embed"
-
     def process(self, element) -> Iterator[Any]:
         _, grouped = element
         records, previous = grouped["records"], list(grouped["previous"])
         for record in records:
             if previous:
-                yield _attach(record, previous[0], True)
+                yield REUSED, _attach(record, previous[0], True)
             else:
-                yield beam.pvalue.TaggedOutput(self.TO_EMBED, record)
+                yield TO_EMBED, record
 
 
 class EmbedRecords(beam.PTransform):
@@ -143,17 +153,20 @@ class EmbedRecords(beam.PTransform):
                 | "ReadPrevious" >> beam.io.ReadFromParquet(self.plan.reuse_from, columns=["text_hash", "embedding"])
                 | "KeyPrevious" >> beam.Map(lambda row: (row["text_hash"], row["embedding"]))
             )
-            split = (
+            split = split_routed(
                 {"records": records | "KeyByHash" >> beam.Map(lambda r: (r["text_hash"], r)), "previous": previous}
                 | "JoinPrevious" >> beam.CoGroupByKey()
-                | "Reuse" >> beam.ParDo(_ReuseFn()).with_outputs(_ReuseFn.TO_EMBED, main="reused")
+                | "Reuse" >> beam.ParDo(_ReuseFn()),
+                "Reuse",
+                (REUSED, TO_EMBED),
             )
-            reused, to_embed = split["reused"], split[_ReuseFn.TO_EMBED]
+            reused, to_embed = split[REUSED], split[TO_EMBED]
+        window = self.plan.window
         embedded = (
             to_embed
-            | "KeyText" >> beam.Map(lambda record: (record, record["text"]))
-            | "Encode" >> RunInference(KeyedModelHandler(SentenceEmbeddingHandler(self.plan)))
-            | "Attach" >> beam.MapTuple(lambda record, result: _attach(record, result.inference, False))
+            | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // window), r))
+            | "Windows" >> beam.GroupByKey()
+            | "Encode" >> beam.ParDo(_EmbedWindowsFn(self.plan))
         )
         if reused is None:
             return embedded

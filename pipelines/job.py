@@ -1,4 +1,4 @@
-"""The winnow job: plan on the driver, run the Beam graph, then publish the output directory atomically.
+r"""The winnow job: plan on the driver, run the Beam graph, then publish the output directory atomically.
 
 Graph (stages switched by the config):
     read -> validate -> [embed] -> write shards
@@ -23,10 +23,9 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-
 from winnow.pipelines.config import WinnowConfig
 from winnow.pipelines.embed import EMBEDDINGS_DIR, EmbedPlan, EmbedRecords, embeddings_table
-from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
+from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, write_bytes
 from winnow.pipelines.read import ReadRecords, ReadTask, plan_reads
 from winnow.pipelines.records import ledger_row, order_key
 from winnow.pipelines.validate import REJECTED, VALID, ValidateRecords
@@ -84,7 +83,9 @@ def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: output.path exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).exists():
-        raise OutputError(f"{output}: output.path is a non-empty directory that is not a winnow output; refusing to replace it")
+        raise OutputError(
+            f"{output}: output.path is a non-empty directory that is not a winnow output; refusing to replace it"
+        )
 
 
 def _previous_embeddings(output: Path, fingerprint: str) -> str | None:
@@ -118,16 +119,26 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
     return plan
 
 
+FILES_META = "_files.json"
+
+
+def _write_files_meta(files: list[dict[str, Any]], path: str) -> None:
+    write_bytes(path, json.dumps(sorted(files, key=lambda f: f["file"]), indent=1).encode())
+
+
 def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
+    """The job graph. Its last step gathers the metadata of every written file, so every branch is upstream
+    of it: Beam 2.77's DaskRunner computes only the last transform and what it depends on."""
     config, work = plan.config, str(plan.work_dir)
+    written = []
     records = pipeline | "Read" >> ReadRecords(config.input, plan.tasks)
     checked = records | "Validate" >> ValidateRecords(config.validate_.max_text_bytes)
     kept = checked[VALID]
     if plan.embed is not None:
         kept = kept | "Embed" >> EmbedRecords(plan.embed)
-        _ = (
+        written.append(
             kept
-            | "OrderEmbeddings" >> AssignPositions(order_key)
+            | "OrderEmbeddings" >> AssignPositions(order_key, EMBEDDINGS_DIR)
             | "WriteEmbeddings"
             >> WriteOrderedParquet(
                 work,
@@ -140,13 +151,19 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         )
     kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write")
     ledger = (checked[REJECTED], kept_rows) | "LedgerRows" >> beam.Flatten()
-    _ = ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows)
-    _ = kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows)
+    written.append(ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows))
+    written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows))
+    _ = (
+        written
+        | "AllFiles" >> beam.Flatten()
+        | "FileList" >> beam.combiners.ToList()
+        | "WriteFileList" >> beam.Map(_write_files_meta, str(plan.work_dir / FILES_META))
+    )
 
 
 def _read_meta(work_dir: Path, name: str) -> list[dict[str, Any]]:
-    path = work_dir / "_meta" / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    files = json.loads((work_dir / FILES_META).read_text())
+    return sorted((f for f in files if f["dir"] == name), key=lambda f: f["index"])
 
 
 def _files_entry(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,7 +177,7 @@ def ledger_counts(ledger_files: list[dict[str, Any]]) -> dict[str, Any]:
     by_source: dict[str, dict[str, int]] = {}
     for entry in ledger_files:
         for key, rows in entry["tally"].items():
-            values = dict(zip(LEDGER_TALLY_FIELDS, key.split("\t")))
+            values = dict(zip(LEDGER_TALLY_FIELDS, key.split("\t"), strict=True))
             by_fate[values["fate"]] = by_fate.get(values["fate"], 0) + rows
             reason_key = (values["fate"], values["stage"], values["reason"])
             by_reason[reason_key] = by_reason.get(reason_key, 0) + rows
@@ -215,7 +232,10 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
         "inputs": plan.input_paths,
         "counts": counts,
         "kept_by_source": {s: f.get("kept", 0) for s, f in counts["by_source"].items() if f.get("kept")},
-        "shards": [{**e, "rows_per_source": t} for e, t in zip(_files_entry(shards), (s["tally"] for s in shards))],
+        "shards": [
+            {**entry, "rows_per_source": shard["tally"]}
+            for entry, shard in zip(_files_entry(shards), shards, strict=True)
+        ],
         "ledger": _files_entry(ledger),
         "embeddings": None,
         "runner": options.view_as(StandardOptions).runner,
@@ -240,7 +260,7 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
 
 def publish(work_dir: Path, output: Path) -> None:
     """Swap the finished work directory into place; the old output survives until the new one is there."""
-    shutil.rmtree(work_dir / "_meta", ignore_errors=True)
+    (work_dir / FILES_META).unlink(missing_ok=True)
     old = None
     if output.exists():
         old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:12]}"

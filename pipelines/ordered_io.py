@@ -1,17 +1,19 @@
 """Ordered Parquet output without collecting a collection on one worker.
 
-`AssignPositions` numbers elements 0..n-1 in a global order (e.g. input order) with two small steps: counts
-per block of the order key (a side input of n / block_rows entries) and a sort inside each block.
+`AssignPositions` numbers elements 0..n-1 in a global order (e.g. input order): elements are grouped into
+blocks of the order key, the block sizes (n / block_rows of them) are turned into offsets in one small
+global step, joined back to their blocks, and each block is sorted and numbered from its offset. The join is
+a CoGroupByKey rather than a side input: Beam 2.77's DaskRunner re-evaluates side inputs and miscounted them.
 `WriteOrderedParquet` cuts the numbered elements into files of `rows_per_file` consecutive positions, named
 `part-00000.parquet`, ... so that reading the files in name order gives the global order, and returns each
-file's metadata (rows, bytes, SHA-256, and a tally of rows by `tally_key`, by default the source) for the manifest.
+file's metadata (rows, bytes, SHA-256, a tally of rows by `tally_key`) for the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -33,35 +35,40 @@ def block_offsets(block_counts: Iterable[tuple[Any, int]]) -> dict[Any, int]:
 class AssignPositions(beam.PTransform):
     """elements -> (position, element), positions dense and in `order_key` order."""
 
-    def __init__(self, order_key: Callable[[Any], OrderKey], block_rows: int = 10_000):
+    def __init__(self, order_key: Callable[[Any], OrderKey], tag: str, block_rows: int = 10_000):
         super().__init__()
+        self.tag = tag
         self.order_key = order_key
         self.block_rows = block_rows
 
     def expand(self, elements):
         order_key, block_rows = self.order_key, self.block_rows
-        blocked = elements | "Block" >> beam.Map(
-            lambda element: ((order_key(element)[0], order_key(element)[1] // block_rows), element)
+        tag = self.tag
+        grouped = (
+            elements
+            | "Block" >> beam.Map(lambda element: ((tag, *_block(order_key(element), block_rows)), element))
+            | "GroupBlocks" >> beam.GroupByKey()
         )
         offsets = (
-            blocked
-            | "BlockOne" >> beam.Map(lambda kv: (kv[0], 1))
-            | "CountBlocks" >> beam.CombinePerKey(sum)
-            | "AllBlocks" >> beam.combiners.ToList()
-            | "Offsets" >> beam.Map(block_offsets)
+            grouped
+            | "BlockSizes" >> beam.MapTuple(lambda block, members: (None, (block, sum(1 for _ in members))))
+            | "AllBlocks" >> beam.GroupByKey()
+            | "Offsets" >> beam.FlatMapTuple(lambda _, sizes: block_offsets(sizes).items())
         )
 
-        def number(kv, offsets):
-            block, members = kv
-            start = offsets[block]
-            for index, element in enumerate(sorted(members, key=order_key)):
-                yield start + index, element
+        def number(kv):
+            block, joined = kv
+            start = next(iter(joined["offset"]))
+            for members in joined["members"]:
+                for index, element in enumerate(sorted(members, key=order_key)):
+                    yield start + index, element
 
-        return (
-            blocked
-            | "GroupBlocks" >> beam.GroupByKey()
-            | "Number" >> beam.FlatMap(number, offsets=beam.pvalue.AsSingleton(offsets))
-        )
+        joined = {"members": grouped, "offset": offsets} | "Join" >> beam.CoGroupByKey()
+        return joined | "Number" >> beam.FlatMap(number)
+
+
+def _block(key: OrderKey, block_rows: int) -> tuple[int, int]:
+    return key[0], key[1] // block_rows
 
 
 def table_bytes(table: pa.Table, row_group_rows: int) -> bytes:
@@ -95,6 +102,7 @@ class _WriteFileFn(beam.DoFn):
             key = self.tally_key(row)
             tally[key] = tally.get(key, 0) + 1
         yield {
+            "dir": self.relative_dir,
             "file": f"{self.relative_dir}/{name}",
             "index": file_number,
             "rows": table.num_rows,
@@ -105,8 +113,7 @@ class _WriteFileFn(beam.DoFn):
 
 
 class WriteOrderedParquet(beam.PTransform):
-    """(position, row) -> files DIRECTORY/RELATIVE_DIR/part-NNNNN.parquet; returns their metadata, and
-    writes it (sorted by file) to DIRECTORY/_meta/RELATIVE_DIR.json for the driver to read."""
+    """(position, row) -> files DIRECTORY/RELATIVE_DIR/part-NNNNN.parquet; returns their metadata."""
 
     def __init__(
         self,
@@ -139,17 +146,6 @@ class WriteOrderedParquet(beam.PTransform):
                     self.directory, self.relative_dir, self.to_table, self.row_group_rows, self.tally_key
                 ),
                 *self.side_inputs,
-            )
-        )
-        meta_path = FileSystems.join(self.directory, "_meta", f"{self.relative_dir}.json")
-        _ = (
-            metas
-            | "AllMeta" >> beam.combiners.ToList()
-            | "WriteMeta"
-            >> beam.Map(
-                lambda files: write_bytes(
-                    meta_path, json.dumps(sorted(files, key=lambda f: f["index"]), indent=1).encode()
-                )
             )
         )
         return metas

@@ -11,13 +11,13 @@ Work is split per Parquet row group and per JSON Lines file.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-
 from winnow.pipelines.config import InputConfig
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -60,3 +60,18 @@ def ledger_row(
         "input_row": record["input_row"],
         "file_index": record["file_index"],
     }
+
+
+def split_routed(routed, label: str, routes: tuple[str, ...]) -> dict[str, Any]:
+    """Split a PCollection of (route, element) pairs into one PCollection per route.
+
+    Stages route elements this way rather than with multi-output ParDos (`with_outputs`): Beam 2.77's
+    DaskRunner hands every element of a multi-output ParDo to every output, which would duplicate records.
+    """
+    import apache_beam as beam
+
+    def only(pair, route):
+        if pair[0] == route:
+            yield pair[1]
+
+    return {route: routed | f"{label}{route.title()}" >> beam.FlatMap(only, route) for route in routes}

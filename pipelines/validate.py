@@ -10,12 +10,11 @@ text_too_long, missing_id, invalid_id, duplicate_id. Of records sharing an id th
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
-from apache_beam import pvalue
-
-from winnow.pipelines.records import content_id, ledger_row, order_key, position_id
+from winnow.pipelines.records import content_id, ledger_row, order_key, position_id, split_routed
 
 STAGE = "validate"
 VALID, REJECTED = "valid", "rejected"
@@ -49,23 +48,23 @@ class _CheckRecordFn(beam.DoFn):
         self.valid = beam.metrics.Metrics.counter("winnow.validate", "valid")
         self.rejected = beam.metrics.Metrics.counter("winnow.validate", "rejected")
 
-    def process(self, record: dict[str, Any]) -> Iterator[Any]:
-        problem = record.pop("problem")
-        text = None
+    def process(self, element: dict[str, Any]) -> Iterator[Any]:
+        record = {key: value for key, value in element.items() if key != "problem"}  # inputs are immutable
+        problem, text = element["problem"], None
         if problem is None:
             text, problem = check_text(record["text"], self.max_bytes)
         if problem is not None:
             if record["id"] is None:
                 record["id"] = position_id(record["input_file"], record["input_row"])
             self.rejected.inc()
-            yield pvalue.TaggedOutput(REJECTED, ledger_row(record, "rejected", STAGE, *problem))
+            yield REJECTED, ledger_row(record, "rejected", STAGE, *problem)
             return
         record["text"] = text
         record["text_hash"] = content_id(text)
         if record["id"] is None:
             record["id"] = record["text_hash"]
         self.valid.inc()
-        yield record
+        yield VALID, record
 
 
 def first_of_duplicates(
@@ -84,10 +83,10 @@ class _DeduplicateIdsFn(beam.DoFn):
 
     def process(self, element: tuple[str, Iterable[dict[str, Any]]]) -> Iterator[Any]:
         first, rejected = first_of_duplicates(element[1])
-        yield first
+        yield VALID, first
         for row in rejected:
             self.duplicates.inc()
-            yield pvalue.TaggedOutput(REJECTED, row)
+            yield REJECTED, row
 
 
 class ValidateRecords(beam.PTransform):
@@ -98,14 +97,16 @@ class ValidateRecords(beam.PTransform):
         self.max_text_bytes = max_text_bytes
 
     def expand(self, records):
-        checked = records | "Check" >> beam.ParDo(_CheckRecordFn(self.max_text_bytes)).with_outputs(
-            REJECTED, main=VALID
+        checked = split_routed(
+            records | "Check" >> beam.ParDo(_CheckRecordFn(self.max_text_bytes)), "Checked", (VALID, REJECTED)
         )
-        unique = (
+        unique = split_routed(
             checked[VALID]
             | "KeyById" >> beam.Map(lambda record: (record["id"], record))
             | "GroupById" >> beam.GroupByKey()
-            | "FirstOfId" >> beam.ParDo(_DeduplicateIdsFn()).with_outputs(REJECTED, main=VALID)
+            | "FirstOfId" >> beam.ParDo(_DeduplicateIdsFn()),
+            "Unique",
+            (VALID, REJECTED),
         )
         rejected = (checked[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
         return {VALID: unique[VALID], REJECTED: rejected}

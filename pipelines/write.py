@@ -10,11 +10,11 @@ whose values disagree in type across records is written as JSON text), so every 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
 from winnow.pipelines.records import LEDGER_SCHEMA, order_key
 
@@ -124,7 +124,7 @@ class WriteShards(beam.PTransform):
         extra = records | "ExtraKinds" >> beam.CombineGlobally(ExtraColumnKinds())
         return (
             records
-            | "Order" >> AssignPositions(order_key)
+            | "Order" >> AssignPositions(order_key, "shards")
             | "Files"
             >> WriteOrderedParquet(
                 self.directory,
@@ -149,7 +149,7 @@ class WriteLedger(beam.PTransform):
     def expand(self, rows: Iterable[dict[str, Any]]):
         return (
             rows
-            | "Order" >> AssignPositions(order_key)
+            | "Order" >> AssignPositions(order_key, "ledger")
             | "Files"
             >> WriteOrderedParquet(
                 self.directory,
