@@ -270,6 +270,13 @@ def publish(work_dir: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _close_client(result) -> None:
+    """The DaskRunner leaves its cluster client open; closed here, it stops reconnecting after the job."""
+    client = getattr(result, "client", None)
+    if client is not None and hasattr(client, "close"):
+        client.close()
+
+
 def run_job(plan: JobPlan) -> dict[str, Any]:
     """Run the planned job and publish OUT; returns the manifest."""
     options = beam_options(plan.beam_args)
@@ -278,7 +285,9 @@ def run_job(plan: JobPlan) -> dict[str, Any]:
         started = time.perf_counter()
         pipeline = beam.Pipeline(options=options)
         build_graph(pipeline, plan)
-        pipeline.run().wait_until_finish()
+        result = pipeline.run()
+        result.wait_until_finish()
+        _close_client(result)
         plan.timings["pipeline_s"] = time.perf_counter() - started
         started = time.perf_counter()
         manifest = build_manifest(plan, options)

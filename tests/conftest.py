@@ -1,0 +1,57 @@
+"""Shared fixtures: small real slices of the bundled sample and of ../shared/data, and job helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: this test needs ../shared/data (see data/sample/README.md)")
+    return path
+
+
+@pytest.fixture
+def sample_slice(tmp_path: Path) -> Path:
+    """A few hundred real rows of the bundled sample, in two Parquet files (sources of different sizes)."""
+    directory = tmp_path / "input"
+    directory.mkdir()
+    debian = pq.read_table(SAMPLE / "debian_descriptions.parquet")
+    docs = pq.read_table(SAMPLE / "docs_paragraphs.parquet")
+    pq.write_table(debian.slice(900, 200), directory / "a_debian.parquet", row_group_size=64)
+    pq.write_table(docs.slice(0, 60), directory / "b_docs.parquet")
+    return directory
+
+
+def job_config(input_path: Path | str, output: Path, **sections) -> dict:
+    config = {
+        "input": {"path": str(input_path), "columns": {"id": "id", "text": "text", "source": "source"}},
+        "output": {"path": str(output), "shard_rows": 100},
+        "embed": {"enabled": False},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def read_output(output: Path) -> dict:
+    manifest = json.loads((output / "manifest.json").read_text())
+    return {
+        "manifest": manifest,
+        "shards": pq.read_table(output / "shards") if (output / "shards").exists() else pa.table({}),
+        "ledger": pq.read_table(output / "ledger"),
+    }

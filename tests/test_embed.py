@@ -1,0 +1,59 @@
+"""Embed stage: the packaged model, unit vectors equal to a plain encode, and reuse of unchanged texts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import job_config
+from winnow.pipelines.config import build_config
+from winnow.pipelines.embed import read_embeddings
+from winnow.pipelines.job import plan_job, run_job
+from winnow.selectors import embedding
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model():
+    return embedding.load_model(embedding.resolve_model_path(embedding.PACKAGED_MODEL))
+
+
+def test_l2_normalise_keeps_zero_rows_zero():
+    vectors = embedding.l2_normalise(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_threads_per_worker_shares_cores():
+    assert embedding.threads_per_worker(3, 2) == 3
+    assert embedding.threads_per_worker(0, 1) >= 1
+
+
+def test_unknown_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(embedding.ModelNotFound, match="no such model directory"):
+        embedding.resolve_model_path(str(tmp_path / "nowhere"))
+
+
+def test_packaged_model_gives_unit_float32_vectors(model):
+    vectors = embedding.encode(model, ["a short sentence", "another, somewhat longer sentence about Debian"])
+    assert vectors.shape == (2, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+
+
+def test_stage_matches_a_plain_encode_and_reuses_unchanged_texts(sample_slice, model, tmp_path):
+    output = tmp_path / "out"
+    config = job_config(sample_slice / "b_docs.parquet", output, embed={"enabled": True, "window": 16})
+    manifest = run_job(plan_job(build_config(config), []))
+    ids, vectors = read_embeddings(output)
+    shards = pq.read_table(output / "shards")
+    assert ids == shards.column("id").to_pylist()
+    expected = model.encode(shards.column("text").to_pylist(), normalize_embeddings=True)
+    np.testing.assert_allclose(vectors, expected, atol=2e-5)
+    assert manifest["embeddings"]["computed_rows"] == 60 and manifest["embeddings"]["reused_rows"] == 0
+    assert manifest["embeddings"]["model"] == "all-MiniLM-L6-v2"
+
+    again = run_job(plan_job(build_config(config), []))
+    assert again["embeddings"]["reused_rows"] == 60 and again["embeddings"]["computed_rows"] == 0
+    _, reused = read_embeddings(output)
+    np.testing.assert_array_equal(reused, vectors)

@@ -1,0 +1,112 @@
+"""The job end to end on the in-process runner: ledger and shards reconcile with the input; output is atomic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import job_config, read_output
+from winnow.pipelines.config import build_config
+from winnow.pipelines.job import OutputError, plan_job, run_job
+
+pytestmark = pytest.mark.slow
+
+BROKEN_LINES = [
+    json.dumps({"id": "j-ok", "text": "A fine JSON Lines record.", "source": "jsonl"}),
+    json.dumps({"id": "j-null", "text": None, "source": "jsonl"}),
+    json.dumps({"id": "j-empty", "text": "   ", "source": "jsonl"}),
+    json.dumps({"id": "j-number", "text": 42, "source": "jsonl"}),
+    json.dumps({"id": "j-long", "text": "x" * 3000, "source": "jsonl"}),
+    "{broken json",
+    json.dumps({"id": "j-ok", "text": "Same id as the first line.", "source": "jsonl"}),
+    json.dumps({"id": "j-notext", "source": "jsonl"}),
+]
+
+
+def run(config: dict, beam_args: list[str] | None = None) -> dict:
+    return run_job(plan_job(build_config(config), beam_args or []))
+
+
+@pytest.fixture
+def mixed_input(sample_slice: Path) -> Path:
+    undecodable = b'{"id": "j-bytes", "text": "\xff"}\n'
+    (sample_slice / "c_broken.jsonl").write_bytes(("\n".join(BROKEN_LINES) + "\n").encode() + undecodable)
+    return sample_slice
+
+
+def test_ledger_and_shards_reconcile_with_the_input(mixed_input, tmp_path):
+    output = tmp_path / "out"
+    manifest = run(job_config(mixed_input / "*", output, validate={"max_text_bytes": 2000}))
+    result = read_output(output)
+    ledger, shards = result["ledger"], result["shards"]
+
+    inputs = 200 + 60 + len(BROKEN_LINES) + 1
+    assert ledger.num_rows == inputs == manifest["counts"]["input_records"]
+    positions = list(zip(ledger.column("input_file").to_pylist(), ledger.column("input_row").to_pylist(), strict=True))
+    assert len(set(positions)) == inputs, "every input record appears exactly once"
+    assert positions == sorted(positions, key=lambda p: (Path(p[0]).name, p[1])), "ledger is in input order"
+
+    rejected = {row["input_row"]: (row["id"], row["reason"]) for row in ledger.to_pylist() if row["fate"] == "rejected"}
+    assert rejected == {
+        1: ("j-null", "null_text"),
+        2: ("j-empty", "empty_text"),
+        3: ("j-number", "non_string_text"),
+        4: ("j-long", "text_too_long"),
+        5: ("c_broken.jsonl#5", "invalid_json"),
+        6: ("j-ok", "duplicate_id"),
+        7: ("c_broken.jsonl#7", "missing_text"),
+        8: ("c_broken.jsonl#8", "invalid_utf8"),
+    }
+    assert all(row["detail"] for row in ledger.to_pylist() if row["fate"] == "rejected")
+
+    kept_ids = [row["id"] for row in ledger.to_pylist() if row["fate"] == "kept"]
+    assert shards.column("id").to_pylist() == kept_ids, "shards hold the kept records in input order"
+    assert len(kept_ids) == inputs - 8 == manifest["counts"]["by_fate"]["kept"]
+    assert len(set(kept_ids)) == len(kept_ids)
+    assert manifest["counts"]["by_fate"] == {"kept": inputs - 8, "rejected": 8}
+    assert [s["rows"] for s in manifest["shards"]] == [100, 100, 61]
+    assert {"label", "md5"} <= set(shards.schema.names), "other input columns pass through"
+    by_source = manifest["counts"]["by_source"]
+    assert by_source["jsonl"] == {"kept": 1, "rejected": 6}
+    assert by_source["default"] == {"rejected": 2}
+    assert sum(f.get("kept", 0) for f in by_source.values()) == shards.num_rows
+
+    assert manifest["embeddings"] is None and not (output / "embeddings").exists(), "nothing asked for embeddings"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"], "no temporary directories are left"
+    for entry in manifest["shards"] + manifest["ledger"]:
+        assert pq.read_metadata(output / entry["file"]).num_rows == entry["rows"]
+
+
+def test_content_hash_ids_when_the_input_has_none(sample_slice, tmp_path):
+    config = job_config(sample_slice / "b_docs.parquet", tmp_path / "out")
+    config["input"]["columns"] = {"text": "text"}
+    manifest = run(config)
+    shards = read_output(tmp_path / "out")["shards"]
+    from winnow.pipelines.records import content_id
+
+    assert shards.column("id").to_pylist() == [content_id(t) for t in shards.column("text").to_pylist()]
+    assert set(shards.column("source").to_pylist()) == {"default"}
+    assert manifest["counts"]["by_fate"] == {"kept": 60}
+
+
+def test_failed_run_keeps_the_previous_output_and_leaves_no_partial_one(sample_slice, tmp_path):
+    output = tmp_path / "out"
+    first = run(job_config(sample_slice / "b_docs.parquet", output))
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "README").write_text("no weights here")
+    with pytest.raises(Exception):  # noqa: B017 - any failure inside the job
+        run(job_config(sample_slice / "b_docs.parquet", output, embed={"enabled": True, "model": str(not_a_model)}))
+    assert json.loads((output / "manifest.json").read_text())["config_hash"] == first["config_hash"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "not-a-model", "out"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_winnow_output(sample_slice, tmp_path):
+    output = tmp_path / "precious"
+    output.mkdir()
+    (output / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match="not a winnow output; refusing to replace it"):
+        plan_job(build_config(job_config(sample_slice / "*", output)), [])
+    assert (output / "thesis.tex").read_text() == "years of work"

@@ -1,0 +1,79 @@
+"""The same job on other runners: portable graph, picklable DoFns, multi-processing and a Dask cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.internal import pickler
+from conftest import job_config, read_output
+from winnow.pipelines.config import build_config
+from winnow.pipelines.job import beam_options, build_graph, plan_job, run_job
+
+pytestmark = pytest.mark.slow
+
+
+def run(config: dict, beam_args: list[str]) -> dict:
+    return run_job(plan_job(build_config(config), beam_args))
+
+
+def outputs_equal(first: Path, second: Path) -> None:
+    for part in ("shards", "ledger", "embeddings"):
+        if (first / part).exists() or (second / part).exists():
+            import pyarrow.parquet as pq
+
+            assert pq.read_table(first / part).equals(pq.read_table(second / part)), part
+    assert read_output(first)["manifest"]["counts"] == read_output(second)["manifest"]["counts"]
+
+
+def test_graph_translates_to_the_portable_representation_and_dofns_pickle(sample_slice, tmp_path):
+    config = build_config(job_config(sample_slice / "*", tmp_path / "out", embed={"enabled": True}))
+    plan = plan_job(config, [])
+    pipeline = beam.Pipeline(options=beam_options([]))
+    build_graph(pipeline, plan)
+    proto = pipeline.to_runner_api()
+    names = {t.unique_name for t in proto.components.transforms.values()}
+    assert {"Read", "Validate", "Embed", "Ledger", "Shards"} <= names
+    restored = beam.Pipeline.from_runner_api(proto, pipeline.runner, pipeline._options)
+    assert restored is not None
+
+    class CollectDoFns(beam.pipeline.PipelineVisitor):
+        def __init__(self):
+            self.dofns = []
+
+        def visit_transform(self, node):
+            if isinstance(node.transform, beam.ParDo):
+                self.dofns.append(node.transform.fn)
+
+    visitor = CollectDoFns()
+    pipeline.visit(visitor)
+    assert len(visitor.dofns) > 10
+    for dofn in visitor.dofns:
+        assert pickler.loads(pickler.dumps(dofn)) is not None
+
+
+def test_default_runner_is_in_process_and_never_the_prism_download():
+    assert beam_options([]).get_all_options()["runner"] == "FnApiRunner"
+    assert beam_options(["--runner=DaskRunner"]).get_all_options()["runner"].endswith("dask_runner.DaskRunner")
+
+
+def test_multi_processing_gives_the_same_output(sample_slice, tmp_path):
+    config = job_config(sample_slice / "*", tmp_path / "a", embed={"enabled": True, "window": 64})
+    run(config, [])
+    config["output"]["path"] = str(tmp_path / "b")
+    run(config, ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    outputs_equal(tmp_path / "a", tmp_path / "b")
+
+
+def test_dask_cluster_gives_the_same_output(sample_slice, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    config = job_config(sample_slice / "*", tmp_path / "local", embed={"enabled": True, "window": 64})
+    run(config, [])
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        config["output"]["path"] = str(tmp_path / "dask")
+        manifest = run(config, ["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"])
+    assert manifest["runner"].endswith("DaskRunner")
+    outputs_equal(tmp_path / "local", tmp_path / "dask")
