@@ -72,7 +72,9 @@ def threads_per_worker(requested: int, workers: int) -> int:
 
 def load_model(path: Path | str, device: str = "cpu", max_seq_length: int | None = None):
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     model = SentenceTransformer(str(path), device=device, local_files_only=True)
     if max_seq_length:
         model.max_seq_length = max_seq_length
