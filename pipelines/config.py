@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-PACKAGED_EMBED_MODEL = "all-MiniLM-L6-v2"
+from winnow.selectors.embedding import PACKAGED_MODEL
 
 
 class ConfigError(ValueError):
@@ -60,7 +60,7 @@ class EmbedConfig(_Section):
     enabled: Literal["auto"] | bool = Field(
         "auto", description="auto: only when a later stage needs embeddings; true: always (written to OUT)"
     )
-    model: str = Field(PACKAGED_EMBED_MODEL, description="a sentence-transformers model directory, or the default")
+    model: str = Field(PACKAGED_MODEL, description="a sentence-transformers model directory, or the default")
     batch_size: int = Field(64, gt=0, description="texts per forward pass")
     window: int = Field(2048, gt=0, description="texts handed to the model at once, sorted by length inside")
     max_seq_length: int | None = Field(None, gt=0, description="truncate longer inputs (model default: unset)")

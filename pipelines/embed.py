@@ -23,6 +23,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.utils.shared import Shared
+
 from winnow.pipelines.config import EmbedConfig
 from winnow.pipelines.records import order_key, split_routed
 from winnow.selectors import embedding

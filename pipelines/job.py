@@ -16,13 +16,14 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
 from winnow.pipelines.config import WinnowConfig
 from winnow.pipelines.embed import EMBEDDINGS_DIR, EmbedPlan, EmbedRecords, embeddings_table
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, write_bytes
@@ -112,7 +113,7 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
         workers = worker_processes(beam_options(beam_args))
         embed = EmbedPlan.from_config(config.embed, workers)
         if config.embed.reuse:
-            embed = EmbedPlan(**{**asdict(embed), "reuse_from": _previous_embeddings(output, embed.fingerprint)})
+            embed = replace(embed, reuse_from=_previous_embeddings(output, embed.fingerprint))
     work_dir = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}"
     plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args))
     plan.timings["plan_s"] = time.perf_counter() - started

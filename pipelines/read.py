@@ -18,6 +18,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
 from winnow.pipelines.config import InputConfig
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -29,9 +29,6 @@ LEDGER_SCHEMA = pa.schema(
     ]
 )
 
-FATES = ("kept", "rejected", "deduplicated", "pruned", "not_selected", "synthetic")
-
-
 def content_id(text: str) -> str:
     """A stable id for a record that has none: 128 bits of BLAKE2b over the UTF-8 text."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+
 from winnow.pipelines.records import content_id, ledger_row, order_key, position_id, split_routed
 
 STAGE = "validate"

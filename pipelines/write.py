@@ -15,6 +15,7 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
 from winnow.pipelines.records import LEDGER_SCHEMA, order_key
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import ROOT, job_config
+
 from winnow.pipelines.cli import main, split_beam_args
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import ROOT
+
 from winnow.pipelines.config import ConfigError, build_config, load_config, parse_override
 
 

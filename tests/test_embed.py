@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import job_config
+
 from winnow.pipelines.config import build_config
 from winnow.pipelines.embed import read_embeddings
 from winnow.pipelines.job import plan_job, run_job

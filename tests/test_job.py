@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import job_config, read_output
+
 from winnow.pipelines.config import build_config
 from winnow.pipelines.job import OutputError, plan_job, run_job
 
@@ -110,3 +111,17 @@ def test_refuses_to_replace_a_directory_that_is_not_a_winnow_output(sample_slice
     with pytest.raises(OutputError, match="not a winnow output; refusing to replace it"):
         plan_job(build_config(job_config(sample_slice / "*", output)), [])
     assert (output / "thesis.tex").read_text() == "years of work"
+
+
+def test_default_config_runs_on_the_bundled_sample(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from winnow.pipelines.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "configs" / "default.yaml", [f"output.path={tmp_path / 'out'}", "embed.enabled=auto"])
+    manifest = run_job(plan_job(config, []))
+    assert manifest["counts"]["input_records"] == 1840
+    assert manifest["counts"]["by_fate"] == {"kept": 1840}
+    assert manifest["kept_by_source"]["en"] == 1000
+    assert [s["rows"] for s in manifest["shards"]] == [1000, 840]

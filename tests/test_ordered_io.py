@@ -6,6 +6,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.testing.util import assert_that, equal_to
+
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, block_offsets
 from winnow.pipelines.write import extra_schema, shard_table
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
+
 from winnow.pipelines.config import InputConfig
 from winnow.pipelines.read import InputError, ReadRecords, plan_reads
 

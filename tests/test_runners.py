@@ -8,6 +8,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.internal import pickler
 from conftest import job_config, read_output
+
 from winnow.pipelines.config import build_config
 from winnow.pipelines.job import beam_options, build_graph, plan_job, run_job
 
