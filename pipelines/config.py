@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from winnow.selectors.embedding import PACKAGED_MODEL
 
@@ -69,11 +69,52 @@ class EmbedConfig(_Section):
     reuse: bool = Field(True, description="reuse embeddings of unchanged texts from the previous run in OUT")
 
 
+class SchedulePointConfig(_Section):
+    at: float = Field(..., ge=0, lt=1, description="fraction of the output where this temperature starts")
+    temperature: float | None = Field(None, gt=0, description="tau; 1 proportional, large uniform")
+    alpha: float | None = Field(None, gt=0, description="1 / tau, as mT5 and XLM-R write it")
+
+    @model_validator(mode="after")
+    def _one_of_temperature_or_alpha(self):
+        if (self.temperature is None) == (self.alpha is None):
+            raise ValueError("give exactly one of temperature or alpha")
+        return self
+
+    @property
+    def tau(self) -> float:
+        return self.temperature if self.temperature is not None else 1.0 / self.alpha
+
+
+class MixConfig(_Section):
+    enabled: bool = False
+    shards: int = Field(8, gt=0, description="number of output shards, in training order")
+    schedule: list[SchedulePointConfig] = Field(
+        default_factory=lambda: [
+            SchedulePointConfig(at=0.0, temperature=5.0),
+            SchedulePointConfig(at=0.5, temperature=1.0),
+        ],
+        description="temperature over the output; default: Cooldown (tau 5, then 1 from the middle)",
+    )
+    schedule_kind: Literal["step", "linear"] = "step"
+    size_by: Literal["documents", "tokens"] = Field("documents", description="source sizes in p(tau)")
+    total_records: int | None = Field(None, gt=0, description="output size; default: all records reaching mix")
+    max_epochs: float | None = Field(None, gt=0, description="cap on passes over a source (UniMax); default none")
+    seed: int = 0
+
+    @field_validator("schedule")
+    @classmethod
+    def _starts_at_zero(cls, points: list[SchedulePointConfig]) -> list[SchedulePointConfig]:
+        if not points or min(p.at for p in points) != 0:
+            raise ValueError("the schedule needs a point at 0")
+        return points
+
+
 class WinnowConfig(_Section):
     input: InputConfig
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
+    mix: MixConfig = MixConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -26,11 +26,14 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from winnow.pipelines.config import WinnowConfig
 from winnow.pipelines.embed import EMBEDDINGS_DIR, EmbedPlan, EmbedRecords, embeddings_table
+from winnow.pipelines.mix import LEDGER as MIX_LEDGER
+from winnow.pipelines.mix import PLACED, MixRecords
+from winnow.pipelines.mix import PLAN as MIX_PLAN
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, write_bytes
 from winnow.pipelines.read import ReadRecords, ReadTask, plan_reads
 from winnow.pipelines.records import ledger_row, order_key
 from winnow.pipelines.validate import REJECTED, VALID, ValidateRecords
-from winnow.pipelines.write import LEDGER_TALLY_FIELDS, WriteLedger, WriteShards
+from winnow.pipelines.write import LEDGER_TALLY_FIELDS, WriteLedger, WriteMixedShards, WriteShards
 
 DEFAULT_RUNNER = "FnApiRunner"
 RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
@@ -124,7 +127,7 @@ FILES_META = "_files.json"
 
 
 def _write_files_meta(files: list[dict[str, Any]], path: str) -> None:
-    write_bytes(path, json.dumps(sorted(files, key=lambda f: f["file"]), indent=1).encode())
+    write_bytes(path, json.dumps(sorted(files, key=lambda f: (f["dir"], f.get("file", ""))), indent=1).encode())
 
 
 def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
@@ -150,10 +153,16 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
                 tally_key=lambda record: "reused" if record["embedding_reused"] else "computed",
             )
         )
-    kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write")
+    if config.mix.enabled:
+        mixed = kept | "Mix" >> MixRecords(config.mix)
+        kept_rows = mixed[MIX_LEDGER]
+        written.append(mixed[MIX_PLAN])
+        written.append(mixed[PLACED] | "Shards" >> WriteMixedShards(work, config.output.row_group_rows))
+    else:
+        kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write", copies=1)
+        written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows))
     ledger = (checked[REJECTED], kept_rows) | "LedgerRows" >> beam.Flatten()
     written.append(ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows))
-    written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows))
     _ = (
         written
         | "AllFiles" >> beam.Flatten()
@@ -164,7 +173,7 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
 
 def _read_meta(work_dir: Path, name: str) -> list[dict[str, Any]]:
     files = json.loads((work_dir / FILES_META).read_text())
-    return sorted((f for f in files if f["dir"] == name), key=lambda f: f["index"])
+    return sorted((f for f in files if f["dir"] == name), key=lambda f: f.get("index", 0))
 
 
 def _files_entry(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -195,6 +204,51 @@ def ledger_counts(ledger_files: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def mix_manifest(config: WinnowConfig, mix_plan: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per shard: tau, allocated and realised rows per source, the schedule's expectation; per source: size,
+    rows, epochs, expected (schedule) and realised shares. Realised rows must equal the allocation."""
+    sources = mix_plan["sources"]
+    section: dict[str, Any] = {
+        "schedule": [point.model_dump() for point in config.mix.schedule],
+        "schedule_kind": config.mix.schedule_kind,
+        "size_by": config.mix.size_by,
+        "seed": config.mix.seed,
+        "max_epochs": config.mix.max_epochs,
+        "total": mix_plan.get("total", 0),
+        "shards": [],
+        "sources": {},
+    }
+    if not sources:
+        return section
+    counts, schedule_expected = mix_plan["counts"], mix_plan["schedule_expected"]
+    for index, shard in enumerate(shards):
+        allocated = {s: counts[index][i] for i, s in enumerate(sources) if counts[index][i]}
+        if shard["tally"] != allocated:
+            raise RuntimeError(f"internal error: {shard['file']} holds {shard['tally']}, allocated {allocated}")
+        section["shards"].append({
+            "file": shard["file"],
+            "rows": shard["rows"],
+            "tau": mix_plan["shard_taus"][index],
+            "rows_per_source": allocated,
+            "schedule_expected_per_source": {s: round(schedule_expected[index][i], 3) for i, s in enumerate(sources)},
+        })
+    total = mix_plan["total"]
+    for i, source in enumerate(sources):
+        rows = sum(row[i] for row in counts)
+        expected_rows = sum(row[i] for row in schedule_expected)
+        section["sources"][source] = {
+            "size": mix_plan["sizes"][i],
+            "tokens": mix_plan["tokens"][i],
+            "rows": rows,
+            "epochs": round(rows / mix_plan["sizes"][i], 4),
+            "repeated": rows > mix_plan["sizes"][i],
+            "expected_share": round(expected_rows / total, 6),
+            "realised_share": round(rows / total, 6),
+            "capped": rows + 0.5 < expected_rows,
+        }
+    return section
+
+
 def code_version() -> str:
     version = metadata.version("winnow")
     try:
@@ -221,10 +275,10 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
     shards = _read_meta(plan.work_dir, "shards")
     ledger = _read_meta(plan.work_dir, "ledger")
     counts = ledger_counts(ledger)
-    kept = counts["by_fate"].get("kept", 0)
+    copies = sum(entry["copies"] for entry in ledger)
     shard_rows = sum(entry["rows"] for entry in shards)
-    if shard_rows != kept:
-        raise RuntimeError(f"internal error: {shard_rows} rows in shards but {kept} kept in the ledger")
+    if shard_rows != copies:
+        raise RuntimeError(f"internal error: {shard_rows} rows in shards but {copies} copies in the ledger")
     manifest: dict[str, Any] = {
         "winnow_version": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -244,6 +298,8 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
         "versions": package_versions(),
         "timings": {},
     }
+    if plan.config.mix.enabled:
+        manifest["mix"] = mix_manifest(plan.config, _read_meta(plan.work_dir, "_mix_plan")[0], shards)
     if plan.embed is not None:
         files = _read_meta(plan.work_dir, EMBEDDINGS_DIR)
         tally: dict[str, int] = {}

@@ -83,7 +83,8 @@ def write_bytes(path: str, payload: bytes) -> None:
 
 
 class _WriteFileFn(beam.DoFn):
-    def __init__(self, directory, relative_dir, to_table, row_group_rows, tally_key):
+    def __init__(self, directory, relative_dir, to_table, row_group_rows, tally_key, copies_of=None):
+        self.copies_of = copies_of
         self.directory = directory
         self.relative_dir = relative_dir
         self.to_table = to_table
@@ -101,7 +102,7 @@ class _WriteFileFn(beam.DoFn):
         for row in rows:
             key = self.tally_key(row)
             tally[key] = tally.get(key, 0) + 1
-        yield {
+        meta = {
             "dir": self.relative_dir,
             "file": f"{self.relative_dir}/{name}",
             "index": file_number,
@@ -110,6 +111,9 @@ class _WriteFileFn(beam.DoFn):
             "sha256": hashlib.sha256(payload).hexdigest(),
             "tally": dict(sorted(tally.items())),
         }
+        if self.copies_of is not None:
+            meta["copies"] = sum(self.copies_of(row) for row in rows)
+        yield meta
 
 
 class WriteOrderedParquet(beam.PTransform):
@@ -124,8 +128,10 @@ class WriteOrderedParquet(beam.PTransform):
         row_group_rows: int = 5_000,
         tally_key: Callable[[Any], str] = lambda row: row["source"],
         side_inputs: tuple = (),
+        copies_of: Callable[[Any], int] | None = None,
     ):
         super().__init__()
+        self.copies_of = copies_of
         self.directory = directory
         self.relative_dir = relative_dir
         self.rows_per_file = rows_per_file
@@ -143,7 +149,8 @@ class WriteOrderedParquet(beam.PTransform):
             | "Write"
             >> beam.ParDo(
                 _WriteFileFn(
-                    self.directory, self.relative_dir, self.to_table, self.row_group_rows, self.tally_key
+                    self.directory, self.relative_dir, self.to_table, self.row_group_rows, self.tally_key,
+                    self.copies_of,
                 ),
                 *self.side_inputs,
             )

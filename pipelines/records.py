@@ -26,6 +26,7 @@ LEDGER_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("input_file", pa.string()),
         ("input_row", pa.int64()),
+        ("copies", pa.int64()),
     ]
 )
 
@@ -44,8 +45,14 @@ def order_key(record: dict[str, Any]) -> tuple[int, int]:
 
 
 def ledger_row(
-    record: dict[str, Any], fate: str, stage: str, reason: str | None = None, detail: str | None = None
+    record: dict[str, Any],
+    fate: str,
+    stage: str,
+    reason: str | None = None,
+    detail: str | None = None,
+    copies: int = 0,
 ) -> dict[str, Any]:
+    """The ledger row of a record; `copies` is how many times it appears in the shards."""
     return {
         "id": record["id"],
         "source": record["source"],
@@ -55,6 +62,7 @@ def ledger_row(
         "detail": detail,
         "input_file": record["input_file"],
         "input_row": record["input_row"],
+        "copies": copies,
         "file_index": record["file_index"],
     }
 

@@ -1,10 +1,12 @@
 """Write stage: the output directory's Parquet parts (shards, ledger, embeddings) in a stable order.
 
 Shards (`shards/part-NNNNN.parquet`) hold the surviving records: columns id, text, source, the provenance
-columns input_file and input_row, then every passed-through input column. Until the mix stage lands they are
-in input order. The ledger (`ledger/part-NNNNN.parquet`) has one row per input record (see records.py), in
-input order. Passed-through columns get one schema for all shards, decided from the whole output (a column
-whose values disagree in type across records is written as JSON text), so every shard reads the same way.
+columns input_file and input_row, epoch (which pass over its source this copy is: 0 unless the mix stage
+repeats it), then every passed-through input column. Without the mix stage they are in input order; with it,
+in the mixture's training order (WriteMixedShards). The ledger (`ledger/part-NNNNN.parquet`) has one row per
+input record (see records.py), in input order. Passed-through columns get one schema for all shards, decided
+from the whole output (a column whose values disagree in type across records is written as JSON text), so every
+shard reads the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
+from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, _WriteFileFn
 from winnow.pipelines.records import LEDGER_SCHEMA, order_key
 
 SHARD_COLUMNS = [
@@ -25,6 +27,7 @@ SHARD_COLUMNS = [
     ("source", pa.string()),
     ("input_file", pa.string()),
     ("input_row", pa.int64()),
+    ("epoch", pa.int64()),
 ]
 _SCALAR_TYPES = {bool: "bool", int: "int64", float: "float64", str: "string"}
 _ARROW_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
@@ -90,7 +93,7 @@ def _extra_value(value: Any, kind: str) -> Any:
 
 def shard_table(records: list[dict[str, Any]], extra: list[tuple[str, str]]) -> pa.Table:
     taken = {name for name, _ in SHARD_COLUMNS}
-    columns = {name: [r[name] for r in records] for name, _ in SHARD_COLUMNS}
+    columns = {name: [r.get(name, 0) if name == "epoch" else r[name] for r in records] for name, _ in SHARD_COLUMNS}
     fields = list(SHARD_COLUMNS)
     for column, kind in extra:
         name = column if column not in taken else f"input_{column}"
@@ -138,6 +141,31 @@ class WriteShards(beam.PTransform):
         )
 
 
+class WriteMixedShards(beam.PTransform):
+    """(shard, (shuffle_key, record)) -> OUT/shards/part-NNNNN.parquet, rows in shuffle-key order."""
+
+    def __init__(self, directory: str, row_group_rows: int):
+        super().__init__()
+        self.directory = directory
+        self.row_group_rows = row_group_rows
+
+    def expand(self, placed):
+        extra = (
+            placed
+            | "Records" >> beam.Map(lambda pair: pair[1][1])
+            | "ExtraKinds" >> beam.CombineGlobally(ExtraColumnKinds())
+        )
+        return (
+            placed
+            | "GroupShard" >> beam.GroupByKey()
+            | "Write"
+            >> beam.ParDo(
+                _WriteFileFn(self.directory, "shards", shard_table, self.row_group_rows, lambda row: row["source"]),
+                beam.pvalue.AsSingleton(extra),
+            )
+        )
+
+
 class WriteLedger(beam.PTransform):
     """ledger rows of every input record -> OUT/ledger/part-NNNNN.parquet in input order."""
 
@@ -159,5 +187,6 @@ class WriteLedger(beam.PTransform):
                 ledger_table,
                 self.row_group_rows,
                 tally_key=ledger_tally_key,
+                copies_of=lambda row: row["copies"],
             )
         )

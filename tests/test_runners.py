@@ -69,7 +69,8 @@ def test_multi_processing_gives_the_same_output(sample_slice, tmp_path):
 
 def test_dask_cluster_gives_the_same_output(sample_slice, tmp_path):
     distributed = pytest.importorskip("distributed")
-    config = job_config(sample_slice / "*", tmp_path / "local", embed={"enabled": True, "window": 64})
+    embed, mix = {"enabled": True, "window": 64}, {"enabled": True, "shards": 3}
+    config = job_config(sample_slice / "*", tmp_path / "local", embed=embed, mix=mix)
     run(config, [])
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
