@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast lint bench-embed clean
+.PHONY: setup run test test-fast lint bench-embed bench-mix eval-mix clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
 
@@ -35,10 +35,16 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check pipelines selectors rephrase tests scripts bench
+	$(BIN)/ruff check pipelines selectors rephrase tests scripts bench eval
 
 bench-embed: setup
 	$(BIN)/python bench/bench_embed.py $(ARGS)
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .ruff_cache
+
+eval-mix: setup
+	$(BIN)/python eval/eval_mix.py $(ARGS)
+
+bench-mix: setup
+	$(BIN)/python bench/bench_mix.py $(ARGS)

@@ -98,8 +98,15 @@ class MixConfig(_Section):
     schedule_kind: Literal["step", "linear"] = "step"
     size_by: Literal["documents", "tokens"] = Field("documents", description="source sizes in p(tau)")
     total_records: int | None = Field(None, gt=0, description="output size; default: all records reaching mix")
+    total_tokens: int | None = Field(None, gt=0, description="output size in whitespace tokens (instead of records)")
     max_epochs: float | None = Field(None, gt=0, description="cap on passes over a source (UniMax); default none")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.total_records is not None and self.total_tokens is not None:
+            raise ValueError("give total_records or total_tokens, not both")
+        return self
 
     @field_validator("schedule")
     @classmethod

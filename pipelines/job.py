@@ -214,7 +214,9 @@ def mix_manifest(config: WinnowConfig, mix_plan: dict[str, Any], shards: list[di
         "size_by": config.mix.size_by,
         "seed": config.mix.seed,
         "max_epochs": config.mix.max_epochs,
+        "total_tokens_requested": config.mix.total_tokens,
         "total": mix_plan.get("total", 0),
+        "total_tokens": sum(shard.get("tokens", 0) for shard in shards),
         "shards": [],
         "sources": {},
     }
@@ -228,6 +230,7 @@ def mix_manifest(config: WinnowConfig, mix_plan: dict[str, Any], shards: list[di
         section["shards"].append({
             "file": shard["file"],
             "rows": shard["rows"],
+            "tokens": shard["tokens"],
             "tau": mix_plan["shard_taus"][index],
             "rows_per_source": allocated,
             "schedule_expected_per_source": {s: round(schedule_expected[index][i], 3) for i, s in enumerate(sources)},

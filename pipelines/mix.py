@@ -24,7 +24,7 @@ import apache_beam as beam
 import numpy as np
 
 from winnow.pipelines.config import MixConfig
-from winnow.pipelines.records import ledger_row, split_routed
+from winnow.pipelines.records import ledger_row, split_routed, token_count
 from winnow.selectors import mixing
 
 STAGE = "mix"
@@ -36,10 +36,6 @@ def seeded_hash(seed: int, *parts: Any) -> int:
     """A 64-bit hash of the parts, stable across processes and runs (unlike Python's hash)."""
     text = "\0".join(str(part) for part in (seed, *parts))
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
-
-
-def token_count(text: str) -> int:
-    return len(text.split())
 
 
 class _PlanFn(beam.DoFn):
@@ -55,19 +51,21 @@ class _PlanFn(beam.DoFn):
         for (source, _), rows, block_tokens in blocks:
             sizes[source] = sizes.get(source, 0) + rows
             tokens[source] = tokens.get(source, 0) + block_tokens
-        total = self.config.total_records or sum(sizes.values())
+        schedule = [mixing.SchedulePoint(p.at, p.tau) for p in self.config.schedule]
+        weights = tokens if self.config.size_by == "tokens" else None
+        if self.config.total_tokens:
+            mean_tokens = {source: tokens[source] / sizes[source] for source in sizes}
+            total = mixing.records_for_tokens(
+                self.config.total_tokens, sizes, mean_tokens, schedule, self.config.schedule_kind, weights
+            )
+        else:
+            total = self.config.total_records or sum(sizes.values())
         if total == 0:
             yield PLAN, {"dir": "_mix_plan", "sources": [], "shards": 0}
             return
         shards = min(self.config.shards, total)
         plan = mixing.plan_mix(
-            sizes,
-            [mixing.SchedulePoint(p.at, p.tau) for p in self.config.schedule],
-            total,
-            shards,
-            self.config.schedule_kind,
-            self.config.max_epochs,
-            tokens if self.config.size_by == "tokens" else None,
+            sizes, schedule, total, shards, self.config.schedule_kind, self.config.max_epochs, weights
         )
         column = {source: index for index, source in enumerate(plan.sources)}
         offsets: dict[str, int] = {}

@@ -6,7 +6,8 @@ global step, joined back to their blocks, and each block is sorted and numbered 
 a CoGroupByKey rather than a side input: Beam 2.77's DaskRunner re-evaluates side inputs and miscounted them.
 `WriteOrderedParquet` cuts the numbered elements into files of `rows_per_file` consecutive positions, named
 `part-00000.parquet`, ... so that reading the files in name order gives the global order, and returns each
-file's metadata (rows, bytes, SHA-256, a tally of rows by `tally_key`) for the manifest.
+file's metadata (rows, bytes, SHA-256, a tally of rows by `tally_key`, optional `sums` over its rows) for the
+manifest.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def write_bytes(path: str, payload: bytes) -> None:
 
 
 class _WriteFileFn(beam.DoFn):
-    def __init__(self, directory, relative_dir, to_table, row_group_rows, tally_key, copies_of=None):
-        self.copies_of = copies_of
+    def __init__(self, directory, relative_dir, to_table, row_group_rows, tally_key, sums=None):
+        self.sums = sums or {}
         self.directory = directory
         self.relative_dir = relative_dir
         self.to_table = to_table
@@ -111,8 +112,8 @@ class _WriteFileFn(beam.DoFn):
             "sha256": hashlib.sha256(payload).hexdigest(),
             "tally": dict(sorted(tally.items())),
         }
-        if self.copies_of is not None:
-            meta["copies"] = sum(self.copies_of(row) for row in rows)
+        for name, value_of in self.sums.items():
+            meta[name] = sum(value_of(row) for row in rows)
         yield meta
 
 
@@ -128,10 +129,10 @@ class WriteOrderedParquet(beam.PTransform):
         row_group_rows: int = 5_000,
         tally_key: Callable[[Any], str] = lambda row: row["source"],
         side_inputs: tuple = (),
-        copies_of: Callable[[Any], int] | None = None,
+        sums: dict[str, Callable[[Any], int]] | None = None,
     ):
         super().__init__()
-        self.copies_of = copies_of
+        self.sums = sums
         self.directory = directory
         self.relative_dir = relative_dir
         self.rows_per_file = rows_per_file
@@ -150,7 +151,7 @@ class WriteOrderedParquet(beam.PTransform):
             >> beam.ParDo(
                 _WriteFileFn(
                     self.directory, self.relative_dir, self.to_table, self.row_group_rows, self.tally_key,
-                    self.copies_of,
+                    self.sums,
                 ),
                 *self.side_inputs,
             )

@@ -40,6 +40,11 @@ def position_id(input_file: str, input_row: int) -> str:
     return f"{PurePosixPath(input_file).name}#{input_row}"
 
 
+def token_count(text: str) -> int:
+    """Whitespace tokens: the tokenizer-free size used for token budgets and token-weighted mixing."""
+    return len(text.split())
+
+
 def order_key(record: dict[str, Any]) -> tuple[int, int]:
     return record["file_index"], record["input_row"]
 

@@ -19,7 +19,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, _WriteFileFn
-from winnow.pipelines.records import LEDGER_SCHEMA, order_key
+from winnow.pipelines.records import LEDGER_SCHEMA, order_key, token_count
 
 SHARD_COLUMNS = [
     ("id", pa.string()),
@@ -160,7 +160,10 @@ class WriteMixedShards(beam.PTransform):
             | "GroupShard" >> beam.GroupByKey()
             | "Write"
             >> beam.ParDo(
-                _WriteFileFn(self.directory, "shards", shard_table, self.row_group_rows, lambda row: row["source"]),
+                _WriteFileFn(
+                    self.directory, "shards", shard_table, self.row_group_rows, lambda row: row["source"],
+                    {"tokens": lambda row: token_count(row["text"])},
+                ),
                 beam.pvalue.AsSingleton(extra),
             )
         )
@@ -187,6 +190,6 @@ class WriteLedger(beam.PTransform):
                 ledger_table,
                 self.row_group_rows,
                 tally_key=ledger_tally_key,
-                copies_of=lambda row: row["copies"],
+                sums={"copies": lambda row: row["copies"]},
             )
         )

@@ -212,3 +212,37 @@ def plan_mix(
     expected = cap_epochs(schedule_expected, sizes, max_epochs)
     return MixPlan(sources, sizes, allocate(expected), expected, schedule_expected,
                    shard_taus(schedule, total, shards, kind))
+
+
+def records_for_tokens(
+    budget_tokens: int,
+    sizes_by_source: dict[str, int],
+    mean_tokens_by_source: dict[str, float],
+    schedule: Sequence[SchedulePoint],
+    kind: str = "step",
+    weights_by_source: dict[str, float] | None = None,
+) -> int:
+    """The smallest output size in records whose expected token count under the schedule reaches the budget.
+
+    Expected tokens of an output of T records = sum over positions and sources of p_i(tau) x mean tokens of i;
+    it grows with T, so T is found by bisection (evaluated on one shard, which integrates the schedule exactly).
+    """
+    sources = sorted(sizes_by_source)
+    weights = [float((weights_by_source or sizes_by_source)[s]) for s in sources]
+    mean = np.array([mean_tokens_by_source[s] for s in sources])
+    if budget_tokens <= 0 or not (mean > 0).any():
+        raise ValueError("a token budget needs a positive budget and sources with tokens")
+
+    def tokens(total: int) -> float:
+        return float(expected_counts(weights, schedule, total, 1, kind)[0] @ mean)
+
+    low, high = 1, 1
+    while tokens(high) < budget_tokens:
+        low, high = high, high * 2
+    while low < high:
+        middle = (low + high) // 2
+        if tokens(middle) >= budget_tokens:
+            high = middle
+        else:
+            low = middle + 1
+    return low

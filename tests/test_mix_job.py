@@ -88,3 +88,14 @@ def test_shards_load_with_datasets_and_stream_in_order_with_torch(mixed):
     streamed = [row["id"] for row in torch.utils.data.DataLoader(ShardStream(files), batch_size=None)]
     assert streamed == expected_ids
     assert json.loads((output / "manifest.json").read_text())["mix"]["total"] == len(streamed)
+
+
+def test_token_budget_and_epoch_cap_in_the_job(sample_slice, tmp_path):
+    manifest = run(job_config(sample_slice / "*", tmp_path / "out",
+                              mix={"enabled": True, "shards": 2, "total_tokens": 20000, "max_epochs": 1.7}))
+    mix = manifest["mix"]
+    assert mix["total_tokens_requested"] == 20000
+    assert sum(s["tokens"] for s in mix["shards"]) == mix["total_tokens"]
+    assert all(info["epochs"] <= 1.7 for info in mix["sources"].values())
+    assert mix["sources"]["linux-doc"]["rows"] == 102 and mix["sources"]["linux-doc"]["capped"]
+    assert abs(mix["total_tokens"] - 20000) < 200, "met in expectation; the cap moves rows to longer documents"

@@ -106,3 +106,14 @@ def test_allocate_rows_sum_exactly_with_ties():
 def test_tokens_can_define_the_mixture():
     plan = plan_mix({"a": 10, "b": 10}, [SchedulePoint(0.0, 1.0)], 20, 1, weights_by_source={"a": 300, "b": 100})
     assert plan.counts.tolist() == [[15, 5]]
+
+
+def test_token_budget_finds_the_smallest_output_that_reaches_it():
+    from winnow.selectors.mixing import records_for_tokens
+
+    sizes, mean_tokens = {"long": 100, "short": 100}, {"long": 30.0, "short": 10.0}
+    # tau 1 over equal sizes: half long, half short -> 20 tokens per record on average
+    assert records_for_tokens(2000, sizes, mean_tokens, [SchedulePoint(0.0, 1.0)]) == 100
+    assert records_for_tokens(2001, sizes, mean_tokens, [SchedulePoint(0.0, 1.0)]) == 101
+    with pytest.raises(ValueError, match="token budget"):
+        records_for_tokens(0, sizes, mean_tokens, [SchedulePoint(0.0, 1.0)])
