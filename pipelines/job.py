@@ -142,7 +142,7 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         kept = kept | "Embed" >> EmbedRecords(plan.embed)
         written.append(
             kept
-            | "OrderEmbeddings" >> AssignPositions(order_key, EMBEDDINGS_DIR)
+            | "OrderEmbeddings" >> AssignPositions(order_key)
             | "WriteEmbeddings"
             >> WriteOrderedParquet(
                 work,

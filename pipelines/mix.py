@@ -98,8 +98,8 @@ class _PlaceFn(beam.DoFn):
         _, joined = element
         infos = list(joined["info"])
         members = [record for group in joined["members"] for record in group]
-        if not infos:
-            return
+        if len(infos) != 1:
+            raise RuntimeError(f"internal error: block {element[0]} has {len(infos)} allocations")
         offset, size, shard_counts = infos[0]
         cumulative = np.cumsum(shard_counts)
         slots_total = int(cumulative[-1])

@@ -36,18 +36,16 @@ def block_offsets(block_counts: Iterable[tuple[Any, int]]) -> dict[Any, int]:
 class AssignPositions(beam.PTransform):
     """elements -> (position, element), positions dense and in `order_key` order."""
 
-    def __init__(self, order_key: Callable[[Any], OrderKey], tag: str, block_rows: int = 10_000):
+    def __init__(self, order_key: Callable[[Any], OrderKey], block_rows: int = 10_000):
         super().__init__()
-        self.tag = tag
         self.order_key = order_key
         self.block_rows = block_rows
 
     def expand(self, elements):
         order_key, block_rows = self.order_key, self.block_rows
-        tag = self.tag
         grouped = (
             elements
-            | "Block" >> beam.Map(lambda element: ((tag, *_block(order_key(element), block_rows)), element))
+            | "Block" >> beam.Map(lambda element: (_block(order_key(element), block_rows), element))
             | "GroupBlocks" >> beam.GroupByKey()
         )
         offsets = (
@@ -83,7 +81,9 @@ def write_bytes(path: str, payload: bytes) -> None:
         handle.write(payload)
 
 
-class _WriteFileFn(beam.DoFn):
+class WriteFileFn(beam.DoFn):
+    """(file number, [(sort key, row), ...]) -> one Parquet file of the rows in sort-key order; its metadata."""
+
     def __init__(self, directory, relative_dir, to_table, row_group_rows, tally_key, sums=None):
         self.sums = sums or {}
         self.directory = directory
@@ -149,7 +149,7 @@ class WriteOrderedParquet(beam.PTransform):
             | "GroupFile" >> beam.GroupByKey()
             | "Write"
             >> beam.ParDo(
-                _WriteFileFn(
+                WriteFileFn(
                     self.directory, self.relative_dir, self.to_table, self.row_group_rows, self.tally_key,
                     self.sums,
                 ),

@@ -18,7 +18,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, _WriteFileFn
+from winnow.pipelines.ordered_io import AssignPositions, WriteFileFn, WriteOrderedParquet
 from winnow.pipelines.records import LEDGER_SCHEMA, order_key, token_count
 
 SHARD_COLUMNS = [
@@ -128,7 +128,7 @@ class WriteShards(beam.PTransform):
         extra = records | "ExtraKinds" >> beam.CombineGlobally(ExtraColumnKinds())
         return (
             records
-            | "Order" >> AssignPositions(order_key, "shards")
+            | "Order" >> AssignPositions(order_key)
             | "Files"
             >> WriteOrderedParquet(
                 self.directory,
@@ -160,7 +160,7 @@ class WriteMixedShards(beam.PTransform):
             | "GroupShard" >> beam.GroupByKey()
             | "Write"
             >> beam.ParDo(
-                _WriteFileFn(
+                WriteFileFn(
                     self.directory, "shards", shard_table, self.row_group_rows, lambda row: row["source"],
                     {"tokens": lambda row: token_count(row["text"])},
                 ),
@@ -181,7 +181,7 @@ class WriteLedger(beam.PTransform):
     def expand(self, rows: Iterable[dict[str, Any]]):
         return (
             rows
-            | "Order" >> AssignPositions(order_key, "ledger")
+            | "Order" >> AssignPositions(order_key)
             | "Files"
             >> WriteOrderedParquet(
                 self.directory,

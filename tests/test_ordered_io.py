@@ -21,7 +21,7 @@ def test_assign_positions_numbers_in_order_across_blocks_and_files():
     kept = [e for e in elements if (e[1] % 3) != 1]
     expected = list(enumerate(sorted(kept)))
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
-        numbered = pipeline | beam.Create(list(reversed(kept))) | AssignPositions(lambda e: e, "test", block_rows=4)
+        numbered = pipeline | beam.Create(list(reversed(kept))) | AssignPositions(lambda e: e, block_rows=4)
         assert_that(numbered, equal_to(expected))
 
 
@@ -61,8 +61,9 @@ def test_shard_table_keeps_one_schema_and_renames_clashing_columns():
         {"id": "2", "text": "b", "source": "s", "input_file": "f", "input_row": 1, "extra": {"score": 2.5}},
     ]
     table = shard_table(records, [("label", "string"), ("meta", "json"), ("score", "float64"), ("text", "string")])
-    assert table.schema.names == ["id", "text", "source", "input_file", "input_row", "label", "meta", "score",
-                                  "input_text"]
+    assert table.schema.names == ["id", "text", "source", "input_file", "input_row", "epoch", "label", "meta",
+                                  "score", "input_text"]
+    assert table.column("epoch").to_pylist() == [0, 0], "records not repeated by a mix are epoch 0"
     assert table.column("meta").to_pylist() == ['{"k": [1, 2]}', None]
     assert table.column("score").to_pylist() == [1.0, 2.5]
     assert table.column("input_text").to_pylist() == ["dup", None]
