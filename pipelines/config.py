@@ -69,6 +69,32 @@ class EmbedConfig(_Section):
     reuse: bool = Field(True, description="reuse embeddings of unchanged texts from the previous run in OUT")
 
 
+class KMeansConfig(_Section):
+    k: int | None = Field(None, gt=0, description="clusters; default about sqrt(records entering the stage)")
+    niter: int = Field(100, gt=0, description="k-means iterations (reference: 100)")
+    seed: int = Field(1234, description="k-means seed (reference: 1234)")
+    fit_sample: int = Field(100_000, gt=0, description="records the centroids are fitted on (a seeded sample)")
+
+
+class SemDedupConfig(_Section):
+    enabled: bool = True
+    eps: float = Field(0.05, gt=0, lt=1, description="drop a record whose cosine to an earlier one > 1 - eps")
+    strict: bool = Field(True, description="'>' as the reference; false: '>=' as NeMo Curator")
+
+
+class PruneConfig(_Section):
+    enabled: bool = False
+    strategy: Literal["dbp", "ssp", "random", "none"] = "dbp"
+    keep_fraction: float = Field(0.5, ge=0, le=1, description="records kept, as a fraction of those entering")
+    keep: Literal["hard", "easy", "random"] = Field("hard", description="order inside a cluster")
+    tau: float = Field(0.5, gt=0, description="DBP softmax temperature")
+    neighbours: int = Field(20, gt=0, description="nearest other centroids in d_inter")
+    min_per_cluster_frac: float = Field(0.5, ge=0, le=1, description="DBP lower bound per cluster, x N / k")
+    seed: int = 0
+    kmeans: KMeansConfig = KMeansConfig()
+    semdedup: SemDedupConfig = SemDedupConfig()
+
+
 class SchedulePointConfig(_Section):
     at: float = Field(..., ge=0, lt=1, description="fraction of the output where this temperature starts")
     temperature: float | None = Field(None, gt=0, description="tau; 1 proportional, large uniform")
@@ -121,6 +147,7 @@ class WinnowConfig(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
+    prune: PruneConfig = PruneConfig()
     mix: MixConfig = MixConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -128,7 +155,7 @@ class WinnowConfig(_Section):
     def needs_embeddings(self) -> bool:
         """Whether the embed stage runs: on request, or when a later stage consumes embeddings."""
         if self.embed.enabled == "auto":
-            return False
+            return self.prune.enabled
         return bool(self.embed.enabled)
 
     def resolved(self) -> dict[str, Any]:

@@ -30,6 +30,10 @@ from winnow.pipelines.mix import LEDGER as MIX_LEDGER
 from winnow.pipelines.mix import PLACED, MixRecords
 from winnow.pipelines.mix import PLAN as MIX_PLAN
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, write_bytes
+from winnow.pipelines.prune import KEPT as PRUNE_KEPT
+from winnow.pipelines.prune import LEDGER as PRUNE_LEDGER
+from winnow.pipelines.prune import PLAN as PRUNE_PLAN
+from winnow.pipelines.prune import PruneRecords
 from winnow.pipelines.read import ReadRecords, ReadTask, plan_reads
 from winnow.pipelines.records import ledger_row, order_key
 from winnow.pipelines.validate import REJECTED, VALID, ValidateRecords
@@ -138,6 +142,7 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     records = pipeline | "Read" >> ReadRecords(config.input, plan.tasks)
     checked = records | "Validate" >> ValidateRecords(config.validate_.max_text_bytes)
     kept = checked[VALID]
+    removed = [checked[REJECTED]]
     if plan.embed is not None:
         kept = kept | "Embed" >> EmbedRecords(plan.embed)
         written.append(
@@ -153,6 +158,11 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
                 tally_key=lambda record: "reused" if record["embedding_reused"] else "computed",
             )
         )
+    if config.prune.enabled:
+        pruned = kept | "Prune" >> PruneRecords(config.prune)
+        kept = pruned[PRUNE_KEPT]
+        removed.append(pruned[PRUNE_LEDGER])
+        written.append(pruned[PRUNE_PLAN])
     if config.mix.enabled:
         mixed = kept | "Mix" >> MixRecords(config.mix)
         kept_rows = mixed[MIX_LEDGER]
@@ -161,7 +171,7 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     else:
         kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write", copies=1)
         written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows))
-    ledger = (checked[REJECTED], kept_rows) | "LedgerRows" >> beam.Flatten()
+    ledger = (*removed, kept_rows) | "LedgerRows" >> beam.Flatten()
     written.append(ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows))
     _ = (
         written
@@ -301,6 +311,9 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
         "versions": package_versions(),
         "timings": {},
     }
+    if plan.config.prune.enabled:
+        manifest["prune"] = {**_read_meta(plan.work_dir, "_prune_plan")[0], "settings": plan.config.prune.model_dump()}
+        manifest["prune"].pop("dir")
     if plan.config.mix.enabled:
         manifest["mix"] = mix_manifest(plan.config, _read_meta(plan.work_dir, "_mix_plan")[0], shards)
     if plan.embed is not None:
@@ -359,3 +372,18 @@ def run_job(plan: JobPlan) -> dict[str, Any]:
         raise
     publish(plan.work_dir, plan.output)
     return manifest
+
+
+def embed_corpus(path: str, output: str, text_column: str = "text", id_column: str | None = "id"):
+    """Embed a Parquet/JSONL corpus with the job (default model, reusing what `output` already holds) and
+    return (ids, unit float32 matrix) in input order: what evaluations and benchmarks start from."""
+    from winnow.pipelines.config import build_config
+    from winnow.pipelines.embed import read_embeddings
+
+    config = build_config({
+        "input": {"path": path, "columns": {"id": id_column, "text": text_column}},
+        "output": {"path": output},
+        "embed": {"enabled": True},
+    })
+    run_job(plan_job(config, []))
+    return read_embeddings(output)

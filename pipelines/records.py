@@ -27,6 +27,9 @@ LEDGER_SCHEMA = pa.schema(
         ("input_file", pa.string()),
         ("input_row", pa.int64()),
         ("copies", pa.int64()),
+        ("cluster", pa.int64()),
+        ("dist_to_centroid", pa.float32()),
+        ("duplicate_of", pa.string()),
     ]
 )
 
@@ -56,8 +59,10 @@ def ledger_row(
     reason: str | None = None,
     detail: str | None = None,
     copies: int = 0,
+    duplicate_of: str | None = None,
 ) -> dict[str, Any]:
-    """The ledger row of a record; `copies` is how many times it appears in the shards."""
+    """The ledger row of a record; `copies` is how many times it appears in the shards. The scores that drove
+    a decision (cluster, dist_to_centroid) come from the record when a stage has set them."""
     return {
         "id": record["id"],
         "source": record["source"],
@@ -68,6 +73,9 @@ def ledger_row(
         "input_file": record["input_file"],
         "input_row": record["input_row"],
         "copies": copies,
+        "cluster": record.get("cluster"),
+        "dist_to_centroid": record.get("dist_to_centroid"),
+        "duplicate_of": duplicate_of,
         "file_index": record["file_index"],
     }
 

@@ -1,0 +1,85 @@
+"""The prune stage inside the job decides exactly what the in-memory reference (prune_pool) decides, and the
+ledger explains every removal."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import job_config
+
+from winnow.pipelines.config import build_config
+from winnow.pipelines.embed import read_embeddings
+from winnow.pipelines.job import plan_job, run_job
+from winnow.pipelines.prune import settings_from
+from winnow.selectors.pruning import prune_pool
+
+pytestmark = pytest.mark.slow
+
+PRUNE = {"enabled": True, "keep_fraction": 0.4, "semdedup": {"eps": 0.15}, "kmeans": {"niter": 30}}
+
+
+def run(config):
+    return run_job(plan_job(build_config(config), []))
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    from conftest import SAMPLE
+
+    root = tmp_path_factory.mktemp("prune")
+    (root / "input").mkdir()
+    debian = pq.read_table(SAMPLE / "debian_descriptions.parquet")
+    pq.write_table(debian.slice(0, 240), root / "input" / "a.parquet")
+    output = root / "out"
+    manifest = run(job_config(root / "input" / "*", output, embed={"enabled": True}, prune=PRUNE))
+    return root, output, manifest
+
+
+def test_stage_matches_the_in_memory_reference(pruned):
+    _, output, manifest = pruned
+    ids, vectors = read_embeddings(output)
+    config = build_config(job_config("x", output, prune=PRUNE))
+    reference = prune_pool(vectors, settings_from(config.prune))
+    ledger = {row["id"]: row for row in pq.read_table(output / "ledger").to_pylist()}
+    assert [ledger[i]["cluster"] for i in ids] == reference["labels"].tolist()
+    assert [ledger[i]["fate"] == "deduplicated" for i in ids] == reference["deduplicated"].tolist()
+    assert [ledger[i]["fate"] == "kept" for i in ids] == reference["kept"].tolist()
+    assert [c["quota"] for c in manifest["prune"]["clusters"]] == reference["cluster_quota"].tolist()
+    np.testing.assert_allclose([ledger[i]["dist_to_centroid"] for i in ids], reference["dist"], atol=1e-5)
+
+
+def test_ledger_explains_every_removal(pruned):
+    _, output, manifest = pruned
+    ledger = pq.read_table(output / "ledger").to_pylist()
+    by_id = {row["id"]: row for row in ledger}
+    fates = collections.Counter(row["fate"] for row in ledger)
+    plan = manifest["prune"]
+    assert sum(fates.values()) == 240 == plan["records"]
+    assert plan["budget"] == 96 == fates["kept"]
+    assert fates["deduplicated"] == 240 - plan["survivors"] > 0
+    assert fates["pruned"] == plan["survivors"] - plan["budget"]
+    assert plan["k"] == 15 and len(plan["clusters"]) == 15
+    for row in ledger:
+        if row["fate"] == "deduplicated":
+            earlier = by_id[row["duplicate_of"]]
+            assert earlier["cluster"] == row["cluster"] and row["detail"].startswith("cosine ")
+        if row["fate"] == "pruned":
+            quota = plan["clusters"][row["cluster"]]["quota"]
+            assert row["reason"] == "dbp" and f"keeps {quota} of" in row["detail"]
+    shards = pq.read_table(output / "shards")
+    assert sorted(shards.column("id").to_pylist()) == sorted(r["id"] for r in ledger if r["fate"] == "kept")
+
+
+@pytest.mark.parametrize("strategy", ["ssp", "random", "none"])
+def test_baseline_strategies_keep_the_budget(pruned, strategy):
+    root, output, first = pruned
+    manifest = run(job_config(root / "input" / "*", output, embed={"enabled": True},
+                              prune={**PRUNE, "strategy": strategy}))
+    assert manifest["embeddings"]["reused_rows"] == 240, "the second run reuses the embeddings"
+    kept = manifest["counts"]["by_fate"]["kept"]
+    survivors = manifest["prune"]["survivors"]
+    assert kept == (survivors if strategy == "none" else 96)
+    assert survivors == first["prune"]["survivors"]
