@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast lint bench-embed bench-mix eval-mix eval-prune clean
+.PHONY: setup run test test-fast lint bench-embed bench-mix bench-prune eval-mix eval-prune clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
 
@@ -51,3 +51,6 @@ bench-mix: setup
 
 eval-prune: setup
 	$(BIN)/python eval/eval_prune.py $(ARGS)
+
+bench-prune: setup
+	$(BIN)/python bench/bench_prune.py $(ARGS)
