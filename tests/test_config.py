@@ -19,6 +19,21 @@ def test_default_config_loads_with_public_keys():
     assert resolved["embed"]["model"] == "all-MiniLM-L6-v2"
     assert resolved["embed"]["batch_size"] == 64
     assert resolved["output"]["path"] == "out/default"
+    assert resolved["prune"]["kmeans"] == {"k": None, "niter": 100, "seed": 1234, "fit_sample": 100000}
+    assert resolved["prune"]["semdedup"] == {"enabled": True, "eps": 0.05, "strict": True}
+    assert resolved["mix"]["schedule"] == [
+        {"at": 0.0, "temperature": 5.0, "alpha": None},
+        {"at": 0.5, "temperature": 1.0, "alpha": None},
+    ]
+
+
+def test_pruning_switches_embedding_on_and_schedules_need_one_of_temperature_or_alpha():
+    assert build_config({**minimal(), "prune": {"enabled": True}}).needs_embeddings()
+    assert not build_config(minimal()).needs_embeddings()
+    with pytest.raises(ConfigError, match=r"^mix\.schedule\.0: .*exactly one of temperature or alpha"):
+        build_config({**minimal(), "mix": {"schedule": [{"at": 0, "temperature": 2, "alpha": 0.5}]}})
+    with pytest.raises(ConfigError, match=r"^mix\.schedule: .*needs a point at 0"):
+        build_config({**minimal(), "mix": {"schedule": [{"at": 0.5, "temperature": 2}]}})
 
 
 def test_unknown_key_is_an_error_naming_the_key():
@@ -29,8 +44,8 @@ def test_unknown_key_is_an_error_naming_the_key():
 
 
 def test_unknown_section_is_an_error_naming_it():
-    raw = {**minimal(), "prune": {"enabled": True}}
-    with pytest.raises(ConfigError, match=r"^prune: unknown key$"):
+    raw = {**minimal(), "prnue": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"^prnue: unknown key$"):
         build_config(raw)
 
 

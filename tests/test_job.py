@@ -119,7 +119,8 @@ def test_default_config_runs_on_the_bundled_sample(tmp_path, monkeypatch):
     from winnow.pipelines.config import load_config
 
     monkeypatch.chdir(ROOT)
-    config = load_config(ROOT / "configs" / "default.yaml", [f"output.path={tmp_path / 'out'}", "embed.enabled=auto"])
+    overrides = [f"output.path={tmp_path / 'out'}", "embed.enabled=auto", "prune.enabled=false"]
+    config = load_config(ROOT / "configs" / "default.yaml", overrides)
     manifest = run_job(plan_job(config, []))
     assert manifest["counts"]["input_records"] == 1840
     assert sum(manifest["counts"]["by_fate"].values()) == 1840
