@@ -43,7 +43,7 @@ def settings_from(config: PruneConfig) -> PruneSettings:
     )
 
 
-def fit(_, sample: list, count: int, settings: PruneSettings) -> np.ndarray:
+def fit(sample: list, count: int, settings: PruneSettings) -> np.ndarray:
     """Centroids from the sampled (hash, order key, vector) triples, fitted in input order."""
     unique = {entry[1]: entry[2] for entry in sample}
     if not unique:
@@ -148,11 +148,7 @@ class PruneRecords(beam.PTransform):
             | "Sample" >> beam.combiners.Top.Smallest(self.config.kmeans.fit_sample, key=lambda e: (e[0], e[1]))
         )
         count = records | "Count" >> beam.combiners.Count.Globally()
-        centroids = (
-            records.pipeline
-            | "FitOnce" >> beam.Create([None])
-            | "Fit" >> beam.Map(fit, beam.pvalue.AsSingleton(sample), beam.pvalue.AsSingleton(count), settings)
-        )
+        centroids = sample | "Fit" >> beam.Map(fit, beam.pvalue.AsSingleton(count), settings)
         assigned = (
             records
             | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // WINDOW), r))
