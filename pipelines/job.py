@@ -1,8 +1,9 @@
 r"""The winnow job: plan on the driver, run the Beam graph, then publish the output directory atomically.
 
 Graph (stages switched by the config):
-    read -> validate -> [embed] -> write shards
-                    \-> rejected ----------------> ledger
+    read -> validate -> [embed] -> [prune: k-means, SemDeDup, DBP] -> [mix] -> shards
+               |                          |                            |
+               +-- rejected --------------+-- deduplicated, pruned ----+-- kept, not_selected --> ledger
 The job writes into a hidden sibling of output.path and renames it into place only after the manifest is
 written, so a crashed run never leaves a directory that looks complete.
 """
@@ -163,6 +164,8 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         kept = pruned[PRUNE_KEPT]
         removed.append(pruned[PRUNE_LEDGER])
         written.append(pruned[PRUNE_PLAN])
+    if plan.embed is not None:
+        kept = kept | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
     if config.mix.enabled:
         mixed = kept | "Mix" >> MixRecords(config.mix)
         kept_rows = mixed[MIX_LEDGER]
