@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +37,9 @@ FRACTIONS = [0.1, 0.3, 0.5, 0.7]
 
 def accuracy(train_x, train_y, test_x, test_y, max_iter: int) -> float:
     model = LogisticRegression(max_iter=max_iter, C=10.0)
-    model.fit(train_x, train_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(train_x, train_y)
     return float((model.predict(test_x) == test_y).mean())
 
 
