@@ -91,6 +91,7 @@ class PruneConfig(_Section):
     neighbours: int = Field(20, gt=0, description="nearest other centroids in d_inter")
     min_per_cluster_frac: float = Field(0.5, ge=0, le=1, description="DBP lower bound per cluster, x N / k")
     seed: int = 0
+    recluster: bool = Field(False, description="cluster the SemDeDup survivors afresh before DBP (the reference)")
     kmeans: KMeansConfig = KMeansConfig()
     semdedup: SemDedupConfig = SemDedupConfig()
 

@@ -11,7 +11,9 @@ Wiring for a distributed run (ALGORITHMS.md section 2): the centroids are fitted
 sample (the records with the smallest seeded id hashes, `prune.kmeans.fit_sample` of them, in input order) and
 broadcast as a side input; records are assigned in windows (vectorised); a GroupByKey on cluster runs
 SemDeDup and yields per-cluster statistics; the quotas are computed from those k statistics in one small step
-and joined back to their clusters, where the first `quota` survivors in hardness order are kept. No step
+and joined back to their clusters, where the first `quota` survivors in hardness order are kept. With
+`prune.recluster` (the reference's order) the SemDeDup survivors are clustered afresh, the same way, before
+the quotas; the ledger then gives kept and pruned records their new cluster. No step
 collects the embeddings on one worker except the sampled fit. selectors.pruning.prune_pool is the same
 decision on an in-memory pool; a test checks the two agree.
 """
@@ -19,6 +21,7 @@ decision on an in-memory pool; a test checks the two agree.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import apache_beam as beam
@@ -40,6 +43,7 @@ def settings_from(config: PruneConfig) -> PruneSettings:
         tau=config.tau, neighbours=config.neighbours, min_per_cluster_frac=config.min_per_cluster_frac,
         k=config.kmeans.k, niter=config.kmeans.niter, kmeans_seed=config.kmeans.seed,
         semdedup=config.semdedup.enabled, eps=config.semdedup.eps, strict=config.semdedup.strict,
+        recluster=config.recluster,
     )
 
 
@@ -140,31 +144,44 @@ class PruneRecords(beam.PTransform):
         self.config = config
         self.settings = settings_from(config)
 
-    def expand(self, records):
-        settings, seed = self.settings, self.config.seed
+    def _cluster(self, records, settings: PruneSettings, step: str):
+        """Fit centroids on a seeded sample, assign in windows, group by cluster and run SemDeDup (or, with
+        semdedup off, only order each cluster): (centroids, count, routed ledger/stats/survivors)."""
+        seed = self.config.seed
         sample = (
             records
-            | "SampleKey" >> beam.Map(lambda r: (seeded_hash(seed, r["id"], "fit"), order_key(r), r["embedding"]))
-            | "Sample" >> beam.combiners.Top.Smallest(self.config.kmeans.fit_sample, key=lambda e: (e[0], e[1]))
+            | f"{step}SampleKey"
+            >> beam.Map(lambda r: (seeded_hash(seed, r["id"], "fit"), order_key(r), r["embedding"]))
+            | f"{step}Sample"
+            >> beam.combiners.Top.Smallest(self.config.kmeans.fit_sample, key=lambda e: (e[0], e[1]))
         )
-        count = records | "Count" >> beam.combiners.Count.Globally()
-        centroids = sample | "Fit" >> beam.Map(fit, beam.pvalue.AsSingleton(count), settings)
+        count = records | f"{step}Count" >> beam.combiners.Count.Globally()
+        centroids = sample | f"{step}Fit" >> beam.Map(fit, beam.pvalue.AsSingleton(count), settings)
         assigned = (
             records
-            | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // WINDOW), r))
-            | "Windows" >> beam.GroupByKey()
-            | "Assign" >> beam.ParDo(_AssignFn(), beam.pvalue.AsSingleton(centroids))
+            | f"{step}WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // WINDOW), r))
+            | f"{step}Windows" >> beam.GroupByKey()
+            | f"{step}Assign" >> beam.ParDo(_AssignFn(), beam.pvalue.AsSingleton(centroids))
         )
-        deduped = split_routed(
+        grouped = split_routed(
             assigned
-            | "KeyByCluster" >> beam.Map(lambda r: (r["cluster"], r))
-            | "Clusters" >> beam.GroupByKey()
-            | "SemDeDup" >> beam.ParDo(_DedupFn(settings)),
-            "Dedup",
+            | f"{step}KeyByCluster" >> beam.Map(lambda r: (r["cluster"], r))
+            | f"{step}Clusters" >> beam.GroupByKey()
+            | f"{step}SemDeDup" >> beam.ParDo(_DedupFn(settings)),
+            f"{step}Dedup",
             (LEDGER, "stats", "survivors"),
         )
+        return centroids, count, grouped
+
+    def expand(self, records):
+        settings = self.settings
+        centroids, count, deduped = self._cluster(records, settings, "")
+        clustered = deduped
+        if settings.recluster:
+            survivors = deduped["survivors"] | "Survivors" >> beam.FlatMap(lambda kv: kv[1])
+            centroids, _, clustered = self._cluster(survivors, replace(settings, semdedup=False), "Recluster")
         planned = split_routed(
-            deduped["stats"]
+            clustered["stats"]
             | "AllStats" >> beam.Map(lambda stats: (None, stats))
             | "GatherStats" >> beam.GroupByKey()
             | "Quotas"
@@ -173,7 +190,7 @@ class PruneRecords(beam.PTransform):
             ("quota", PLAN),
         )
         selected = split_routed(
-            {"survivors": deduped["survivors"], "quota": planned["quota"]}
+            {"survivors": clustered["survivors"], "quota": planned["quota"]}
             | "JoinQuotas" >> beam.CoGroupByKey()
             | "Select" >> beam.ParDo(_SelectFn(self.config.strategy)),
             "Selected",

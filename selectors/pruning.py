@@ -6,7 +6,7 @@ prune stage composes the same functions per cluster, and a test checks that both
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class PruneSettings:
     semdedup: bool = True
     eps: float = 0.05
     strict: bool = True
+    recluster: bool = False
 
 
 @dataclass
@@ -97,9 +98,7 @@ def pool_budget(settings: PruneSettings, entering: int, survivors: int) -> int:
     return min(dbp.budget(settings.keep_fraction, entering), survivors)
 
 
-def prune_pool(vectors: np.ndarray, settings: PruneSettings, fit_sample: int | None = None) -> dict[str, np.ndarray]:
-    """Decide every record of an in-memory pool: labels, dist, deduplicated, duplicate_of, kept."""
-    vectors = np.asarray(vectors, dtype=np.float32)
+def _fit_and_assign(vectors: np.ndarray, settings: PruneSettings, fit_sample: int | None):
     count = len(vectors)
     k = settings.k or clustering.default_k(count)
     sample = vectors
@@ -107,9 +106,17 @@ def prune_pool(vectors: np.ndarray, settings: PruneSettings, fit_sample: int | N
         sample = vectors[np.sort(np.random.default_rng(settings.kmeans_seed).choice(count, fit_sample, replace=False))]
     centroids = clustering.fit_centroids(sample, k, settings.niter, settings.kmeans_seed)
     labels, dist = clustering.assign(vectors, centroids)
+    members_of = [np.flatnonzero(labels == c) for c in range(len(centroids))]
+    return centroids, labels, dist, members_of
+
+
+def prune_pool(vectors: np.ndarray, settings: PruneSettings, fit_sample: int | None = None) -> dict[str, np.ndarray]:
+    """Decide every record of an in-memory pool: labels, dist, deduplicated, duplicate_of, kept."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    count = len(vectors)
+    centroids, labels, dist, members_of = _fit_and_assign(vectors, settings, fit_sample)
     deduplicated = np.zeros(count, dtype=bool)
     duplicate_of = np.full(count, -1, dtype=np.int64)
-    members_of = [np.flatnonzero(labels == c) for c in range(len(centroids))]
     decisions = []
     for cluster, members in enumerate(members_of):
         decision = dedup_cluster(vectors[members], dist[members], cluster, settings)
@@ -117,6 +124,13 @@ def prune_pool(vectors: np.ndarray, settings: PruneSettings, fit_sample: int | N
         duplicate_of[members] = np.where(decision.duplicate_of >= 0, members[decision.duplicate_of], -1)
         duplicate_of[members[decision.survivors]] = -1
         decisions.append(decision)
+    if settings.recluster:
+        survivors = np.flatnonzero(~deduplicated)
+        centroids, new_labels, new_dist, new_members = _fit_and_assign(vectors[survivors], settings, fit_sample)
+        labels[survivors], dist[survivors] = new_labels, new_dist
+        members_of = [survivors[m] for m in new_members]
+        no_dedup = replace(settings, semdedup=False)
+        decisions = [dedup_cluster(vectors[m], dist[m], c, no_dedup) for c, m in enumerate(members_of)]
     sizes = np.array([int(d.survivors.sum()) for d in decisions])
     distance_sums = np.array([float(dist[m][d.survivors].sum()) for m, d in zip(members_of, decisions, strict=True)])
     total_budget = pool_budget(settings, count, int(sizes.sum()))

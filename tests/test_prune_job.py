@@ -38,10 +38,15 @@ def pruned(tmp_path_factory):
     return root, output, manifest
 
 
-def test_stage_matches_the_in_memory_reference(pruned):
-    _, output, manifest = pruned
+@pytest.mark.parametrize("recluster", [False, True])
+def test_stage_matches_the_in_memory_reference(pruned, recluster, tmp_path):
+    root, output, manifest = pruned
+    if recluster:
+        manifest = run(job_config(root / "input" / "*", tmp_path / "re", embed={"enabled": True, "model":
+                                  "all-MiniLM-L6-v2"}, prune={**PRUNE, "recluster": True}))
+        output = tmp_path / "re"
     ids, vectors = read_embeddings(output)
-    config = build_config(job_config("x", output, prune=PRUNE))
+    config = build_config(job_config("x", output, prune={**PRUNE, "recluster": recluster}))
     reference = prune_pool(vectors, settings_from(config.prune))
     ledger = {row["id"]: row for row in pq.read_table(output / "ledger").to_pylist()}
     assert [ledger[i]["cluster"] for i in ids] == reference["labels"].tolist()
