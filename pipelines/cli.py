@@ -1,6 +1,7 @@
 """The `winnow` command line.
 
     winnow run CONFIG.yaml [--set section.key=value ...] [-- BEAM_PIPELINE_OPTIONS ...]
+    winnow sae train --input CORPUS --out SAE_DIR [--layer N --d-sae N --k N --steps N ...]
 
 Exit status 0 on success; 2 with a one-line reason for a bad config, bad input paths or an output that
 cannot be written; 1 when the job itself fails.
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key; the value is read as YAML (5, true, [a, b], text)",
     )
     run.add_argument("--traceback", action="store_true", help="show the full traceback when the job fails")
+    sae = commands.add_parser("sae", help="sparse autoencoders for select.method mona")
+    sae_commands = sae.add_subparsers(dest="sae_command", required=True)
+    from winnow.pipelines.sae_train import add_arguments
+
+    add_arguments(sae_commands.add_parser("train", help="train a TopK SAE on a corpus' activations"))
     return parser
 
 
@@ -83,12 +89,30 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     return EXIT_OK
 
 
+def sae_train_command(args: argparse.Namespace) -> int:
+    import json
+
+    from winnow.pipelines.read import InputError
+    from winnow.pipelines.sae_train import train_command
+    from winnow.selectors.embedding import ModelNotFound
+
+    try:
+        summary = train_command(args)
+    except (InputError, ModelNotFound, ValueError) as error:
+        print(f"winnow: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     own_args, beam_args = split_beam_args(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(own_args)
     _quiet_libraries()
     if args.command == "run":
         return run_command(args, beam_args)
+    if args.command == "sae":
+        return sae_train_command(args)
     return EXIT_FAILED
 
 

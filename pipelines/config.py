@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from winnow.selectors.embedding import PACKAGED_MODEL
+from winnow.selectors.lm import PACKAGED_LM
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,38 @@ class PruneConfig(_Section):
     semdedup: SemDedupConfig = SemDedupConfig()
 
 
+class SelectConfig(_Section):
+    enabled: bool = False
+    method: Literal["mona", "embedding", "bm25", "random"] = Field(
+        "mona", description="mona: SAE features (Jaccard); embedding: cosine; bm25; random"
+    )
+    targets: str | None = Field(None, description="Parquet/JSONL file or glob of target examples of the task")
+    target_text: str | None = Field(None, description="text column of the targets; default: input.columns.text")
+    ratio: float | None = Field(None, gt=0, le=1, description="keep this fraction of the pool (default 0.05)")
+    count: int | None = Field(None, ge=0, description="keep exactly this many records (instead of ratio)")
+    model: str = Field(PACKAGED_LM, description="causal LM whose activations the SAE reads (local folder)")
+    sae: str | None = Field(None, description="sae-lens SAE directory (mona); train one with `winnow sae train`")
+    layer: int | None = Field(None, gt=0, description="decoder block read; default: the SAE's, else penultimate")
+    max_tokens: int = Field(256, gt=1, description="tokens per sample (longer samples are truncated)")
+    batch_size: int = Field(16, gt=0, description="samples per forward pass")
+    window: int = Field(512, gt=0, description="records handed to a worker's model at once, sorted by length")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="threads per worker; 0: cores / workers")
+    seed: int = Field(0, description="seeds the tie-break among equal scores and the random baseline")
+    top_features: int = Field(10, ge=0, description="prototype features reported in the manifest (mona)")
+    feature_examples: int = Field(3, ge=0, description="records shown per reported feature")
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if self.ratio is not None and self.count is not None:
+            raise ValueError("give ratio or count, not both")
+        return self
+
+    @property
+    def effective_ratio(self) -> float | None:
+        return 0.05 if self.ratio is None and self.count is None else self.ratio
+
+
 class SchedulePointConfig(_Section):
     at: float = Field(..., ge=0, lt=1, description="fraction of the output where this temperature starts")
     temperature: float | None = Field(None, gt=0, description="tau; 1 proportional, large uniform")
@@ -149,6 +182,7 @@ class WinnowConfig(_Section):
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
     prune: PruneConfig = PruneConfig()
+    select: SelectConfig = SelectConfig()
     mix: MixConfig = MixConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -156,8 +190,19 @@ class WinnowConfig(_Section):
     def needs_embeddings(self) -> bool:
         """Whether the embed stage runs: on request, or when a later stage consumes embeddings."""
         if self.embed.enabled == "auto":
-            return self.prune.enabled
+            return self.prune.enabled or (self.select.enabled and self.select.method == "embedding")
         return bool(self.embed.enabled)
+
+    @model_validator(mode="after")
+    def _select_inputs(self):
+        if self.select.enabled:
+            if not self.select.targets:
+                raise ValueError("select.targets: required when select.enabled (a file of target examples)")
+            if self.select.method == "mona" and not self.select.sae:
+                raise ValueError("select.sae: required for method mona (train one with `winnow sae train`)")
+            if self.select.method == "embedding" and self.embed.enabled is False:
+                raise ValueError("select.method embedding needs the embed stage (embed.enabled is false)")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """The full config with every default filled in, as plain JSON-able data."""
@@ -177,7 +222,10 @@ def _format_error(error: ValidationError) -> str:
     given = first.get("input")
     given_text = "" if isinstance(given, dict) else f" (got {given!r})"
     more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
-    return f"{key}: {first['msg']}{given_text}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:
+        return f"{message}{more}"
+    return f"{key}: {message}{given_text}{more}"
 
 
 def parse_override(assignment: str) -> tuple[list[str], Any]:

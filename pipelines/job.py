@@ -1,9 +1,10 @@
 r"""The winnow job: plan on the driver, run the Beam graph, then publish the output directory atomically.
 
 Graph (stages switched by the config):
-    read -> validate -> [embed] -> [prune: k-means, SemDeDup, DBP] -> [mix] -> shards
-               |                          |                            |
-               +-- rejected --------------+-- deduplicated, pruned ----+-- kept, not_selected --> ledger
+    read -> validate -> [embed] -> [prune: k-means, SemDeDup, DBP] -> [select] -> [mix] -> shards
+               |                          |                            |            |
+               +-- rejected --------------+-- deduplicated, pruned ----+------------+-- kept, not_selected
+                                                                                         --> ledger
 The job writes into a hidden sibling of output.path and renames it into place only after the manifest is
 written, so a crashed run never leaves a directory that looks complete.
 """
@@ -37,6 +38,10 @@ from winnow.pipelines.prune import PLAN as PRUNE_PLAN
 from winnow.pipelines.prune import PruneRecords
 from winnow.pipelines.read import ReadRecords, ReadTask, plan_reads
 from winnow.pipelines.records import ledger_row, order_key
+from winnow.pipelines.select import KEPT as SELECT_KEPT
+from winnow.pipelines.select import LEDGER as SELECT_LEDGER
+from winnow.pipelines.select import PLAN as SELECT_PLAN
+from winnow.pipelines.select import SelectPlan, SelectRecords, plan_select
 from winnow.pipelines.validate import REJECTED, VALID, ValidateRecords
 from winnow.pipelines.write import LEDGER_TALLY_FIELDS, WriteLedger, WriteMixedShards, WriteShards
 
@@ -64,6 +69,7 @@ class JobPlan:
     work_dir: Path
     embed: EmbedPlan | None
     beam_args: list[str]
+    select: SelectPlan | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -117,13 +123,16 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
     output = Path(config.output.path).expanduser().resolve()
     _check_output(output)
     embed = None
+    workers = worker_processes(beam_options(beam_args))
     if config.needs_embeddings():
-        workers = worker_processes(beam_options(beam_args))
         embed = EmbedPlan.from_config(config.embed, workers)
         if config.embed.reuse:
             embed = replace(embed, reuse_from=_previous_embeddings(output, embed.fingerprint))
     work_dir = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}"
-    plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args))
+    select = None
+    if config.select.enabled:
+        select = plan_select(config, workers, embed.model_path if embed else None)
+    plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args), select)
     plan.timings["plan_s"] = time.perf_counter() - started
     return plan
 
@@ -164,6 +173,11 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         kept = pruned[PRUNE_KEPT]
         removed.append(pruned[PRUNE_LEDGER])
         written.append(pruned[PRUNE_PLAN])
+    if plan.select is not None:
+        selected = kept | "Select" >> SelectRecords(plan.select)
+        kept = selected[SELECT_KEPT]
+        removed.append(selected[SELECT_LEDGER])
+        written.append(selected[SELECT_PLAN])
     if plan.embed is not None:
         kept = kept | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
     if config.mix.enabled:
@@ -317,6 +331,9 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
     if plan.config.prune.enabled:
         manifest["prune"] = {**_read_meta(plan.work_dir, "_prune_plan")[0], "settings": plan.config.prune.model_dump()}
         manifest["prune"].pop("dir")
+    if plan.select is not None:
+        manifest["select"] = _read_meta(plan.work_dir, "_select_plan")[0]
+        manifest["select"].pop("dir")
     if plan.config.mix.enabled:
         manifest["mix"] = mix_manifest(plan.config, _read_meta(plan.work_dir, "_mix_plan")[0], shards)
     if plan.embed is not None:

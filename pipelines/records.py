@@ -30,6 +30,8 @@ LEDGER_SCHEMA = pa.schema(
         ("cluster", pa.int64()),
         ("dist_to_centroid", pa.float32()),
         ("duplicate_of", pa.string()),
+        ("select_score", pa.float64()),
+        ("sae_score", pa.float64()),
     ]
 )
 
@@ -62,7 +64,7 @@ def ledger_row(
     duplicate_of: str | None = None,
 ) -> dict[str, Any]:
     """The ledger row of a record; `copies` is how many times it appears in the shards. The scores that drove
-    a decision (cluster, dist_to_centroid) come from the record when a stage has set them."""
+    a decision (cluster, dist_to_centroid, select_score, sae_score) come from the record when a stage has set them."""
     return {
         "id": record["id"],
         "source": record["source"],
@@ -76,6 +78,8 @@ def ledger_row(
         "cluster": record.get("cluster"),
         "dist_to_centroid": record.get("dist_to_centroid"),
         "duplicate_of": duplicate_of,
+        "select_score": record.get("select_score"),
+        "sae_score": record.get("sae_score"),
         "file_index": record["file_index"],
     }
 

@@ -39,14 +39,17 @@ def resolve_model_path(model: str) -> Path:
 
 
 def model_fingerprint(path: Path) -> str:
-    """A cheap identity of a model directory: file names, sizes and the first and last MiB of each file.
+    """A cheap identity of a model directory (or one model file): names, sizes and the first and last MiB of
+    each file.
 
     Hashing multi-GB weights fully on every run would cost more than the reuse it enables.
     """
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
         size = file.stat().st_size
-        digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0".encode())
+        name = file.name if file == path else file.relative_to(path).as_posix()
+        digest.update(f"{name}\0{size}\0".encode())
         with file.open("rb") as handle:
             digest.update(handle.read(_FINGERPRINT_EDGE_BYTES))
             if size > 2 * _FINGERPRINT_EDGE_BYTES:

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+SAE_LAYER = 6  # a low layer keeps the tests' forward passes short
 
 
 def shared_file(name: str) -> Path:
@@ -55,3 +57,29 @@ def read_output(output: Path) -> dict:
         "shards": pq.read_table(output / "shards") if (output / "shards").exists() else pa.table({}),
         "ledger": pq.read_table(output / "ledger"),
     }
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from winnow.selectors import lm
+
+    return lm.load_lm(lm.resolve_lm_path(lm.PACKAGED_LM))
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    table = pq.read_table(SAMPLE / "bigbench_tasks.parquet").to_pandas()
+    return [t for _, group in table.groupby("source") for t in group["text"].head(12)]
+
+
+@pytest.fixture(scope="session")
+def tiny_sae(smollm, sample_texts, tmp_path_factory):
+    """A TopK SAE (256 features, k 8) trained briefly on the sample's activations and saved by sae-lens."""
+    from winnow.selectors import lm
+    from winnow.selectors import sae as sae_lib
+
+    model, tokenizer = smollm
+    acts = np.concatenate(lm.token_activations(model, tokenizer, sample_texts, [SAE_LAYER], 64)[SAE_LAYER])
+    settings = sae_lib.SaeTrainingSettings(d_sae=256, k=8, steps=30, batch_tokens=256)
+    trained = sae_lib.train_sae(acts, settings, {"winnow_layer": SAE_LAYER})
+    return sae_lib.save_sae(trained, tmp_path_factory.mktemp("sae") / "sae")

@@ -1,0 +1,476 @@
+"""Select stage: keep the records most like a handful of target examples (MONA or a baseline).
+
+Input: records (after prune; with `embedding` when the method is `embedding`). Outputs (routed pairs, see
+records.split_routed):
+  kept     the top n records by score, with `select_score` (and `sae_score` for mona)
+  ledger   `not_selected` rows (stage select) for the others, with their score and the threshold
+  plan     one dict for the manifest: method, pool, n, threshold, score quantiles, models and hashes, and for
+           mona the prototype's top SAE features with the records that activate them most
+
+Wiring (ALGORITHMS.md section 3): the targets (a few, read on the driver) become the prototype in one small
+step, broadcast as a side input; records are scored in windows of `select.window` consecutive input rows by a
+model loaded once per worker; the exact global top n is found without gathering the pool: a histogram of the
+top 16 bits of each score's order-preserving 64-bit key finds the bucket holding the n-th score, a second
+histogram the next 16 bits inside it, and only the records of that last bucket meet on one worker to place the
+threshold. Ties are broken by a seeded hash of the id (selectors.task_selection.select_top is the same order).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.utils.shared import Shared
+
+from winnow.pipelines.config import ConfigError, WinnowConfig
+from winnow.pipelines.read import InputError, expand_paths
+from winnow.pipelines.records import ledger_row, order_key, split_routed
+from winnow.pipelines.validate import check_text
+from winnow.selectors import embedding, lm, task_selection
+from winnow.selectors import sae as sae_lib
+from winnow.selectors.embedding import ModelNotFound
+
+KEPT, LEDGER, PLAN = "kept", "ledger", "plan"
+SNIPPET_CHARS = 300
+
+
+@dataclass(frozen=True)
+class SelectPlan:
+    """What the driver decided about the select stage; recorded in the manifest."""
+
+    method: str
+    targets: tuple[str, ...]
+    targets_rejected: int
+    ratio: float | None
+    count: int | None
+    seed: int
+    device: str
+    torch_threads: int
+    window: int
+    batch_size: int
+    max_tokens: int
+    top_features: int
+    feature_examples: int
+    model: str | None = None
+    model_path: str | None = None
+    model_fingerprint: str | None = None
+    layer: int | None = None
+    model_layers: int | None = None
+    sae: str | None = None
+    sae_fingerprint: str | None = None
+    d_sae: int | None = None
+    sae_k: int | None = None
+    embed_model_path: str | None = None
+
+    def manifest(self) -> dict[str, Any]:
+        entry = asdict(self)
+        entry["targets"] = len(self.targets)
+        return entry
+
+
+def load_targets(path: str, column: str) -> tuple[list[str], int]:
+    """The usable target texts of a Parquet/JSONL file or glob (input order) and how many were unusable."""
+    import pyarrow.parquet as pq
+
+    texts, rejected = [], 0
+    for file in expand_paths(path):
+        try:
+            if file.lower().endswith((".parquet", ".pq")):
+                table = pq.read_table(file)
+                if column not in table.column_names:
+                    raise InputError(f"{file}: select.targets has no column {column!r}")
+                values = table.column(column).to_pylist()
+            else:
+                with open(file, encoding="utf-8") as handle:
+                    values = [json.loads(line).get(column) for line in handle if line.strip()]
+        except InputError:
+            raise
+        except (OSError, ValueError, AttributeError) as error:
+            raise InputError(f"{file}: cannot read select.targets ({type(error).__name__})") from None
+        for value in values:
+            text, problem = check_text(value, 1 << 30)
+            if problem is None:
+                texts.append(text)
+            else:
+                rejected += 1
+    if not texts:
+        raise InputError(f"{path}: select.targets holds no usable text in column {column!r}")
+    return texts, rejected
+
+
+def _sae_config(path: str) -> dict[str, Any]:
+    cfg = Path(path).expanduser() / "cfg.json"
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        raise ModelNotFound(f"{path}: not an SAE directory (sae-lens format: cfg.json + weights)") from None
+
+
+def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None) -> SelectPlan:
+    """Resolve targets, models and the layer on the driver; raises InputError, ConfigError, ModelNotFound."""
+    select = config.select
+    texts, rejected = load_targets(select.targets, select.target_text or config.input.columns.text)
+    common = dict(
+        method=select.method, targets=tuple(texts), targets_rejected=rejected, ratio=select.effective_ratio,
+        count=select.count, seed=select.seed, device=embedding.choose_device(select.device),
+        torch_threads=embedding.threads_per_worker(select.torch_threads, workers), window=select.window,
+        batch_size=select.batch_size, max_tokens=select.max_tokens, top_features=select.top_features,
+        feature_examples=select.feature_examples,
+    )
+    if select.method == "embedding":
+        return SelectPlan(**common, embed_model_path=embed_model_path)
+    if select.method != "mona":
+        return SelectPlan(**common)
+    model_path = lm.resolve_lm_path(select.model)
+    model_config = json.loads((model_path / "config.json").read_text())
+    layers, hidden = int(model_config["num_hidden_layers"]), int(model_config["hidden_size"])
+    sae_cfg = _sae_config(select.sae)
+    metadata = sae_cfg.get("metadata") or {}
+    sae_layer = metadata.get("winnow_layer")
+    layer = select.layer or (int(sae_layer) if sae_layer else max(1, layers - 1))
+    if not 1 <= layer <= layers:
+        raise ConfigError(f"select.layer: {layer} is outside the model's decoder blocks 1..{layers}")
+    if sae_layer and int(sae_layer) != layer:
+        raise ConfigError(f"select.layer: {layer}, but the SAE {select.sae} was trained on layer {sae_layer}")
+    if int(sae_cfg["d_in"]) != hidden:
+        raise ConfigError(f"select.sae: the SAE reads {sae_cfg['d_in']} dims, the model's stream has {hidden}")
+    return SelectPlan(
+        **common, model=select.model, model_path=str(model_path), model_fingerprint=lm.lm_fingerprint(model_path),
+        layer=layer, model_layers=layers, sae=str(Path(select.sae).expanduser().resolve()),
+        sae_fingerprint=sae_lib.sae_fingerprint(select.sae), d_sae=int(sae_cfg["d_sae"]), sae_k=sae_cfg.get("k"),
+    )
+
+
+class _Models:
+    """The method's models, loaded once per worker process (shared by its threads)."""
+
+    _shared = Shared()
+
+    def __init__(self, plan: SelectPlan):
+        self.plan = plan
+
+    def _load(self):
+        import torch
+
+        torch.set_num_threads(self.plan.torch_threads)
+        if self.plan.method == "mona":
+            model, tokenizer = lm.load_lm(self.plan.model_path, self.plan.device)
+            return _Loaded(model=model, tokenizer=tokenizer, sae=sae_lib.load_sae(self.plan.sae, self.plan.device))
+        return _Loaded(encoder=embedding.load_model(self.plan.embed_model_path, self.plan.device))
+
+    def get(self):
+        tag = f"{self.plan.method}:{self.plan.model_fingerprint}:{self.plan.sae_fingerprint}:{self.plan.device}"
+        return self._shared.acquire(self._load, tag=tag)
+
+
+class _Loaded:
+    """A weak-referenceable holder for what Shared keeps per worker."""
+
+    def __init__(self, **models):
+        self.__dict__.update(models)
+
+
+def sae_codes(loaded, plan: SelectPlan, texts: list[str]) -> sae_lib.SparseCodes:
+    return sae_lib.sample_codes(
+        loaded.model, loaded.tokenizer, loaded.sae, texts, plan.layer, plan.max_tokens, plan.batch_size
+    )
+
+
+class _PrototypeFn(beam.DoFn):
+    """The targets -> the method's prototype: mean SAE code, unit mean embedding or BM25 query."""
+
+    def __init__(self, plan: SelectPlan):
+        self.plan = plan
+
+    def process(self, _element) -> Iterator[Any]:
+        plan, texts = self.plan, list(self.plan.targets)
+        if plan.method == "mona":
+            yield task_selection.prototype(sae_codes(_Models(plan).get(), plan, texts))
+        elif plan.method == "embedding":
+            yield task_selection.embedding_prototype(embedding.encode(_Models(plan).get().encoder, texts))
+        elif plan.method == "bm25":
+            yield task_selection.Bm25Query.from_targets(texts)
+        else:
+            yield None
+
+
+class _Bm25StatsFn(beam.CombineFn):
+    """Pool size, total length and document frequency of the query's terms: BM25's global statistics."""
+
+    def create_accumulator(self):
+        return [0, 0, Counter()]
+
+    def add_input(self, accumulator, document):
+        length, counts = document
+        accumulator[0] += 1
+        accumulator[1] += length
+        accumulator[2].update(counts.keys())
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for documents, length, frequency in accumulators:
+            merged[0] += documents
+            merged[1] += length
+            merged[2].update(frequency)
+        return merged
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def _bm25_stats(accumulator, query: task_selection.Bm25Query) -> task_selection.Bm25Stats:
+    documents, length, frequency = accumulator
+    df = np.zeros(len(query.terms), dtype=np.int64)
+    for position, count in frequency.items():
+        df[position] = count
+    return task_selection.Bm25Stats(documents, length / max(1, documents), df)
+
+
+class _ScoreWindowFn(beam.DoFn):
+    """Scores one window of records against the prototype, vectorised per window."""
+
+    def __init__(self, plan: SelectPlan):
+        self.plan = plan
+        self.scored = beam.metrics.Metrics.counter("winnow.select", "records_scored")
+        self.scores = beam.metrics.Metrics.distribution("winnow.select", "score_x1e6")
+
+    def process(self, window, prototype, bm25_stats=None) -> Iterator[dict[str, Any]]:
+        plan = self.plan
+        records = sorted(window[1], key=order_key)
+        features: list[dict[int, float]] = [{} for _ in records]
+        if plan.method == "mona":
+            codes = sae_codes(_Models(plan).get(), plan, [r["text"] for r in records])
+            scores = task_selection.jaccard_to_prototype(codes, prototype)
+            top = top_features(prototype, plan.top_features)
+            for i in range(len(records)):
+                indices, values = codes.row(i)
+                hit = np.isin(indices, top)
+                features[i] = dict(zip(indices[hit].tolist(), values[hit].tolist(), strict=True))
+        elif plan.method == "embedding":
+            scores = task_selection.cosine_scores(np.stack([r["embedding"] for r in records]), prototype)
+        elif plan.method == "bm25":
+            stats = _bm25_stats(bm25_stats, prototype)
+            scores = np.array([task_selection.bm25_score(task_selection.bm25_document(r["text"], prototype),
+                                                         prototype, stats) for r in records])
+        else:
+            scores = np.array([task_selection.random_score(plan.seed, r["id"]) for r in records])
+        self.scored.inc(len(records))
+        for record, score, feature_values in zip(records, scores.tolist(), features, strict=True):
+            self.scores.update(int(score * 1e6))
+            scored = {**record, "select_score": float(score), "select_features": feature_values}
+            if plan.method == "mona":
+                scored["sae_score"] = float(score)
+            yield scored
+
+
+def top_features(prototype: np.ndarray, count: int) -> np.ndarray:
+    """The prototype's `count` strongest features, strongest first (ties: lower index)."""
+    order = np.lexsort((np.arange(len(prototype)), -np.asarray(prototype)))
+    return order[: min(count, int(np.count_nonzero(prototype)))]
+
+
+def score_key(score: float) -> int:
+    """An unsigned 64-bit integer with the same order as the float64 score."""
+    bits = struct.unpack(">Q", struct.pack(">d", score))[0]
+    return bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | (1 << 63)
+
+
+def rank_key(record: dict[str, Any], seed: int) -> tuple[int, int, str]:
+    return score_key(record["select_score"]), task_selection.tiebreak(seed, record["id"]), record["id"]
+
+
+class _PrefixCountFn(beam.CombineFn):
+    """How many rank keys share each top-`bits` prefix of the score key (at most 2^16 entries)."""
+
+    def __init__(self, shift: int):
+        self.shift = shift
+
+    def create_accumulator(self):
+        return Counter()
+
+    def add_input(self, accumulator, key):
+        accumulator[key[0] >> self.shift] += 1
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = Counter()
+        for counts in accumulators:
+            merged.update(counts)
+        return merged
+
+    def extract_output(self, accumulator):
+        return dict(accumulator)
+
+
+def boundary(counts: dict[int, int], wanted: int) -> tuple[int, int] | None:
+    """(prefix holding the `wanted`-th largest key, how many to take from it); None when nothing is wanted."""
+    if wanted <= 0:
+        return None
+    above = 0
+    for prefix in sorted(counts, reverse=True):
+        if above + counts[prefix] >= wanted:
+            return prefix, wanted - above
+        above += counts[prefix]
+    raise RuntimeError(f"internal error: {wanted} wanted from {above} scored records")
+
+
+def _wanted(count: int, plan: SelectPlan) -> int:
+    return task_selection.selection_size(count, plan.ratio, plan.count)
+
+
+def _in_bucket(key, level, shift: int):
+    return level is not None and key[0] >> shift == level[0]
+
+
+def _threshold(last: list, level) -> tuple | None:
+    """The smallest selected rank key: the level[1]-th largest of the last bucket."""
+    if level is None:
+        return None
+    if len(last) < level[1]:
+        raise RuntimeError(f"internal error: {len(last)} keys in the last bucket, {level[1]} wanted")
+    return sorted(last, reverse=True)[level[1] - 1]
+
+
+class _DecideFn(beam.DoFn):
+    def __init__(self, plan: SelectPlan):
+        self.plan = plan
+
+    def process(self, record, threshold, wanted) -> Iterator[tuple[str, Any]]:
+        key = rank_key(record, self.plan.seed)
+        clean = {k: v for k, v in record.items() if k != "select_features"}
+        if threshold is not None and key >= tuple(threshold):
+            yield KEPT, clean
+            return
+        detail = f"score {record['select_score']:.6g} below the top {wanted} ({self.plan.method})"
+        yield LEDGER, ledger_row(clean, "not_selected", "select", f"below_threshold_{self.plan.method}", detail)
+
+
+def _feature_hits(record: dict[str, Any]) -> Iterator[tuple[int, tuple[float, str, str]]]:
+    for feature, value in record["select_features"].items():
+        yield feature, (value, record["id"], record["text"][:SNIPPET_CHARS])
+
+
+def _build_plan(parts, plan: SelectPlan) -> dict[str, Any]:
+    gathered: dict[str, Any] = {"features": {}}
+    for name, value in parts[1]:
+        if name == "feature":
+            gathered["features"][value[0]] = value[1]
+        else:
+            gathered[name] = value
+    pool, wanted = gathered["pool"], gathered["wanted"]
+    section = {
+        "dir": "_select_plan",
+        **plan.manifest(),
+        "pool": pool,
+        "selected": wanted,
+        "threshold_score": gathered.get("threshold_score"),
+        "score_quantiles": [round(float(q), 6) for q in gathered.get("quantiles") or []],
+    }
+    if plan.method == "mona":
+        prototype = gathered["prototype"]
+        section["prototype_top_features"] = [
+            {
+                "feature": int(feature),
+                "prototype_value": round(float(prototype[feature]), 6),
+                "top_records": [
+                    {"id": record_id, "value": round(value, 6), "text": text}
+                    for value, record_id, text in gathered["features"].get(int(feature), [])
+                ],
+            }
+            for feature in top_features(prototype, plan.top_features).tolist()
+        ]
+    return section
+
+
+class SelectRecords(beam.PTransform):
+    """records -> {kept, ledger, plan} (see the module docstring)."""
+
+    def __init__(self, plan: SelectPlan):
+        super().__init__()
+        self.plan = plan
+
+    def expand(self, records):
+        plan = self.plan
+        prototype = records.pipeline | "Targets" >> beam.Create([None]) | "Prototype" >> beam.ParDo(_PrototypeFn(plan))
+        extra = []
+        if plan.method == "bm25":
+            extra.append(beam.pvalue.AsSingleton(
+                records
+                | "Bm25Documents" >> beam.Map(lambda r, q: task_selection.bm25_document(r["text"], q),
+                                              beam.pvalue.AsSingleton(prototype))
+                | "Bm25Stats" >> beam.CombineGlobally(_Bm25StatsFn())
+            ))
+        window = plan.window
+        scored = (
+            records
+            | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // window), r))
+            | "Windows" >> beam.GroupByKey()
+            | "Score" >> beam.ParDo(_ScoreWindowFn(plan), beam.pvalue.AsSingleton(prototype), *extra)
+        )
+        seed = plan.seed
+        keys = scored | "RankKeys" >> beam.Map(rank_key, seed)
+        pool = keys | "Pool" >> beam.combiners.Count.Globally()
+        wanted = pool | "Wanted" >> beam.Map(_wanted, plan)
+        level1 = (
+            keys | "Prefix48" >> beam.CombineGlobally(_PrefixCountFn(48))
+            | "Bucket48" >> beam.Map(boundary, beam.pvalue.AsSingleton(wanted))
+        )
+        inside1 = keys | "In48" >> beam.Filter(_in_bucket, beam.pvalue.AsSingleton(level1), 48)
+        level2 = (
+            inside1 | "Prefix32" >> beam.CombineGlobally(_PrefixCountFn(32))
+            | "Bucket32" >> beam.Map(lambda counts, up: boundary(counts, up[1]) if up else None,
+                                     beam.pvalue.AsSingleton(level1))
+        )
+        threshold = (
+            inside1
+            | "In32" >> beam.Filter(_in_bucket, beam.pvalue.AsSingleton(level2), 32)
+            | "LastBucket" >> beam.combiners.ToList()
+            | "Threshold" >> beam.Map(
+                lambda last, level: _threshold([tuple(k) for k in last], level), beam.pvalue.AsSingleton(level2))
+        )
+        decided = split_routed(
+            scored
+            | "Decide" >> beam.ParDo(_DecideFn(plan), beam.pvalue.AsSingleton(threshold),
+                                     beam.pvalue.AsSingleton(wanted)),
+            "Decided",
+            (KEPT, LEDGER),
+        )
+        parts = [
+            pool | "PoolPart" >> beam.Map(lambda n: ("pool", n)),
+            wanted | "WantedPart" >> beam.Map(lambda n: ("wanted", n)),
+            threshold | "ThresholdPart" >> beam.Map(
+                lambda t: ("threshold_score", None if t is None else _score_of_key(t[0]))),
+            scored
+            | "Scores" >> beam.Map(lambda r: r["select_score"])
+            | "Quantiles" >> beam.ApproximateQuantiles.Globally(21)
+            | "QuantilePart" >> beam.Map(lambda q: ("quantiles", q)),
+        ]
+        if plan.method == "mona":
+            parts.append(prototype | "PrototypePart" >> beam.Map(lambda p: ("prototype", p)))
+            parts.append(
+                scored
+                | "FeatureHits" >> beam.FlatMap(_feature_hits)
+                | "TopPerFeature" >> beam.combiners.Top.PerKey(max(1, plan.feature_examples))
+                | "FeaturePart" >> beam.Map(lambda kv: ("feature", kv))
+            )
+        section = (
+            parts
+            | "PlanParts" >> beam.Flatten()
+            | "KeyPlan" >> beam.Map(lambda part: (None, part))
+            | "GatherPlan" >> beam.GroupByKey()
+            | "Plan" >> beam.Map(_build_plan, plan)
+        )
+        return {KEPT: decided[KEPT], LEDGER: decided[LEDGER], PLAN: section}
+
+
+def _score_of_key(key: int) -> float:
+    bits = key ^ (1 << 63) if key >> 63 else key ^ 0xFFFFFFFFFFFFFFFF
+    return struct.unpack(">d", struct.pack(">Q", bits))[0]
