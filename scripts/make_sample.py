@@ -6,6 +6,7 @@ Deterministic: rows are drawn with a fixed seed, so rerunning reproduces the sam
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,23 @@ def main() -> None:
         table = sample(pq.read_table(args.shared / source_file), per_source, rng)
         pq.write_table(table, args.out / out_name, compression="zstd")
         print(f"{out_name}: {table.num_rows} rows from {source_file}")
+    write_targets(args.shared, args.out)
+
+
+TARGETS = ("select_targets.jsonl", "semantic_parsing_spider", 5)
+
+
+def write_targets(shared: Path, out: Path) -> None:
+    """Target examples for the select preset: text-to-SQL rows of BIG-bench that are not in the sample."""
+    name, source, rows = TARGETS
+    taken = set(pq.read_table(out / "bigbench_tasks.parquet", columns=["id"]).column("id").to_pylist())
+    table = pq.read_table(shared / "bigbench_tasks.parquet", columns=["id", "text", "source"])
+    candidates = [r for r in table.filter(pc.equal(table["source"], source)).to_pylist() if r["id"] not in taken]
+    picked = np.sort(np.random.default_rng(SEED + 1).choice(len(candidates), size=rows, replace=False))
+    with open(out / name, "w", encoding="utf-8") as handle:
+        for index in picked.tolist():
+            handle.write(json.dumps({"id": candidates[index]["id"], "text": candidates[index]["text"]}) + "\n")
+    print(f"{name}: {rows} {source} rows not in the sample")
 
 
 if __name__ == "__main__":

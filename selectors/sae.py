@@ -21,6 +21,7 @@ from winnow.selectors import lm
 from winnow.selectors.embedding import ModelNotFound, model_fingerprint
 
 TOKENS_PER_ENCODE = 2048
+SAMPLES_PER_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -99,21 +100,32 @@ def sae_layer(sae) -> int | None:
 
 
 def mean_codes(sae, tokens, sample_of_token, samples: int) -> SparseCodes:
-    """Mean SAE code per sample: `tokens` (n, d_in) activations, `sample_of_token` (n,) their sample index.
+    """Mean SAE code per sample: `tokens` (n, d_in) activations, `sample_of_token` (n,) their sample index,
+    ascending (each sample's tokens together).
 
-    Tokens are encoded a chunk at a time and summed per sample with index_add, so the dense (tokens, d_sae)
-    block never exceeds TOKENS_PER_ENCODE rows."""
+    Samples are handled SAMPLES_PER_CHUNK at a time and their tokens encoded TOKENS_PER_ENCODE at a time, so no
+    dense block is larger than (SAMPLES_PER_CHUNK, d_sae) or (TOKENS_PER_ENCODE, d_sae), whatever the pool."""
     import torch
 
-    tokens = torch.as_tensor(tokens).to(sae.W_enc.device, sae.W_enc.dtype)
-    sample_of_token = torch.as_tensor(sample_of_token, dtype=torch.long).to(tokens.device)
-    sums = torch.zeros(samples, sae.cfg.d_sae, dtype=torch.float32, device=tokens.device)
+    owners = np.asarray(sample_of_token, dtype=np.int64)
+    if len(owners) and np.any(np.diff(owners) < 0):
+        raise ValueError("sample_of_token must be ascending")
+    tokens = torch.as_tensor(tokens)
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
     with torch.inference_mode():
-        for start in range(0, len(tokens), TOKENS_PER_ENCODE):
-            codes = sae.encode(tokens[start : start + TOKENS_PER_ENCODE]).float()
-            sums.index_add_(0, sample_of_token[start : start + TOKENS_PER_ENCODE], codes)
-    counts = torch.bincount(sample_of_token, minlength=samples).clamp(min=1).float().unsqueeze(1)
-    return SparseCodes.from_dense((sums / counts).cpu().numpy())
+        for first in range(0, samples, SAMPLES_PER_CHUNK):
+            last = min(samples, first + SAMPLES_PER_CHUNK)
+            lo, hi = np.searchsorted(owners, [first, last])
+            chunk = tokens[lo:hi].to(sae.W_enc.device, sae.W_enc.dtype)
+            owner = torch.from_numpy(owners[lo:hi] - first).to(chunk.device)
+            sums = torch.zeros(last - first, sae.cfg.d_sae, dtype=torch.float32, device=chunk.device)
+            for start in range(0, len(chunk), TOKENS_PER_ENCODE):
+                codes = sae.encode(chunk[start : start + TOKENS_PER_ENCODE]).float()
+                sums.index_add_(0, owner[start : start + TOKENS_PER_ENCODE], codes)
+            counts = torch.bincount(owner, minlength=last - first).clamp(min=1).float().unsqueeze(1)
+            means = SparseCodes.from_dense((sums / counts).cpu().numpy())
+            rows.extend(means.row(i) for i in range(len(means)))
+    return SparseCodes.from_rows(rows, int(sae.cfg.d_sae))
 
 
 def pooled_codes(sae, hidden, mask) -> SparseCodes:
@@ -144,7 +156,7 @@ class SaeTrainingSettings:
     d_sae: int = 4608
     k: int = 32
     steps: int = 400
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
     lr: float = 4e-3
     seed: int = 0
 

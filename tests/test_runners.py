@@ -28,14 +28,28 @@ def outputs_equal(first: Path, second: Path) -> None:
     assert read_output(first)["manifest"]["counts"] == read_output(second)["manifest"]["counts"]
 
 
-def test_graph_translates_to_the_portable_representation_and_dofns_pickle(sample_slice, tmp_path):
-    config = build_config(job_config(sample_slice / "*", tmp_path / "out", embed={"enabled": True}))
+def targets_file(directory: Path) -> Path:
+    import json
+
+    import pyarrow.parquet as pq
+    from conftest import SAMPLE
+
+    path = directory / "targets.jsonl"
+    texts = pq.read_table(SAMPLE / "docs_paragraphs.parquet").column("text").to_pylist()[200:203]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
+def test_graph_translates_to_the_portable_representation_and_dofns_pickle(sample_slice, tmp_path, tiny_sae):
+    select = {"enabled": True, "targets": str(targets_file(tmp_path)), "sae": str(tiny_sae)}
+    config = build_config(job_config(sample_slice / "*", tmp_path / "out", embed={"enabled": True},
+                                     prune={"enabled": True}, select=select, mix={"enabled": True}))
     plan = plan_job(config, [])
     pipeline = beam.Pipeline(options=beam_options([]))
     build_graph(pipeline, plan)
     proto = pipeline.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"Read", "Validate", "Embed", "Ledger", "Shards"} <= names
+    assert {"Read", "Validate", "Embed", "Prune", "Select", "Mix", "Ledger", "Shards"} <= names
     restored = beam.Pipeline.from_runner_api(proto, pipeline.runner, pipeline._options)
     assert restored is not None
 
@@ -60,7 +74,8 @@ def test_default_runner_is_in_process_and_never_the_prism_download():
 
 
 def test_multi_processing_gives_the_same_output(sample_slice, tmp_path):
-    config = job_config(sample_slice / "*", tmp_path / "a", embed={"enabled": True, "window": 64})
+    select = {"enabled": True, "method": "bm25", "targets": str(targets_file(tmp_path)), "ratio": 0.3}
+    config = job_config(sample_slice / "*", tmp_path / "a", embed={"enabled": True, "window": 64}, select=select)
     run(config, [])
     config["output"]["path"] = str(tmp_path / "b")
     run(config, ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])

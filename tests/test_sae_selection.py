@@ -78,3 +78,22 @@ def test_sae_train_command_rejects_a_missing_column(tmp_path, capsys):
     code = cli_main(["sae", "train", "--input", str(source), "--out", str(tmp_path / "sae"), "--text-column", "body"])
     assert code == 2
     assert "no column 'body'" in capsys.readouterr().err
+
+
+def test_mean_codes_of_a_large_pool_stay_sparse():
+    """10^5 samples with a 16k-feature SAE: a dense (samples, d_sae) matrix would take 6.5 GB."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=8, d_sae=16384, k=4))
+    samples = 100_000
+    owners = np.repeat(np.arange(samples), 2)
+    tokens = torch.randn(len(owners), 8)
+    codes = sae_lib.mean_codes(sae, tokens, owners, samples)
+    assert len(codes) == samples and codes.dim == 16384
+    assert codes.values.nbytes < 8 * samples * 4 * 2  # at most k x tokens non-zeros per sample
+    with torch.inference_mode():
+        expected = sae.encode(tokens[6:8]).mean(dim=0).numpy()
+    indices, values = codes.row(3)
+    np.testing.assert_allclose(values, expected[indices], rtol=1e-6)
+    assert set(indices.tolist()) == set(np.flatnonzero(expected).tolist())
