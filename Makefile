@@ -6,8 +6,8 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-prune bench-select eval-mix eval-prune \
-	eval-select clean
+.PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-prune bench-select bench-rephrase eval-mix \
+	eval-prune eval-select eval-rephrase clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
 
@@ -70,3 +70,9 @@ eval-select: setup
 
 bench-select: setup
 	$(BIN)/python bench/bench_select.py $(ARGS)
+
+eval-rephrase: setup
+	$(BIN)/python eval/eval_rephrase.py $(ARGS)
+
+bench-rephrase: setup
+	$(BIN)/python bench/bench_rephrase.py $(ARGS)

@@ -59,6 +59,9 @@ def _quiet_libraries() -> None:
 def _summary(manifest: dict, output: str) -> str:
     counts = manifest["counts"]
     fates = ", ".join(f"{rows} {fate}" for fate, rows in counts["by_fate"].items())
+    if "synthetic" in counts:
+        made = counts["synthetic"]
+        fates += f"; {made['generated']} rephrasings ({', '.join(f'{n} {f}' for f, n in made['by_fate'].items())})"
     return (
         f"winnow: {counts['input_records']} records -> {fates}; {len(manifest['shards'])} shard(s) in {output} "
         f"({manifest['timings']['total_s']:.1f} s)"

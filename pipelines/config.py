@@ -129,6 +129,33 @@ class SelectConfig(_Section):
         return 0.05 if self.ratio is None and self.count is None else self.ratio
 
 
+class RephraseConfig(_Section):
+    enabled: bool = False
+    model: str = Field(PACKAGED_LM, description="instruction model: the packaged default or a local folder")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM when installed and a GPU is present, else transformers"
+    )
+    styles: list[str] = Field(
+        default_factory=lambda: ["medium", "qa"], description="easy, medium (wikipedia), hard, qa, or custom names"
+    )
+    custom_styles: dict[str, str] = Field(default_factory=dict, description="style name -> instruction")
+    system_turn: Literal["auto", "true", "false"] = Field("auto", description="preamble in the system turn")
+    max_segment_tokens: int = Field(300, gt=0, description="segment size in the generator's tokens")
+    sources: list[str] | None = Field(None, description="rephrase only these sources; default: all")
+    fraction: float = Field(1.0, ge=0, le=1, description="share of records rephrased (seeded hash)")
+    max_records: int | None = Field(None, ge=0, description="cap on records rephrased")
+    max_new_tokens: int = Field(512, gt=0)
+    greedy: bool = Field(False, description="greedy decoding instead of sampling")
+    temperature: float = Field(0.5, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="prompts per generate call")
+    window: int = Field(64, gt=0, description="consecutive input rows per generation window (the cache unit)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(0, ge=0)
+    cache: bool = Field(True, description="keep finished windows beside the output and reuse them on rerun")
+
+
 class SchedulePointConfig(_Section):
     at: float = Field(..., ge=0, lt=1, description="fraction of the output where this temperature starts")
     temperature: float | None = Field(None, gt=0, description="tau; 1 proportional, large uniform")
@@ -160,6 +187,9 @@ class MixConfig(_Section):
     total_records: int | None = Field(None, gt=0, description="output size; default: all records reaching mix")
     total_tokens: int | None = Field(None, gt=0, description="output size in whitespace tokens (instead of records)")
     max_epochs: float | None = Field(None, gt=0, description="cap on passes over a source (UniMax); default none")
+    synthetic_share: float | None = Field(
+        0.5, ge=0, le=1, description="share of every position given to rephrased sources (WRAP 1:1); null: none"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -183,6 +213,7 @@ class WinnowConfig(_Section):
     embed: EmbedConfig = EmbedConfig()
     prune: PruneConfig = PruneConfig()
     select: SelectConfig = SelectConfig()
+    rephrase: RephraseConfig = RephraseConfig()
     mix: MixConfig = MixConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -195,6 +226,13 @@ class WinnowConfig(_Section):
 
     @model_validator(mode="after")
     def _select_inputs(self):
+        if self.rephrase.enabled:
+            from winnow.rephrase.prompts import resolve_styles
+
+            try:
+                resolve_styles(self.rephrase.styles, self.rephrase.custom_styles)
+            except ValueError as error:
+                raise ValueError(f"rephrase.styles: {error}") from None
         if self.select.enabled:
             if not self.select.targets:
                 raise ValueError("select.targets: required when select.enabled (a file of target examples)")

@@ -1,7 +1,7 @@
 r"""The winnow job: plan on the driver, run the Beam graph, then publish the output directory atomically.
 
 Graph (stages switched by the config):
-    read -> validate -> [embed] -> [prune: k-means, SemDeDup, DBP] -> [select] -> [mix] -> shards
+    read -> validate -> [embed] -> [prune: k-means, SemDeDup, DBP] -> [select] -> [rephrase] -> [mix] -> shards
                |                          |                            |            |
                +-- rejected --------------+-- deduplicated, pruned ----+------------+-- kept, not_selected
                                                                                          --> ledger
@@ -38,6 +38,9 @@ from winnow.pipelines.prune import PLAN as PRUNE_PLAN
 from winnow.pipelines.prune import PruneRecords
 from winnow.pipelines.read import ReadRecords, ReadTask, plan_reads
 from winnow.pipelines.records import ledger_row, order_key
+from winnow.pipelines.rephrase import LEDGER as REPHRASE_LEDGER
+from winnow.pipelines.rephrase import PLAN as REPHRASE_PLAN
+from winnow.pipelines.rephrase import SYNTHETIC, RephrasePlan, RephraseRecords, plan_rephrase
 from winnow.pipelines.select import KEPT as SELECT_KEPT
 from winnow.pipelines.select import LEDGER as SELECT_LEDGER
 from winnow.pipelines.select import PLAN as SELECT_PLAN
@@ -70,6 +73,7 @@ class JobPlan:
     embed: EmbedPlan | None
     beam_args: list[str]
     select: SelectPlan | None = None
+    rephrase: RephrasePlan | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -132,7 +136,8 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
     select = None
     if config.select.enabled:
         select = plan_select(config, workers, embed.model_path if embed else None)
-    plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args), select)
+    rephrase = plan_rephrase(config.rephrase, output, workers) if config.rephrase.enabled else None
+    plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args), select, rephrase)
     plan.timings["plan_s"] = time.perf_counter() - started
     return plan
 
@@ -180,6 +185,11 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         written.append(selected[SELECT_PLAN])
     if plan.embed is not None:
         kept = kept | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
+    if plan.rephrase is not None:
+        rephrased = kept | "Rephrase" >> RephraseRecords(plan.rephrase)
+        removed.append(rephrased[REPHRASE_LEDGER])
+        written.append(rephrased[REPHRASE_PLAN])
+        kept = (kept, rephrased[SYNTHETIC]) | "WithSynthetic" >> beam.Flatten()
     if config.mix.enabled:
         mixed = kept | "Mix" >> MixRecords(config.mix)
         kept_rows = mixed[MIX_LEDGER]
@@ -208,27 +218,36 @@ def _files_entry(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def ledger_counts(ledger_files: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts per fate, per (fate, stage, reason) and per source, from the ledger files' tallies."""
-    by_fate: dict[str, int] = {}
-    by_reason: dict[tuple[str, str, str], int] = {}
-    by_source: dict[str, dict[str, int]] = {}
+    """Counts per fate, per (fate, stage, reason) and per source, from the ledger files' tallies: input
+    records (each exactly once) at the top level, rephrased outputs under `synthetic`."""
+    sections: dict[str, dict[str, Any]] = {"input": {}, "synthetic": {}}
+    for origin in sections:
+        sections[origin] = {"by_fate": {}, "by_reason": {}, "by_source": {}}
     for entry in ledger_files:
         for key, rows in entry["tally"].items():
             values = dict(zip(LEDGER_TALLY_FIELDS, key.split("\t"), strict=True))
-            by_fate[values["fate"]] = by_fate.get(values["fate"], 0) + rows
+            section = sections[values["origin"]]
+            section["by_fate"][values["fate"]] = section["by_fate"].get(values["fate"], 0) + rows
             reason_key = (values["fate"], values["stage"], values["reason"])
-            by_reason[reason_key] = by_reason.get(reason_key, 0) + rows
-            per_source = by_source.setdefault(values["source"], {})
+            section["by_reason"][reason_key] = section["by_reason"].get(reason_key, 0) + rows
+            per_source = section["by_source"].setdefault(values["source"], {})
             per_source[values["fate"]] = per_source.get(values["fate"], 0) + rows
-    return {
-        "input_records": sum(by_fate.values()),
-        "by_fate": dict(sorted(by_fate.items())),
-        "by_stage_reason": [
-            {"fate": fate, "stage": stage, "reason": reason or None, "rows": rows}
-            for (fate, stage, reason), rows in sorted(by_reason.items())
-        ],
-        "by_source": {source: dict(sorted(f.items())) for source, f in sorted(by_source.items())},
-    }
+
+    def summary(section: dict[str, Any], total_name: str) -> dict[str, Any]:
+        return {
+            total_name: sum(section["by_fate"].values()),
+            "by_fate": dict(sorted(section["by_fate"].items())),
+            "by_stage_reason": [
+                {"fate": fate, "stage": stage, "reason": reason or None, "rows": rows}
+                for (fate, stage, reason), rows in sorted(section["by_reason"].items())
+            ],
+            "by_source": {source: dict(sorted(f.items())) for source, f in sorted(section["by_source"].items())},
+        }
+
+    counts = summary(sections["input"], "input_records")
+    if sections["synthetic"]["by_fate"]:
+        counts["synthetic"] = summary(sections["synthetic"], "generated")
+    return counts
 
 
 def mix_manifest(config: WinnowConfig, mix_plan: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -334,6 +353,9 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
     if plan.select is not None:
         manifest["select"] = _read_meta(plan.work_dir, "_select_plan")[0]
         manifest["select"].pop("dir")
+    if plan.rephrase is not None:
+        manifest["rephrase"] = _read_meta(plan.work_dir, "_rephrase_plan")[0]
+        manifest["rephrase"].pop("dir")
     if plan.config.mix.enabled:
         manifest["mix"] = mix_manifest(plan.config, _read_meta(plan.work_dir, "_mix_plan")[0], shards)
     if plan.embed is not None:

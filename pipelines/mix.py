@@ -30,6 +30,7 @@ from winnow.selectors import mixing
 STAGE = "mix"
 PLACED, LEDGER, PLAN = "placed", "ledger", "plan"
 BLOCK_BITS = 14
+SYNTHETIC, REAL = "synthetic", "real"
 
 
 def seeded_hash(seed: int, *parts: Any) -> int:
@@ -48,15 +49,21 @@ class _PlanFn(beam.DoFn):
         blocks = sorted(element[1])
         sizes: dict[str, int] = {}
         tokens: dict[str, int] = {}
-        for (source, _), rows, block_tokens in blocks:
+        group_of: dict[str, str] = {}
+        for (source, _), rows, block_tokens, synthetic in blocks:
             sizes[source] = sizes.get(source, 0) + rows
             tokens[source] = tokens.get(source, 0) + block_tokens
+            group_of[source] = SYNTHETIC if synthetic else REAL
+        share = self.config.synthetic_share
+        grouping = {}
+        if share is not None and SYNTHETIC in group_of.values():
+            grouping = {"group_of_source": group_of, "group_shares": {REAL: 1.0 - share, SYNTHETIC: share}}
         schedule = [mixing.SchedulePoint(p.at, p.tau) for p in self.config.schedule]
         weights = tokens if self.config.size_by == "tokens" else None
         if self.config.total_tokens:
             mean_tokens = {source: tokens[source] / sizes[source] for source in sizes}
             total = mixing.records_for_tokens(
-                self.config.total_tokens, sizes, mean_tokens, schedule, self.config.schedule_kind, weights
+                self.config.total_tokens, sizes, mean_tokens, schedule, self.config.schedule_kind, weights, **grouping
             )
         else:
             total = self.config.total_records or sum(sizes.values())
@@ -65,11 +72,11 @@ class _PlanFn(beam.DoFn):
             return
         shards = min(self.config.shards, total)
         plan = mixing.plan_mix(
-            sizes, schedule, total, shards, self.config.schedule_kind, self.config.max_epochs, weights
+            sizes, schedule, total, shards, self.config.schedule_kind, self.config.max_epochs, weights, **grouping
         )
         column = {source: index for index, source in enumerate(plan.sources)}
         offsets: dict[str, int] = {}
-        for block, rows, _ in blocks:
+        for block, rows, _, _ in blocks:
             source = block[0]
             index = column[source]
             yield "block", (block, (offsets.get(source, 0), plan.sizes[index], plan.counts[:, index].tolist()))
@@ -85,6 +92,8 @@ class _PlanFn(beam.DoFn):
             "expected": plan.expected.tolist(),
             "schedule_expected": plan.schedule_expected.tolist(),
             "shard_taus": plan.shard_taus,
+            "groups": grouping.get("group_of_source"),
+            "group_shares": grouping.get("group_shares"),
         }
 
 
@@ -137,7 +146,8 @@ class MixRecords(beam.PTransform):
         planned = split_routed(
             grouped
             | "BlockSizes" >> beam.MapTuple(
-                lambda block, members: (None, (block, len(members), sum(token_count(r["text"]) for r in members)))
+                lambda block, members: (None, (block, len(members), sum(token_count(r["text"]) for r in members),
+                                               any(r.get("parent_id") for r in members)))
             )
             | "AllBlocks" >> beam.GroupByKey()
             | "Plan" >> beam.ParDo(_PlanFn(self.config)),

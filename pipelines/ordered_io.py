@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-OrderKey = tuple[int, int]
+OrderKey = tuple[int, ...]
 
 
 def block_offsets(block_counts: Iterable[tuple[Any, int]]) -> dict[Any, int]:

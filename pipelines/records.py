@@ -32,6 +32,7 @@ LEDGER_SCHEMA = pa.schema(
         ("duplicate_of", pa.string()),
         ("select_score", pa.float64()),
         ("sae_score", pa.float64()),
+        ("parent_id", pa.string()),
     ]
 )
 
@@ -50,8 +51,9 @@ def token_count(text: str) -> int:
     return len(text.split())
 
 
-def order_key(record: dict[str, Any]) -> tuple[int, int]:
-    return record["file_index"], record["input_row"]
+def order_key(record: dict[str, Any]) -> tuple[int, int, int]:
+    """Input order; synthetic records (a `variant` > 0) follow their parent."""
+    return record["file_index"], record["input_row"], record.get("variant", 0)
 
 
 def ledger_row(
@@ -63,8 +65,11 @@ def ledger_row(
     copies: int = 0,
     duplicate_of: str | None = None,
 ) -> dict[str, Any]:
-    """The ledger row of a record; `copies` is how many times it appears in the shards. The scores that drove
+    """The ledger row of a record; `copies` is how many times it appears in the shards. A synthetic record
+    (one with a `parent_id`) that is kept has the fate `synthetic`. The scores that drove
     a decision (cluster, dist_to_centroid, select_score, sae_score) come from the record when a stage has set them."""
+    if fate == "kept" and record.get("parent_id"):
+        fate = "synthetic"
     return {
         "id": record["id"],
         "source": record["source"],
@@ -80,6 +85,8 @@ def ledger_row(
         "duplicate_of": duplicate_of,
         "select_score": record.get("select_score"),
         "sae_score": record.get("sae_score"),
+        "parent_id": record.get("parent_id"),
+        "variant": record.get("variant", 0),
         "file_index": record["file_index"],
     }
 

@@ -103,12 +103,13 @@ def shard_table(records: list[dict[str, Any]], extra: list[tuple[str, str]]) -> 
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-LEDGER_TALLY_FIELDS = ("fate", "stage", "reason", "source")
+LEDGER_TALLY_FIELDS = ("fate", "stage", "reason", "source", "origin")
 
 
 def ledger_tally_key(row: dict[str, Any]) -> str:
-    """The ledger files tally rows by fate, stage, reason and source, joined by tabs."""
-    return "\t".join(row[field] or "" for field in LEDGER_TALLY_FIELDS)
+    """The ledger files tally rows by fate, stage, reason, source and origin (input or synthetic), tab-joined."""
+    origin = "synthetic" if row.get("parent_id") else "input"
+    return "\t".join([*(row[field] or "" for field in LEDGER_TALLY_FIELDS[:-1]), origin])
 
 
 def ledger_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -24,11 +24,34 @@ class SchedulePoint:
     tau: float
 
 
-def sampling_probabilities(sizes: Sequence[float], tau: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Groups:
+    """Sources in groups with fixed shares of every position (e.g. real vs synthetic text, 1:1 as in WRAP):
+    temperature sampling runs inside each group. `of_source[i]` names source i's group; a group without data
+    hands its share to the others in proportion."""
+
+    of_source: tuple[str, ...]
+    shares: dict[str, float]
+
+
+def sampling_probabilities(sizes: Sequence[float], tau: float, groups: Groups | None = None) -> np.ndarray:
     """p_i(tau) over sources of the given sizes; a source of size 0 gets 0. Computed in log space."""
     sizes = np.asarray(sizes, dtype=np.float64)
     if tau <= 0:
         raise ValueError(f"temperature must be positive, got {tau}")
+    if groups is not None:
+        names = np.array(groups.of_source)
+        present = {g: bool((sizes[names == g] > 0).any()) for g in set(groups.of_source)}
+        total_share = sum(groups.shares.get(g, 0.0) for g, here in present.items() if here)
+        probabilities = np.zeros_like(sizes)
+        if total_share <= 0:
+            return sampling_probabilities(sizes, tau)
+        for group, here in present.items():
+            if here:
+                members = names == group
+                share = groups.shares.get(group, 0.0) / total_share
+                probabilities[members] = share * sampling_probabilities(sizes[members], tau)
+        return probabilities
     probabilities = np.zeros_like(sizes)
     present = sizes > 0
     if not present.any():
@@ -65,6 +88,7 @@ def expected_counts(
     shards: int,
     kind: str = "step",
     steps_per_shard: int = 64,
+    groups: Groups | None = None,
 ) -> np.ndarray:
     """(shards, sources) expected records: the sum over each shard's positions of p(tau(position)).
 
@@ -88,7 +112,7 @@ def expected_counts(
             ]
         for count, tau in pieces:
             if count > 0:
-                expected[shard] += count * sampling_probabilities(sizes, tau)
+                expected[shard] += count * sampling_probabilities(sizes, tau, groups)
     return expected
 
 
@@ -190,6 +214,12 @@ def shard_taus(schedule: Sequence[SchedulePoint], total: int, shards: int, kind:
     return result
 
 
+def _groups(sources, group_of_source, group_shares) -> Groups | None:
+    if not group_of_source or not group_shares:
+        return None
+    return Groups(tuple(group_of_source.get(s, "") for s in sources), dict(group_shares))
+
+
 def plan_mix(
     sizes_by_source: dict[str, int],
     schedule: Sequence[SchedulePoint],
@@ -198,17 +228,21 @@ def plan_mix(
     kind: str = "step",
     max_epochs: float | None = None,
     weights_by_source: dict[str, float] | None = None,
+    group_of_source: dict[str, str] | None = None,
+    group_shares: dict[str, float] | None = None,
 ) -> MixPlan:
     """The allocation for sources of the given sizes (records); `weights_by_source` (e.g. token counts)
-    replaces the sizes in p(tau) when the mixture is defined over tokens."""
+    replaces the sizes in p(tau) when the mixture is defined over tokens; `group_of_source` and
+    `group_shares` fix each group's share of every position (see Groups)."""
     sources = sorted(sizes_by_source)
+    groups = _groups(sources, group_of_source, group_shares)
     sizes = [int(sizes_by_source[s]) for s in sources]
     weights = [float((weights_by_source or sizes_by_source)[s]) for s in sources]
     if total <= 0 or shards <= 0:
         raise ValueError("the output needs at least one record and one shard")
     if shards > total:
         raise ValueError(f"{shards} shards for {total} records: some shards would be empty")
-    schedule_expected = expected_counts(weights, schedule, total, shards, kind)
+    schedule_expected = expected_counts(weights, schedule, total, shards, kind, groups=groups)
     expected = cap_epochs(schedule_expected, sizes, max_epochs)
     return MixPlan(sources, sizes, allocate(expected), expected, schedule_expected,
                    shard_taus(schedule, total, shards, kind))
@@ -221,6 +255,8 @@ def records_for_tokens(
     schedule: Sequence[SchedulePoint],
     kind: str = "step",
     weights_by_source: dict[str, float] | None = None,
+    group_of_source: dict[str, str] | None = None,
+    group_shares: dict[str, float] | None = None,
 ) -> int:
     """The smallest output size in records whose expected token count under the schedule reaches the budget.
 
@@ -228,13 +264,14 @@ def records_for_tokens(
     it grows with T, so T is found by bisection (evaluated on one shard, which integrates the schedule exactly).
     """
     sources = sorted(sizes_by_source)
+    groups = _groups(sources, group_of_source, group_shares)
     weights = [float((weights_by_source or sizes_by_source)[s]) for s in sources]
     mean = np.array([mean_tokens_by_source[s] for s in sources])
     if budget_tokens <= 0 or not (mean > 0).any():
         raise ValueError("a token budget needs a positive budget and sources with tokens")
 
     def tokens(total: int) -> float:
-        return float(expected_counts(weights, schedule, total, 1, kind)[0] @ mean)
+        return float(expected_counts(weights, schedule, total, 1, kind, groups=groups)[0] @ mean)
 
     low, high = 1, 1
     while tokens(high) < budget_tokens:

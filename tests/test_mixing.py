@@ -117,3 +117,16 @@ def test_token_budget_finds_the_smallest_output_that_reaches_it():
     assert records_for_tokens(2001, sizes, mean_tokens, [SchedulePoint(0.0, 1.0)]) == 101
     with pytest.raises(ValueError, match="token budget"):
         records_for_tokens(0, sizes, mean_tokens, [SchedulePoint(0.0, 1.0)])
+
+
+def test_groups_get_fixed_shares_with_temperature_sampling_inside_each():
+    from winnow.selectors.mixing import Groups
+
+    sizes = [900, 100, 300, 0]
+    groups = Groups(("real", "real", "synthetic", "synthetic"), {"real": 0.5, "synthetic": 0.5})
+    p = sampling_probabilities(sizes, 1.0, groups)
+    np.testing.assert_allclose(p, [0.45, 0.05, 0.5, 0.0])
+    p = sampling_probabilities(sizes, 1e9, groups)  # uniform inside each group
+    np.testing.assert_allclose(p, [0.25, 0.25, 0.5, 0.0], atol=1e-6)
+    empty = Groups(("real", "real", "synthetic", "synthetic"), {"real": 0.5, "synthetic": 0.5})
+    np.testing.assert_allclose(sampling_probabilities([900, 100, 0, 0], 1.0, empty), [0.9, 0.1, 0, 0])

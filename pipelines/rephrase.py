@@ -1,0 +1,350 @@
+"""Rephrase stage (WRAP): synthetic paraphrases of chosen records, in configured styles, beside the originals.
+
+Input: records (after select). Outputs (routed pairs, see records.split_routed):
+  synthetic  new records: id `PARENT#STYLE#SEGMENT`, source `PREFIX:SOURCE` (e.g. `wiki:linux-doc`), with
+             provenance (parent_id, segment_index, style, model, generation parameters)
+  ledger     `rejected` rows (stage rephrase) for generations the cleaner refused, with the reason
+  plan       one dict for the manifest: model, backend, styles, parameters, segments, tokens, acceptance and
+             rejection reasons per style, windows generated vs reused from the cache
+
+Records are chosen by `rephrase.sources`, then a seeded hash below `rephrase.fraction`, then (with
+`rephrase.max_records`) the records with the smallest hashes. Each is cut into segments of at most
+`max_segment_tokens` tokens of the generator's tokenizer; one unit per (segment, style) is generated. Units
+are grouped into windows of consecutive input rows per style and generated with the model loaded once per
+worker. Every finished window is written to the cache (`.NAME.rephrase-cache/` beside output.path, under a key
+of the model, parameters, prompts and cleaning version) before its outputs move on, so a run that is killed
+and started again reuses every finished window instead of generating it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.utils.shared import Shared
+
+from winnow.pipelines.config import RephraseConfig
+from winnow.pipelines.mix import seeded_hash
+from winnow.pipelines.records import content_id, ledger_row, order_key, split_routed
+from winnow.rephrase import clean as cleaning
+from winnow.rephrase import generate, prompts, segment
+from winnow.selectors import embedding, lm
+
+SYNTHETIC, LEDGER, PLAN = "synthetic", "ledger", "plan"
+CLEANING_VERSION = "1"
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class RephrasePlan:
+    model: str
+    model_path: str
+    model_fingerprint: str
+    backend: str
+    device: str
+    torch_threads: int
+    styles: tuple[tuple[str, str, str], ...]  # (name, instruction, source prefix)
+    system_turn: bool | None
+    max_segment_tokens: int
+    sources: tuple[str, ...] | None
+    fraction: float
+    max_records: int | None
+    params: generate.GenerationParams
+    window: int
+    cache_dir: str | None
+
+    def manifest(self) -> dict[str, Any]:
+        entry = asdict(self)
+        entry["styles"] = [{"name": n, "instruction": i, "source_prefix": p} for n, i, p in self.styles]
+        return entry
+
+
+def plan_rephrase(config: RephraseConfig, output: Path, workers: int) -> RephrasePlan:
+    styles = prompts.resolve_styles(config.styles, config.custom_styles)
+    path = lm.resolve_lm_path(config.model)
+    device = embedding.choose_device(config.device)
+    return RephrasePlan(
+        model=config.model, model_path=str(path), model_fingerprint=lm.lm_fingerprint(path),
+        backend=generate.choose_backend(config.backend), device=device,
+        torch_threads=embedding.threads_per_worker(config.torch_threads, workers),
+        styles=tuple((s.name, s.instruction, s.source_prefix) for s in styles),
+        system_turn=None if config.system_turn == "auto" else config.system_turn == "true",
+        max_segment_tokens=config.max_segment_tokens, sources=tuple(config.sources) if config.sources else None,
+        fraction=config.fraction, max_records=config.max_records,
+        params=generate.GenerationParams(
+            max_new_tokens=config.max_new_tokens, do_sample=not config.greedy, temperature=config.temperature,
+            top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
+        ),
+        window=config.window,
+        cache_dir=str(output.parent / f".{output.name}.rephrase-cache") if config.cache else None,
+    )
+
+
+class _Generator:
+    _shared = Shared()
+
+    def __init__(self, plan: RephrasePlan):
+        self.plan = plan
+
+    def _load(self):
+        import torch
+
+        torch.set_num_threads(self.plan.torch_threads)
+        return generate.load_generator(self.plan.backend, self.plan.model_path, self.plan.device)
+
+    def get(self):
+        return self._shared.acquire(self._load, tag=f"{self.plan.backend}:{self.plan.model_fingerprint}")
+
+
+class _Tokenizer:
+    _shared = Shared()
+
+    def __init__(self, plan: RephrasePlan):
+        self.plan = plan
+
+    def _load(self):
+        from transformers import AutoTokenizer
+
+        return _Holder(AutoTokenizer.from_pretrained(self.plan.model_path, local_files_only=True))
+
+    def get(self):
+        return self._shared.acquire(self._load, tag=f"tokenizer:{self.plan.model_fingerprint}").value
+
+
+class _Holder:
+    def __init__(self, value):
+        self.value = value
+
+
+def _chosen(record: dict[str, Any], plan: RephrasePlan) -> bool:
+    if plan.sources is not None and record["source"] not in plan.sources:
+        return False
+    return seeded_hash(plan.params.seed, record["id"], "rephrase") < plan.fraction * 2**64
+
+
+def _choice_key(record: dict[str, Any], seed: int) -> tuple[int, str]:
+    return seeded_hash(seed, record["id"], "rephrase"), record["id"]
+
+
+class _SegmentFn(beam.DoFn):
+    """A chosen record -> one unit per (segment, style), keyed by its window."""
+
+    def __init__(self, plan: RephrasePlan):
+        self.plan = plan
+
+    def setup(self):
+        self.tokenizer = _Tokenizer(self.plan).get()
+
+    def process(self, record: dict[str, Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
+        pieces = segment.segment(record["text"], self.tokenizer, self.plan.max_segment_tokens)
+        parent = {k: record[k] for k in ("id", "source", "input_file", "input_row", "file_index")}
+        window = record["input_row"] // self.plan.window
+        for style_index in range(len(self.plan.styles)):
+            for index, piece in enumerate(pieces):
+                unit = {"parent": parent, "segment_index": index, "segment": piece, "style_index": style_index}
+                yield (style_index, record["file_index"], window), unit
+
+
+def window_key(plan: RephrasePlan, style: tuple[str, str, str], prompts_: list[str]) -> str:
+    """The cache key of one window: what determines its outputs."""
+    digest = hashlib.sha256()
+    for part in (plan.model_fingerprint, plan.backend, json.dumps(asdict(plan.params), sort_keys=True),
+                 json.dumps(style), CLEANING_VERSION):
+        digest.update(part.encode() + b"\0")
+    for prompt in prompts_:
+        digest.update(prompt.encode() + b"\0")
+    return digest.hexdigest()
+
+
+class _GenerateFn(beam.DoFn):
+    """One window of units of one style -> synthetic records and rejection rows (cached per window)."""
+
+    def __init__(self, plan: RephrasePlan):
+        self.plan = plan
+        self.generated = beam.metrics.Metrics.counter("winnow.rephrase", "segments_generated")
+        self.reused = beam.metrics.Metrics.counter("winnow.rephrase", "segments_reused")
+        self.tokens = beam.metrics.Metrics.counter("winnow.rephrase", "tokens_generated")
+        self.accepted = beam.metrics.Metrics.counter("winnow.rephrase", "accepted")
+        self.rejected = beam.metrics.Metrics.counter("winnow.rephrase", "rejected")
+
+    def setup(self):
+        self.started = time.perf_counter()
+        self.done = self.tokens_done = 0
+        self.last_report = 0.0
+
+    def process(self, element, total_units) -> Iterator[tuple[str, Any]]:
+        (style_index, _, _), units = element
+        units = sorted(units, key=lambda u: (order_key(u["parent"]), u["segment_index"]))
+        style = self.plan.styles[style_index]
+        style_obj = prompts.Style(*style)
+        generator_tokenizer = _Tokenizer(self.plan).get()
+        texts = [prompts.build_prompt(generator_tokenizer, style_obj, u["segment"], self.plan.system_turn)
+                 for u in units]
+        key = window_key(self.plan, style, texts)
+        outputs = self._cached(key)
+        reused = outputs is not None
+        if outputs is None:
+            generations = _Generator(self.plan).get().generate(texts, self.plan.params)
+            outputs = [asdict(g) for g in generations]
+            self._store(key, outputs)
+            self.generated.inc(len(units))
+        else:
+            self.reused.inc(len(units))
+        for unit, output in zip(units, outputs, strict=True):
+            yield from self._emit(unit, style, output, reused)
+        self._progress(len(units), sum(o["new_tokens"] for o in outputs) if not reused else 0, total_units, reused)
+
+    def _emit(self, unit, style, output, reused) -> Iterator[tuple[str, Any]]:
+        parent = unit["parent"]
+        name, _, prefix = style
+        record = {
+            "id": f"{parent['id']}#{name}#{unit['segment_index']}",
+            "source": f"{prefix}:{parent['source']}",
+            "input_file": parent["input_file"],
+            "input_row": parent["input_row"],
+            "file_index": parent["file_index"],
+            "variant": 1 + unit["style_index"] * 1_000_000 + unit["segment_index"],
+            "parent_id": parent["id"],
+            "extra": {
+                "parent_id": parent["id"], "segment_index": unit["segment_index"], "style": name,
+                "model": self.plan.model, "generation": json.dumps(asdict(self.plan.params), sort_keys=True),
+            },
+        }
+        self.tokens.inc(output["new_tokens"] if not reused else 0)
+        text, reason, detail = cleaning.clean(output["text"], unit["segment"], name, output["finished"])
+        if text is None:
+            self.rejected.inc()
+            yield LEDGER, {**ledger_row(record, "rejected", "rephrase", reason, detail), "reused": reused,
+                           "new_tokens": output["new_tokens"]}
+            return
+        self.accepted.inc()
+        yield SYNTHETIC, {**record, "text": text, "text_hash": content_id(text), "segment": unit["segment"],
+                          "new_tokens": output["new_tokens"], "reused": reused}
+
+    def _cached(self, key: str) -> list[dict[str, Any]] | None:
+        if not self.plan.cache_dir:
+            return None
+        path = Path(self.plan.cache_dir) / f"{key}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _store(self, key: str, outputs: list[dict[str, Any]]) -> None:
+        if not self.plan.cache_dir:
+            return
+        directory = Path(self.plan.cache_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = directory / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+        staging.write_text(json.dumps(outputs))
+        os.replace(staging, directory / f"{key}.json")
+
+    def _progress(self, units: int, tokens: int, total: int, reused: bool) -> None:
+        self.done += units
+        self.tokens_done += tokens
+        now = time.perf_counter()
+        if now - self.last_report < PROGRESS_EVERY_S and self.done < total:
+            return
+        self.last_report = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        eta = (total - self.done) / rate if rate > 0 and total > self.done else 0.0
+        print(
+            f"winnow rephrase [pid {os.getpid()}]: {self.done}/{total} segments, "
+            f"{self.tokens_done / elapsed:.1f} tokens/s, ETA {eta / 60:.1f} min" + (" (cached)" if reused else ""),
+            file=sys.stderr, flush=True,
+        )
+
+
+def _plan_section(parts, plan: RephrasePlan) -> dict[str, Any]:
+    styles: dict[str, dict[str, Any]] = {name: {"accepted": 0, "rejected": {}, "new_tokens": 0,
+                                                "input_chars": 0, "output_chars": 0} for name, _, _ in plan.styles}
+    chosen = 0
+    reused = {True: 0, False: 0}
+    for kind, value in parts[1]:
+        if kind == "chosen":
+            chosen = value
+            continue
+        reused[value[-1]] += 1
+        if kind == "accepted":
+            entry = styles[value[0]]
+            entry["accepted"] += 1
+            entry["new_tokens"] += value[1]
+            entry["input_chars"] += value[2]
+            entry["output_chars"] += value[3]
+        else:
+            entry = styles[value[0]]
+            entry["rejected"][value[1]] = entry["rejected"].get(value[1], 0) + 1
+            entry["new_tokens"] += value[2]
+    for entry in styles.values():
+        entry["rejected"] = dict(sorted(entry["rejected"].items()))
+        generated = entry["accepted"] + sum(entry["rejected"].values())
+        entry["generated"] = generated
+        entry["acceptance"] = round(entry["accepted"] / generated, 4) if generated else None
+        entry["length_ratio"] = round(entry.pop("output_chars") / entry["input_chars"], 4) \
+            if entry["input_chars"] else None
+        entry.pop("input_chars")
+    return {"dir": "_rephrase_plan", **plan.manifest(), "records_chosen": chosen, "segments_generated": reused[False],
+            "segments_reused_from_cache": reused[True], "styles_summary": styles}
+
+
+class RephraseRecords(beam.PTransform):
+    """records -> {synthetic, ledger, plan} (see the module docstring)."""
+
+    def __init__(self, plan: RephrasePlan):
+        super().__init__()
+        self.plan = plan
+
+    def expand(self, records):
+        plan = self.plan
+        chosen = records | "Choose" >> beam.Filter(_chosen, plan)
+        if plan.max_records is not None:
+            seed = plan.params.seed
+            last = (
+                chosen
+                | "ChoiceKeys" >> beam.Map(_choice_key, seed)
+                | "FirstChoices" >> beam.combiners.Top.Smallest(plan.max_records)
+                | "LastChoice" >> beam.Map(lambda keys: keys[-1] if keys else None)
+            )
+            chosen = chosen | "Cap" >> beam.Filter(
+                lambda r, bound: bound is not None and _choice_key(r, seed) <= tuple(bound),
+                beam.pvalue.AsSingleton(last),
+            )
+        units = chosen | "Segment" >> beam.ParDo(_SegmentFn(plan))
+        total = units | "CountUnits" >> beam.combiners.Count.Globally()
+        generated = split_routed(
+            units
+            | "Windows" >> beam.GroupByKey()
+            | "Generate" >> beam.ParDo(_GenerateFn(plan), beam.pvalue.AsSingleton(total)),
+            "Generated",
+            (SYNTHETIC, LEDGER),
+        )
+        parts = [
+            chosen
+            | "CountChosen" >> beam.combiners.Count.Globally()
+            | "ChosenPart" >> beam.Map(lambda n: ("chosen", n)),
+            generated[SYNTHETIC] | "AcceptedPart" >> beam.Map(
+                lambda r: ("accepted", (r["extra"]["style"], r["new_tokens"], len(r["segment"]), len(r["text"]),
+                                        r["reused"]))),
+            generated[LEDGER] | "RejectedPart" >> beam.Map(
+                lambda row: ("rejected", (row["id"].split("#")[-2], row["reason"], row["new_tokens"], row["reused"]))),
+        ]
+        section = (
+            parts
+            | "PlanParts" >> beam.Flatten()
+            | "KeyPlan" >> beam.Map(lambda part: (None, part))
+            | "GatherPlan" >> beam.GroupByKey()
+            | "Plan" >> beam.Map(_plan_section, plan)
+        )
+        synthetic = generated[SYNTHETIC] | "DropWorkFields" >> beam.Map(
+            lambda r: {k: v for k, v in r.items() if k not in ("segment", "new_tokens", "reused")})
+        return {SYNTHETIC: synthetic, LEDGER: generated[LEDGER], PLAN: section}

@@ -1,0 +1,95 @@
+"""Clean a generated rephrasing, or reject it with a reason (ALGORITHMS.md section 4).
+
+Small instruction models wrap their answer: lead-ins ("Sure! Here's a paraphrase of the paragraph:"), trailing
+commentary ("I made minor adjustments...", "Note: ..."), and sometimes no answer at all. Cleaning strips the
+wrappers; rejection reasons:
+  empty        nothing left after cleaning
+  truncated    generation stopped at max_new_tokens, not at the end of the answer
+  echo         the output is (nearly) the input copied back
+  degenerate   repetition loops: the same line or word 4-grams over and over
+  no_qa_pair   a qa-style output without a "Question:" followed by an "Answer:"
+  meta         the output talks about the text ("This paragraph...", "A toddler will understand...") instead of
+               rephrasing it
+"""
+
+from __future__ import annotations
+
+import re
+from difflib import SequenceMatcher
+
+_LEAD_IN = re.compile(
+    r"^\s*(?:(?:sure|certainly|of course|okay|ok|absolutely|great)\b[^\n]{0,40}?[!.,:]\s*)?"
+    r"(?:(?:here(?:'s| is| are)|below is|the following is)\b[^\n]{0,120}?:\s*\n?"
+    r"|(?:sure|certainly|of course|absolutely)[!.,]\s*)",
+    re.IGNORECASE,
+)
+_LABEL = re.compile(r"^\s*(?:paraphrase[d]?(?: version| text| paragraph)?|rephrased(?: version)?)\s*:\s*", re.I)
+_COMMENTARY = re.compile(
+    r"^\s*(?:\(?note\b|i (?:made|have|hope|changed|used|tried|kept|replaced|rephrased|simplified)\b"
+    r"|this (?:paraphrase|version|rephrasing)\b|in this (?:paraphrase|version)\b|let me know\b"
+    r"|i've\b|the (?:paraphrase|rephrased (?:version|text)|original text)\b|explanation\s*:|changes made\s*:)",
+    re.IGNORECASE,
+)
+_LEAD_PARAGRAPH = re.compile(r"here(?:'s| is| are)|below is|revised|rewritten|paraphrase|version", re.IGNORECASE)
+_META = re.compile(r"\b(?:the|this) (?:sentence|paragraph|text|passage|article)\b|\btoddler", re.IGNORECASE)
+_QUESTION = re.compile(r"question\s*\d*\s*:", re.IGNORECASE)
+_ANSWER = re.compile(r"answer\s*\d*\s*:", re.IGNORECASE)
+
+
+def strip_wrappers(output: str) -> str:
+    text = output.strip()
+    for _ in range(2):
+        stripped = _LABEL.sub("", _LEAD_IN.sub("", text, count=1), count=1).strip()
+        if stripped == text:
+            break
+        text = stripped
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paragraphs) > 1 and paragraphs[0].rstrip().endswith(":") and len(paragraphs[0]) < 400 \
+            and _LEAD_PARAGRAPH.search(paragraphs[0]) and not _QUESTION.search(paragraphs[0]):
+        paragraphs.pop(0)
+    while len(paragraphs) > 1 and _COMMENTARY.match(paragraphs[-1]):
+        paragraphs.pop()
+    text = "\n\n".join(paragraphs).strip()
+    if len(paragraphs) == 1 and _COMMENTARY.match(text):
+        return ""
+    return text.strip().strip('"').strip()
+
+
+def has_qa_pair(text: str) -> bool:
+    question = _QUESTION.search(text)
+    return bool(question and _ANSWER.search(text, question.end()))
+
+
+def repetition(text: str) -> float:
+    """Share of word 4-grams that repeat an earlier one (0 for short texts)."""
+    words = text.lower().split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    if len(grams) < 8:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def _repeated_line(text: str) -> bool:
+    lines = [line.strip().lower() for line in text.splitlines() if len(line.strip()) > 10]
+    return any(lines.count(line) >= 3 for line in set(lines))
+
+
+def clean(output: str, source: str, style: str, finished: bool) -> tuple[str | None, str | None, str | None]:
+    """(cleaned text, None, None) when usable, else (None, reason, detail)."""
+    if not finished:
+        return None, "truncated", "stopped at max_new_tokens"
+    text = strip_wrappers(output)
+    if not text:
+        return None, "empty", "nothing left after removing lead-ins and commentary"
+    similarity = SequenceMatcher(None, text.lower(), source.strip().lower(), autojunk=False).ratio()
+    if similarity > 0.9:
+        return None, "echo", f"{similarity:.2f} similar to the input"
+    repeated = repetition(text)
+    if repeated > 0.3 or _repeated_line(text):
+        return None, "degenerate", f"{repeated:.2f} of word 4-grams repeat"
+    first_sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if _META.search(first_sentence) and not _META.search(source):
+        return None, "meta", f"talks about the text: {first_sentence[:80]!r}"
+    if style == "qa" and not has_qa_pair(text):
+        return None, "no_qa_pair", "no 'Question:' followed by 'Answer:'"
+    return text, None, None
