@@ -177,6 +177,9 @@ class _GenerateFn(beam.DoFn):
         self.rejected = beam.metrics.Metrics.counter("winnow.rephrase", "rejected")
 
     def setup(self):
+        # held here: Shared keeps only the most recently acquired object of a process alive
+        self.tokenizer = _Tokenizer(self.plan).get()
+        self.generator = None  # loaded on the first window the cache does not hold
         self.started = time.perf_counter()
         self.done = self.tokens_done = 0
         self.last_report = 0.0
@@ -186,14 +189,15 @@ class _GenerateFn(beam.DoFn):
         units = sorted(units, key=lambda u: (order_key(u["parent"]), u["segment_index"]))
         style = self.plan.styles[style_index]
         style_obj = prompts.Style(*style)
-        generator_tokenizer = _Tokenizer(self.plan).get()
-        texts = [prompts.build_prompt(generator_tokenizer, style_obj, u["segment"], self.plan.system_turn)
+        texts = [prompts.build_prompt(self.tokenizer, style_obj, u["segment"], self.plan.system_turn)
                  for u in units]
         key = window_key(self.plan, style, texts)
         outputs = self._cached(key)
         reused = outputs is not None
         if outputs is None:
-            generations = _Generator(self.plan).get().generate(texts, self.plan.params)
+            if self.generator is None:
+                self.generator = _Generator(self.plan).get()
+            generations = self.generator.generate(texts, self.plan.params)
             outputs = [asdict(g) for g in generations]
             self._store(key, outputs)
             self.generated.inc(len(units))

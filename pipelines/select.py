@@ -183,18 +183,26 @@ def sae_codes(loaded, plan: SelectPlan, texts: list[str]) -> sae_lib.SparseCodes
     )
 
 
+def _models(plan: SelectPlan):
+    """The worker's models for methods that have any; held by the DoFn (Shared keeps only the last one alive)."""
+    return _Models(plan).get() if plan.method in ("mona", "embedding") else None
+
+
 class _PrototypeFn(beam.DoFn):
     """The targets -> the method's prototype: mean SAE code, unit mean embedding or BM25 query."""
 
     def __init__(self, plan: SelectPlan):
         self.plan = plan
 
+    def setup(self):
+        self.models = _models(self.plan)
+
     def process(self, _element) -> Iterator[Any]:
         plan, texts = self.plan, list(self.plan.targets)
         if plan.method == "mona":
-            yield task_selection.prototype(sae_codes(_Models(plan).get(), plan, texts))
+            yield task_selection.prototype(sae_codes(self.models, plan, texts))
         elif plan.method == "embedding":
-            yield task_selection.embedding_prototype(embedding.encode(_Models(plan).get().encoder, texts))
+            yield task_selection.embedding_prototype(embedding.encode(self.models.encoder, texts))
         elif plan.method == "bm25":
             yield task_selection.Bm25Query.from_targets(texts)
         else:
@@ -242,12 +250,15 @@ class _ScoreWindowFn(beam.DoFn):
         self.scored = beam.metrics.Metrics.counter("winnow.select", "records_scored")
         self.scores = beam.metrics.Metrics.distribution("winnow.select", "score_x1e6")
 
+    def setup(self):
+        self.models = _models(self.plan) if self.plan.method == "mona" else None
+
     def process(self, window, prototype, bm25_stats=None) -> Iterator[dict[str, Any]]:
         plan = self.plan
         records = sorted(window[1], key=order_key)
         features: list[dict[int, float]] = [{} for _ in records]
         if plan.method == "mona":
-            codes = sae_codes(_Models(plan).get(), plan, [r["text"] for r in records])
+            codes = sae_codes(self.models, plan, [r["text"] for r in records])
             scores = task_selection.jaccard_to_prototype(codes, prototype)
             top = top_features(prototype, plan.top_features)
             for i in range(len(records)):

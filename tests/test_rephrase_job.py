@@ -52,7 +52,14 @@ def test_greedy_rephrasing_is_deterministic_and_matches_plain_generate(docs):
     assert set(made.loc[made["fate"] == "rejected", "stage"]) <= {"rephrase"}
     section = manifest["rephrase"]
     segments = section["segments_generated"]
-    assert segments == len(made) == 2 * 5  # 2 styles x (3 one-segment + 1 two-segment records)
+    path = lm.resolve_lm_path(lm.PACKAGED_LM)
+    generator = generate.TransformersGenerator(path)
+    from winnow.rephrase.segment import segment
+
+    texts = pq.read_table(docs / "docs.parquet").column("text").to_pylist()
+    pieces = sum(len(segment(text, generator.tokenizer, 60)) for text in texts)
+    assert pieces > len(texts), "one paragraph is long enough for two segments"
+    assert segments == len(made) == 2 * pieces
     assert section["segments_reused_from_cache"] == 0
     assert manifest["counts"]["synthetic"]["generated"] == segments
 
@@ -61,17 +68,13 @@ def test_greedy_rephrasing_is_deterministic_and_matches_plain_generate(docs):
     assert len(synthetic) == (made["fate"] == "synthetic").sum()
     for _, row in synthetic.iterrows():
         style = row["style"]
-        assert row["id"] == f"{row['parent_id']}#{style}#{row['segment_index']}"
+        assert row["id"] == f"{row['parent_id']}#{style}#{int(row['segment_index'])}"
         assert row["source"].split(":", 1)[0] == {"medium": "wiki", "qa": "qa"}[style]
         assert json.loads(row["generation"])["do_sample"] is False
 
     # the stage's text is the plain generate() output of the same prompt, cleaned
-    path = lm.resolve_lm_path(lm.PACKAGED_LM)
-    generator = generate.TransformersGenerator(path)
     parent = rows.set_index("id").loc[synthetic.iloc[0]["parent_id"]]
     style = prompts.STYLES[synthetic.iloc[0]["style"]]
-    from winnow.rephrase.segment import segment
-
     piece = segment(parent["text"], generator.tokenizer, 60)[int(synthetic.iloc[0]["segment_index"])]
     out = generator.generate([prompts.build_prompt(generator.tokenizer, style, piece)],
                              generate.GenerationParams(max_new_tokens=48, do_sample=False))[0]
@@ -80,13 +83,14 @@ def test_greedy_rephrasing_is_deterministic_and_matches_plain_generate(docs):
 
 def test_a_rerun_reuses_finished_windows_from_the_cache(docs):
     manifest, output = run(docs, "cached", rephrase=REPHRASE)
-    assert manifest["rephrase"]["segments_generated"] == 10
+    generated = manifest["rephrase"]["segments_generated"]
+    assert generated > 0
     cache = docs / ".cached.rephrase-cache"
     assert len(list(cache.glob("*.json"))) == 2  # one window per style
     first = pq.read_table(output / "shards")
     manifest, output = run(docs, "cached", rephrase=REPHRASE)
     assert manifest["rephrase"]["segments_generated"] == 0
-    assert manifest["rephrase"]["segments_reused_from_cache"] == 10
+    assert manifest["rephrase"]["segments_reused_from_cache"] == generated
     assert pq.read_table(output / "shards").equals(first)
 
 
