@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-prune bench-select bench-rephrase eval-mix \
-	eval-prune eval-select eval-rephrase clean
+	eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
 
@@ -76,3 +76,13 @@ eval-rephrase: setup
 
 bench-rephrase: setup
 	$(BIN)/python bench/bench_rephrase.py $(ARGS)
+
+# The run report rendered by headless Chromium (Debian: apt-get install chromium) to OUT/report/report.png.
+REPORT_OUT ?= out/default
+report-screenshot:
+	@command -v chromium >/dev/null || { echo "report-screenshot needs chromium (apt-get install chromium)"; exit 2; }
+	test -f $(REPORT_OUT)/report/index.html || $(BIN)/winnow report $(REPORT_OUT)
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+		--disable-component-update --disable-sync --hide-scrollbars --user-data-dir=$$(mktemp -d) \
+		--window-size=1200,$(or $(HEIGHT),5200) --screenshot=$(abspath $(REPORT_OUT))/report/report.png \
+		file://$(abspath $(REPORT_OUT))/report/index.html

@@ -2,6 +2,8 @@
 
     winnow run CONFIG.yaml [--set section.key=value ...] [-- BEAM_PIPELINE_OPTIONS ...]
     winnow sae train --input CORPUS --out SAE_DIR [--layer N --d-sae N --k N --steps N ...]
+    winnow verify OUT
+    winnow report OUT
 
 Exit status 0 on success; 2 with a one-line reason for a bad config, bad input paths or an output that
 cannot be written; 1 when the job itself fails.
@@ -46,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     from winnow.pipelines.sae_train import add_arguments
 
     add_arguments(sae_commands.add_parser("train", help="train a TopK SAE on a corpus' activations"))
+    check = commands.add_parser("verify", help="check an output directory against its manifest")
+    check.add_argument("output", help="a winnow output directory")
+    report = commands.add_parser("report", help="write the HTML run report into OUT/report/")
+    report.add_argument("output", help="a winnow output directory")
     return parser
 
 
@@ -108,6 +114,31 @@ def sae_train_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def report_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from winnow.pipelines.report import build_report
+
+    if not (Path(args.output) / "manifest.json").is_file():
+        print(f"winnow: error: {args.output}: no manifest.json (not a finished winnow output)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"winnow report: {build_report(args.output)}")
+    return EXIT_OK
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from winnow.pipelines.verify import verify
+
+    problems = verify(args.output)
+    for problem in problems:
+        print(f"winnow verify: {problem}", file=sys.stderr)
+    if problems:
+        print(f"winnow verify: {args.output}: {len(problems)} problem(s)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"winnow verify: {args.output}: every listed file matches its checksum and row count; counts reconcile")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     own_args, beam_args = split_beam_args(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(own_args)
@@ -116,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args, beam_args)
     if args.command == "sae":
         return sae_train_command(args)
+    if args.command == "verify":
+        return verify_command(args)
+    if args.command == "report":
+        return report_command(args)
     return EXIT_FAILED
 
 

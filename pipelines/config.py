@@ -55,6 +55,7 @@ class OutputConfig(_Section):
     shard_rows: int = Field(50_000, gt=0, description="target rows per output shard")
     ledger_rows: int = Field(1_000_000, gt=0, description="target rows per ledger file")
     row_group_rows: int = Field(5_000, gt=0, description="Parquet row-group size, for streaming readers")
+    report: bool = Field(True, description="write the HTML run report to OUT/report/ at the end of the run")
 
 
 class EmbedConfig(_Section):

@@ -25,6 +25,7 @@ import pyarrow as pa
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import EmbedConfig
+from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import order_key, split_routed
 from winnow.selectors import embedding
 
@@ -45,6 +46,7 @@ class EmbedPlan:
     window: int
     max_seq_length: int | None
     reuse_from: str | None = None
+    expected_records: int | None = None
 
     @classmethod
     def from_config(cls, config: EmbedConfig, workers: int, reuse_from: str | None = None) -> EmbedPlan:
@@ -74,7 +76,7 @@ class _EmbedWindowsFn(beam.DoFn):
         self.plan = plan
         self._shared = Shared()
         self.texts = beam.metrics.Metrics.counter("winnow.embed", "texts_embedded")
-        self.window_ms = beam.metrics.Metrics.distribution("winnow.embed", "window_ms")
+        self.busy_ms = beam.metrics.Metrics.distribution("winnow.embed", "busy_ms")
 
     def _load(self):
         import torch
@@ -84,13 +86,15 @@ class _EmbedWindowsFn(beam.DoFn):
 
     def setup(self):
         self.model = self._shared.acquire(self._load, tag=self.plan.fingerprint)
+        self.progress = Progress("embed", self.plan.expected_records, "texts")
 
     def process(self, window: tuple[Any, Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         records = sorted(window[1], key=order_key)
         started = time.perf_counter()
         vectors = embedding.encode(self.model, [record["text"] for record in records], self.plan.batch_size)
-        self.window_ms.update(int(1000 * (time.perf_counter() - started)))
+        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
         self.texts.inc(len(records))
+        self.progress.advance(len(records))
         for record, vector in zip(records, vectors, strict=True):
             yield _attach(record, vector, False)
 

@@ -36,7 +36,7 @@ from winnow.pipelines.prune import KEPT as PRUNE_KEPT
 from winnow.pipelines.prune import LEDGER as PRUNE_LEDGER
 from winnow.pipelines.prune import PLAN as PRUNE_PLAN
 from winnow.pipelines.prune import PruneRecords
-from winnow.pipelines.read import ReadRecords, ReadTask, plan_reads
+from winnow.pipelines.read import ReadRecords, ReadTask, expected_rows, plan_reads
 from winnow.pipelines.records import ledger_row, order_key
 from winnow.pipelines.rephrase import LEDGER as REPHRASE_LEDGER
 from winnow.pipelines.rephrase import PLAN as REPHRASE_PLAN
@@ -129,13 +129,14 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
     embed = None
     workers = worker_processes(beam_options(beam_args))
     if config.needs_embeddings():
-        embed = EmbedPlan.from_config(config.embed, workers)
+        embed = replace(EmbedPlan.from_config(config.embed, workers), expected_records=expected_rows(tasks))
         if config.embed.reuse:
             embed = replace(embed, reuse_from=_previous_embeddings(output, embed.fingerprint))
     work_dir = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}"
     select = None
     if config.select.enabled:
-        select = plan_select(config, workers, embed.model_path if embed else None)
+        select = replace(plan_select(config, workers, embed.model_path if embed else None),
+                         expected_records=expected_rows(tasks))
     rephrase = plan_rephrase(config.rephrase, output, workers) if config.rephrase.enabled else None
     plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args), select, rephrase)
     plan.timings["plan_s"] = time.perf_counter() - started
@@ -385,6 +386,30 @@ def publish(work_dir: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def beam_metrics(result) -> dict[str, Any]:
+    """winnow's Beam counters and distributions (summed over steps), as the runner reports them; {} when the
+    runner reports none."""
+    try:
+        query = result.metrics().query()
+    except Exception:  # noqa: BLE001 - runners without metrics support raise various errors
+        return {}
+    values: dict[str, Any] = {}
+    for counter in query.get("counters", []):
+        if counter.key.metric.namespace.startswith("winnow"):
+            name = f"{counter.key.metric.namespace}.{counter.key.metric.name}"
+            values[name] = values.get(name, 0) + counter.committed
+    for dist in query.get("distributions", []):
+        if dist.key.metric.namespace.startswith("winnow") and dist.committed is not None:
+            name = f"{dist.key.metric.namespace}.{dist.key.metric.name}"
+            entry = values.setdefault(name, {"count": 0, "sum": 0, "min": None, "max": None})
+            committed = dist.committed
+            entry["count"] += committed.count
+            entry["sum"] += committed.sum
+            entry["min"] = committed.min if entry["min"] is None else min(entry["min"], committed.min)
+            entry["max"] = committed.max if entry["max"] is None else max(entry["max"], committed.max)
+    return dict(sorted(values.items()))
+
+
 def _close_client(result) -> None:
     """The DaskRunner leaves its cluster client open; closed here, it stops reconnecting after the job."""
     client = getattr(result, "client", None)
@@ -402,13 +427,19 @@ def run_job(plan: JobPlan) -> dict[str, Any]:
         build_graph(pipeline, plan)
         result = pipeline.run()
         result.wait_until_finish()
+        metrics = beam_metrics(result)
         _close_client(result)
         plan.timings["pipeline_s"] = time.perf_counter() - started
         started = time.perf_counter()
         manifest = build_manifest(plan, options)
+        manifest["metrics"] = metrics
         manifest["timings"] = {**plan.timings, "finalize_s": time.perf_counter() - started}
         manifest["timings"]["total_s"] = sum(manifest["timings"].values())
         (plan.work_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        if plan.config.output.report:
+            from winnow.pipelines.report import build_report
+
+            build_report(plan.work_dir, plan.work_dir / "report" / "index.html", display=str(plan.output))
     except BaseException:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
         raise

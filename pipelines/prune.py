@@ -20,6 +20,7 @@ decision on an in-memory pool; a test checks the two agree.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -58,9 +59,14 @@ def fit(sample: list, count: int, settings: PruneSettings) -> np.ndarray:
 
 
 class _AssignFn(beam.DoFn):
+    def __init__(self):
+        self.busy_ms = beam.metrics.Metrics.distribution("winnow.prune", "busy_ms")
+
     def process(self, window, centroids) -> Iterator[dict[str, Any]]:
+        started = time.perf_counter()
         records = sorted(window[1], key=order_key)
         labels, dist = clustering.assign(np.stack([r["embedding"] for r in records]), centroids)
+        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
         for record, label, distance in zip(records, labels.tolist(), dist.tolist(), strict=True):
             yield {**record, "cluster": label, "dist_to_centroid": distance}
 
@@ -68,13 +74,16 @@ class _AssignFn(beam.DoFn):
 class _DedupFn(beam.DoFn):
     def __init__(self, settings: PruneSettings):
         self.settings = settings
+        self.busy_ms = beam.metrics.Metrics.distribution("winnow.semdedup", "busy_ms")
 
     def process(self, element) -> Iterator[tuple[str, Any]]:
+        started = time.perf_counter()
         cluster, members = element
         members = sorted(members, key=order_key)
         vectors = np.stack([m["embedding"] for m in members])
         dist = np.array([m["dist_to_centroid"] for m in members], dtype=np.float32)
         decision = dedup_cluster(vectors, dist, cluster, self.settings)
+        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
         for index in np.flatnonzero(~decision.survivors).tolist():
             record, earlier = members[index], members[int(decision.duplicate_of[index])]
             detail = f"cosine {float(decision.similarity[index]):.4f} to {earlier['id']} (cluster {cluster})"

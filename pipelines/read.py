@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from winnow.pipelines.config import InputConfig
+from winnow.pipelines.progress import Progress
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -37,6 +38,7 @@ class ReadTask:
     fmt: str
     row_group: int | None = None
     first_row: int = 0
+    rows: int | None = None  # known for Parquet row groups (from the footer), not for JSON Lines
 
 
 def detect_format(path: str, configured: str) -> str:
@@ -77,7 +79,7 @@ def _plan_parquet(path: str, file_index: int, config: InputConfig) -> list[ReadT
         raise InputError(f"{path}: missing column {missing[0]!r} (has: {', '.join(schema.names)})")
     tasks, first_row = [], 0
     for group in range(metadata.num_row_groups):
-        tasks.append(ReadTask(path, file_index, "parquet", group, first_row))
+        tasks.append(ReadTask(path, file_index, "parquet", group, first_row, metadata.row_group(group).num_rows))
         first_row += metadata.row_group(group).num_rows
     return tasks
 
@@ -150,15 +152,22 @@ def make_record(
 
 
 class _ReadTaskFn(beam.DoFn):
-    def __init__(self, config: InputConfig):
+    def __init__(self, config: InputConfig, total: int | None = None):
         self.config = config
+        self.total = total
         self.rows = beam.metrics.Metrics.counter("winnow.read", "rows")
+
+    def setup(self):
+        self.progress = Progress("read", self.total)
 
     def process(self, task: ReadTask) -> Iterator[dict[str, Any]]:
         reader = self._parquet if task.fmt == "parquet" else self._jsonl
+        count = 0
         for record in reader(task):
-            self.rows.inc()
+            count += 1
             yield record
+        self.rows.inc(count)
+        self.progress.advance(count)
 
     def _parquet(self, task: ReadTask) -> Iterator[dict[str, Any]]:
         with FileSystems.open(task.path) as handle:
@@ -188,6 +197,13 @@ class _ReadTaskFn(beam.DoFn):
         return make_record({}, task, row, self.config, problem=problem)
 
 
+def expected_rows(tasks: list[ReadTask]) -> int | None:
+    """Input rows according to the Parquet footers; None when a JSON Lines file makes it unknown."""
+    if any(task.rows is None for task in tasks):
+        return None
+    return sum(task.rows for task in tasks)
+
+
 class ReadRecords(beam.PTransform):
     """Planned read tasks -> records, in parallel over row groups and files."""
 
@@ -201,5 +217,5 @@ class ReadRecords(beam.PTransform):
             pbegin
             | "Tasks" >> beam.Create(self.tasks)
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadTaskFn(self.config))
+            | "Read" >> beam.ParDo(_ReadTaskFn(self.config, expected_rows(self.tasks)))
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,8 +31,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
-from winnow.pipelines.config import RephraseConfig
+from winnow.pipelines.config import ConfigError, RephraseConfig
 from winnow.pipelines.mix import seeded_hash
+from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import content_id, ledger_row, order_key, split_routed
 from winnow.rephrase import clean as cleaning
 from winnow.rephrase import generate, prompts, segment
@@ -72,9 +72,13 @@ def plan_rephrase(config: RephraseConfig, output: Path, workers: int) -> Rephras
     styles = prompts.resolve_styles(config.styles, config.custom_styles)
     path = lm.resolve_lm_path(config.model)
     device = embedding.choose_device(config.device)
+    try:
+        backend = generate.choose_backend(config.backend)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return RephrasePlan(
         model=config.model, model_path=str(path), model_fingerprint=lm.lm_fingerprint(path),
-        backend=generate.choose_backend(config.backend), device=device,
+        backend=backend, device=device,
         torch_threads=embedding.threads_per_worker(config.torch_threads, workers),
         styles=tuple((s.name, s.instruction, s.source_prefix) for s in styles),
         system_turn=None if config.system_turn == "auto" else config.system_turn == "true",
@@ -175,14 +179,15 @@ class _GenerateFn(beam.DoFn):
         self.tokens = beam.metrics.Metrics.counter("winnow.rephrase", "tokens_generated")
         self.accepted = beam.metrics.Metrics.counter("winnow.rephrase", "accepted")
         self.rejected = beam.metrics.Metrics.counter("winnow.rephrase", "rejected")
+        self.busy_ms = beam.metrics.Metrics.distribution("winnow.rephrase", "busy_ms")
 
     def setup(self):
         # held here: Shared keeps only the most recently acquired object of a process alive
         self.tokenizer = _Tokenizer(self.plan).get()
         self.generator = None  # loaded on the first window the cache does not hold
         self.started = time.perf_counter()
-        self.done = self.tokens_done = 0
-        self.last_report = 0.0
+        self.tokens_done = 0
+        self.progress = None
 
     def process(self, element, total_units) -> Iterator[tuple[str, Any]]:
         (style_index, _, _), units = element
@@ -197,7 +202,9 @@ class _GenerateFn(beam.DoFn):
         if outputs is None:
             if self.generator is None:
                 self.generator = _Generator(self.plan).get()
+            started = time.perf_counter()
             generations = self.generator.generate(texts, self.plan.params)
+            self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
             outputs = [asdict(g) for g in generations]
             self._store(key, outputs)
             self.generated.inc(len(units))
@@ -253,20 +260,12 @@ class _GenerateFn(beam.DoFn):
         os.replace(staging, directory / f"{key}.json")
 
     def _progress(self, units: int, tokens: int, total: int, reused: bool) -> None:
-        self.done += units
+        if self.progress is None:
+            self.progress = Progress("rephrase", total, "segments (style x segment)", PROGRESS_EVERY_S)
         self.tokens_done += tokens
-        now = time.perf_counter()
-        if now - self.last_report < PROGRESS_EVERY_S and self.done < total:
-            return
-        self.last_report = now
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
-        eta = (total - self.done) / rate if rate > 0 and total > self.done else 0.0
-        print(
-            f"winnow rephrase [pid {os.getpid()}]: {self.done}/{total} segments, "
-            f"{self.tokens_done / elapsed:.1f} tokens/s, ETA {eta / 60:.1f} min" + (" (cached)" if reused else ""),
-            file=sys.stderr, flush=True,
-        )
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        note = f"{self.tokens_done / elapsed:.1f} generated tokens/s" + (" (cached)" if reused else "")
+        self.progress.advance(units, note)
 
 
 def _plan_section(parts, plan: RephrasePlan) -> dict[str, Any]:

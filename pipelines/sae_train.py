@@ -17,10 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from winnow.pipelines.read import InputError, expand_paths
-from winnow.pipelines.validate import check_text
-from winnow.selectors import embedding, lm
-from winnow.selectors import sae as sae_lib
+from winnow.selectors import lm
 
 HELD_OUT_TOKENS = 4096
 
@@ -44,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_texts(pattern: str, column: str, limit: int, seed: int) -> list[str]:
     """Usable texts of the corpus, in input order; a seeded sample of `limit` when there are more."""
     import pyarrow.parquet as pq
+
+    from winnow.pipelines.read import InputError, expand_paths
+    from winnow.pipelines.validate import check_text
 
     texts: list[str] = []
     for file in expand_paths(pattern):
@@ -70,6 +70,7 @@ def read_texts(pattern: str, column: str, limit: int, seed: int) -> list[str]:
 
 
 def explained_variance(sae, activations: np.ndarray) -> float:
+    """1 - residual / total sum of squares of the SAE's reconstruction of `activations`."""
     import torch
 
     with torch.inference_mode():
@@ -82,6 +83,9 @@ def explained_variance(sae, activations: np.ndarray) -> float:
 
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+
+    from winnow.selectors import embedding
+    from winnow.selectors import sae as sae_lib
 
     torch.set_num_threads(embedding.threads_per_worker(0, 1))
     started = time.perf_counter()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ import numpy as np
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import ConfigError, WinnowConfig
+from winnow.pipelines.progress import Progress
 from winnow.pipelines.read import InputError, expand_paths
 from winnow.pipelines.records import ledger_row, order_key, split_routed
 from winnow.pipelines.validate import check_text
@@ -68,6 +70,7 @@ class SelectPlan:
     d_sae: int | None = None
     sae_k: int | None = None
     embed_model_path: str | None = None
+    expected_records: int | None = None
 
     def manifest(self) -> dict[str, Any]:
         entry = asdict(self)
@@ -249,12 +252,15 @@ class _ScoreWindowFn(beam.DoFn):
         self.plan = plan
         self.scored = beam.metrics.Metrics.counter("winnow.select", "records_scored")
         self.scores = beam.metrics.Metrics.distribution("winnow.select", "score_x1e6")
+        self.busy_ms = beam.metrics.Metrics.distribution("winnow.select", "busy_ms")
 
     def setup(self):
         self.models = _models(self.plan) if self.plan.method == "mona" else None
+        self.progress = Progress(f"select:{self.plan.method}", self.plan.expected_records)
 
     def process(self, window, prototype, bm25_stats=None) -> Iterator[dict[str, Any]]:
         plan = self.plan
+        started = time.perf_counter()
         records = sorted(window[1], key=order_key)
         features: list[dict[int, float]] = [{} for _ in records]
         if plan.method == "mona":
@@ -274,6 +280,8 @@ class _ScoreWindowFn(beam.DoFn):
         else:
             scores = np.array([task_selection.random_score(plan.seed, r["id"]) for r in records])
         self.scored.inc(len(records))
+        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
+        self.progress.advance(len(records))
         for record, score, feature_values in zip(records, scores.tolist(), features, strict=True):
             self.scores.update(int(score * 1e6))
             scored = {**record, "select_score": float(score), "select_features": feature_values}

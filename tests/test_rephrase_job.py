@@ -101,3 +101,36 @@ def test_the_mixture_gives_synthetic_sources_their_configured_share(docs):
     assert len(rows) == 40
     assert rows["parent_id"].notna().sum() == 10  # 25% of every position
     assert manifest["mix"]["sources"]
+
+
+def test_a_killed_run_resumes_without_regenerating_finished_windows(docs, tmp_path):
+    """SIGKILL in the middle of generation, then the same command again: finished windows come from the cache
+    and the output equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rephrase = {**REPHRASE, "window": 1}  # one window per input row
+    config = job_config(docs / "docs.parquet", tmp_path / "out", rephrase=rephrase)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    cache = tmp_path / ".out.rephrase-cache"
+    job = subprocess.Popen([sys.executable, "-m", "winnow.pipelines", "run", str(path)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cache.glob("*.json"))) < 2 and job.poll() is None:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    finished = len(list(cache.glob("*.json")))
+    assert finished >= 2, "the run was killed after some windows were cached"
+    assert not (tmp_path / "out").exists(), "a killed run publishes nothing"
+
+    manifest = run_job(plan_job(build_config(config), []))
+    reused = manifest["rephrase"]["segments_reused_from_cache"]
+    generated = manifest["counts"]["synthetic"]["generated"]
+    assert reused >= 2 and manifest["rephrase"]["segments_generated"] + reused == generated
+    _, uninterrupted = run(docs, "uninterrupted", rephrase={**rephrase, "cache": False})
+    assert pq.read_table(tmp_path / "out" / "shards").equals(pq.read_table(uninterrupted / "shards"))

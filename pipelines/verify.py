@@ -1,0 +1,97 @@
+"""`winnow verify OUT`: check an output directory against its manifest before training on it.
+
+Checks that every file the manifest lists (shards, ledger, embeddings) exists with its recorded SHA-256,
+size and row count; that the ledger has one row per input record (no input position twice, no id twice except
+rejected duplicate ids, which repeat the id they duplicate) and unique synthetic ids; and that the counts
+reconcile: ledger rows per fate equal the manifest's counts, and the copies the ledger records equal the rows
+in the shards. Returns the list of problems, each one line naming the file or the count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+LEDGER_COLUMNS = ("id", "fate", "reason", "input_file", "input_row", "copies", "parent_id")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_files(output: Path, section: str, entries: list[dict[str, Any]], problems: list[str]) -> list[Path]:
+    present = []
+    for entry in entries:
+        path = output / entry["file"]
+        if not path.is_file():
+            problems.append(f"{entry['file']}: listed in the manifest ({section}) but missing")
+            continue
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            problems.append(f"{entry['file']}: content differs from the manifest (SHA-256 or size)")
+            continue
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows != entry["rows"]:
+            problems.append(f"{entry['file']}: {rows} rows, the manifest says {entry['rows']}")
+            continue
+        present.append(path)
+    directory = section if section != "embeddings" else "embeddings"
+    listed = {entry["file"] for entry in entries}
+    for extra in sorted((output / directory).glob("*.parquet")) if (output / directory).is_dir() else []:
+        if f"{directory}/{extra.name}" not in listed:
+            problems.append(f"{directory}/{extra.name}: not listed in the manifest")
+    return present
+
+
+def verify(output: str | Path) -> list[str]:
+    output = Path(output)
+    try:
+        manifest = json.loads((output / MANIFEST).read_text())
+    except OSError:
+        return [f"{output}: no {MANIFEST} (not a finished winnow output)"]
+    except ValueError:
+        return [f"{output / MANIFEST}: not valid JSON"]
+    problems: list[str] = []
+    shards = _check_files(output, "shards", manifest.get("shards", []), problems)
+    ledger_files = _check_files(output, "ledger", manifest.get("ledger", []), problems)
+    if manifest.get("embeddings"):
+        _check_files(output, "embeddings", manifest["embeddings"].get("files", []), problems)
+    if len(ledger_files) != len(manifest.get("ledger", [])):
+        return problems  # counts cannot be reconciled without the whole ledger
+    ledger = []
+    for path in ledger_files:
+        table = pq.read_table(path)
+        rows = table.select([c for c in LEDGER_COLUMNS if c in table.column_names]).to_pylist()
+        ledger.extend({"parent_id": None, **row} for row in rows)
+    inputs = [row for row in ledger if not row["parent_id"]]
+    synthetic = [row for row in ledger if row["parent_id"]]
+    positions = Counter((row["input_file"], row["input_row"]) for row in inputs)
+    for (file, row), times in sorted(positions.items()):
+        if times > 1:
+            problems.append(f"ledger: input {file} row {row} has {times} rows")
+    ids = Counter(row["id"] for row in inputs if row["reason"] != "duplicate_id")
+    ids.update(row["id"] for row in synthetic)
+    repeated = sorted(i for i, n in ids.items() if n > 1)
+    if repeated:
+        problems.append(f"ledger: {len(repeated)} ids appear more than once (e.g. {repeated[0]})")
+    counts = manifest.get("counts", {})
+    if len(inputs) != counts.get("input_records"):
+        problems.append(f"ledger: {len(inputs)} input records, the manifest counts {counts.get('input_records')}")
+    by_fate = dict(Counter(row["fate"] for row in inputs))
+    if by_fate != counts.get("by_fate"):
+        problems.append(f"ledger: fates {dict(sorted(by_fate.items()))} differ from the manifest's "
+                        f"{counts.get('by_fate')}")
+    copies = sum(row["copies"] or 0 for row in ledger)
+    shard_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
+    if len(shards) == len(manifest.get("shards", [])) and copies != shard_rows:
+        problems.append(f"ledger: records {copies} copies in the shards, the shards hold {shard_rows} rows")
+    return problems
