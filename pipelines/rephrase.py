@@ -40,8 +40,8 @@ from winnow.rephrase import generate, prompts, segment
 from winnow.selectors import embedding, lm
 
 SYNTHETIC, LEDGER, PLAN = "synthetic", "ledger", "plan"
-CLEANING_VERSION = "1"
 PROGRESS_EVERY_S = 10.0
+CACHE_FORMAT = "1"  # the layout of a cached window (raw generations); cleaning is not part of the key
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,10 @@ class _SegmentFn(beam.DoFn):
 
 
 def window_key(plan: RephrasePlan, style: tuple[str, str, str], prompts_: list[str]) -> str:
-    """The cache key of one window: what determines its outputs."""
+    """The cache key of one window: what determines its raw outputs (cleaning runs again on reuse)."""
     digest = hashlib.sha256()
     for part in (plan.model_fingerprint, plan.backend, json.dumps(asdict(plan.params), sort_keys=True),
-                 json.dumps(style), CLEANING_VERSION):
+                 json.dumps(style), CACHE_FORMAT):
         digest.update(part.encode() + b"\0")
     for prompt in prompts_:
         digest.update(prompt.encode() + b"\0")

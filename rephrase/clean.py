@@ -47,8 +47,10 @@ def strip_wrappers(output: str) -> str:
     if len(paragraphs) > 1 and paragraphs[0].rstrip().endswith(":") and len(paragraphs[0]) < 400 \
             and _LEAD_PARAGRAPH.search(paragraphs[0]) and not _QUESTION.search(paragraphs[0]):
         paragraphs.pop(0)
-    while len(paragraphs) > 1 and _COMMENTARY.match(paragraphs[-1]):
-        paragraphs.pop()
+    # commentary runs to the end once it starts ("I made the following changes:" and its bullet list)
+    cut = next((i for i, paragraph in enumerate(paragraphs) if i > 0 and _COMMENTARY.match(paragraph)), None)
+    if cut is not None:
+        paragraphs = paragraphs[:cut]
     text = "\n\n".join(paragraphs).strip()
     if len(paragraphs) == 1 and _COMMENTARY.match(text):
         return ""

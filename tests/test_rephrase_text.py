@@ -91,6 +91,10 @@ def test_cleaning_rules_on_hand_written_cases():
                                 "from the scheduler.\n\nI made minor adjustments to the wording.", source, "medium",
                                 True)
     assert ok == "Each CPU gets its next job from the scheduler." and reason is None
+    listed = ("The paragraph contains several sentences that can be improved. Here's a suggested rewording of the "
+              "paragraph:\n\nEach CPU takes its next task from the scheduler.\n\nI made the following changes:\n\n"
+              "- Changed \"picks\" to \"takes\".\n- Added \"from\".")
+    assert clean.strip_wrappers(listed) == "Each CPU takes its next task from the scheduler."
     assert clean.clean("anything", source, "medium", False)[1] == "truncated"
     assert clean.clean("Here is the paraphrase:", source, "medium", True)[1] == "empty"
     assert clean.clean(source, source, "medium", True)[1] == "echo"
