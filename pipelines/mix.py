@@ -102,6 +102,8 @@ class _PlaceFn(beam.DoFn):
 
     def __init__(self, seed: int):
         self.seed = seed
+        self.placed = beam.metrics.Metrics.counter("winnow.mix", "copies_placed")
+        self.left_out = beam.metrics.Metrics.counter("winnow.mix", "records_not_sampled")
 
     def process(self, element) -> Iterator[tuple[str, Any]]:
         _, joined = element
@@ -122,8 +124,10 @@ class _PlaceFn(beam.DoFn):
                 copy = {**record, "epoch": epoch}
                 yield PLACED, (shard, (seeded_hash(self.seed, record["id"], epoch, "shuffle"), copy))
             if len(slots):
+                self.placed.inc(len(slots))
                 yield LEDGER, ledger_row(record, "kept", "write", None, f"{len(slots)} copies", copies=len(slots))
             else:
+                self.left_out.inc()
                 yield LEDGER, ledger_row(record, "not_selected", STAGE, "not_sampled",
                                          "the mixture did not draw this record", copies=0)
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from winnow.pipelines.config import PruneConfig
 from winnow.pipelines.mix import seeded_hash
+from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import ledger_row, order_key, split_routed
 from winnow.selectors import clustering
 from winnow.selectors.pruning import PruneSettings, cluster_quotas, dedup_cluster, pool_budget
@@ -61,12 +62,18 @@ def fit(sample: list, count: int, settings: PruneSettings) -> np.ndarray:
 class _AssignFn(beam.DoFn):
     def __init__(self):
         self.busy_ms = beam.metrics.Metrics.distribution("winnow.prune", "busy_ms")
+        self.assigned = beam.metrics.Metrics.counter("winnow.prune", "records_assigned")
+
+    def setup(self):
+        self.progress = Progress("prune:assign")
 
     def process(self, window, centroids) -> Iterator[dict[str, Any]]:
         started = time.perf_counter()
         records = sorted(window[1], key=order_key)
         labels, dist = clustering.assign(np.stack([r["embedding"] for r in records]), centroids)
         self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
+        self.assigned.inc(len(records))
+        self.progress.advance(len(records))
         for record, label, distance in zip(records, labels.tolist(), dist.tolist(), strict=True):
             yield {**record, "cluster": label, "dist_to_centroid": distance}
 

@@ -127,3 +127,10 @@ def test_default_config_runs_on_the_bundled_sample(tmp_path, monkeypatch):
     assert set(manifest["counts"]["by_fate"]) == {"kept", "not_selected"}
     assert [s["rows"] for s in manifest["shards"]] == [460] * 4
     assert manifest["mix"]["sources"]["sk"]["repeated"] and manifest["embeddings"] is None
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    import re
+
+    assert re.findall(r"<h2 id='([a-z]+)'>", page) == ["funnel", "mix", "timings"]
+    assert "1,840 input records: " in page and f"{manifest['mix']['total']:,} records in 4 shards" in page
+    for source, entry in manifest["mix"]["sources"].items():
+        assert f"<td>{source}</td><td>{entry['size']:,}</td><td>{entry['rows']:,}</td>" in page
