@@ -121,6 +121,14 @@ def plan_reads(config: InputConfig) -> tuple[list[str], list[ReadTask]]:
     return paths, tasks
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def make_record(
     values: dict[str, Any], task: ReadTask, row: int, config: InputConfig, problem: tuple[str, str] | None = None
 ) -> dict[str, Any]:
@@ -136,9 +144,19 @@ def make_record(
             problem = ("missing_id", f"column {columns.id!r} is null or empty")
         elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
             record_id = str(raw_id)
+            if not _encodable(record_id):
+                record_id = None
+                problem = ("invalid_id", f"column {columns.id!r} is not valid UTF-8 (a lone surrogate)")
         else:
             problem = ("invalid_id", f"column {columns.id!r} holds a {type(raw_id).__name__}")
+    if source is not None and not _encodable(str(source)):
+        source = None  # the ledger could not store it; the record is rejected (below) unless already
+        problem = problem or ("invalid_source", f"column {columns.source!r} is not valid UTF-8 (a lone surrogate)")
     skip = {columns.text, columns.id, columns.source}
+    if problem is None:
+        broken = next((k for k, v in values.items() if k not in skip and isinstance(v, str) and not _encodable(v)), None)
+        if broken is not None:
+            problem = ("invalid_column", f"column {broken!r} is not valid UTF-8 (a lone surrogate)")
     return {
         "id": record_id,
         "text": values.get(columns.text),
