@@ -154,7 +154,9 @@ def make_record(
         problem = problem or ("invalid_source", f"column {columns.source!r} is not valid UTF-8 (a lone surrogate)")
     skip = {columns.text, columns.id, columns.source}
     if problem is None:
-        broken = next((k for k, v in values.items() if k not in skip and isinstance(v, str) and not _encodable(v)), None)
+        broken = next(
+            (k for k, v in values.items() if k not in skip and isinstance(v, str) and not _encodable(v)), None
+        )
         if broken is not None:
             problem = ("invalid_column", f"column {broken!r} is not valid UTF-8 (a lone surrogate)")
     return {
