@@ -188,7 +188,8 @@ def select_section(manifest: dict[str, Any], ledger: list[dict[str, Any]]) -> st
             f"{_svg(figure)}{features}")
 
 
-def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], texts: _Texts) -> str:
+def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], ledger: list[dict[str, Any]],
+                     texts: _Texts) -> str:
     rephrase = manifest["rephrase"]
     rows = []
     for style, entry in rephrase["styles_summary"].items():
@@ -198,13 +199,16 @@ def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], tex
         rows.append([_esc(style), str(entry["generated"]), acceptance, _esc(reasons), ratio])
     summary = _table(["style", "generated", "accepted", "rejected", "length out/in"], rows)
     originals = {row["id"]: row for row in shards if not row.get("parent_id")}
+    positions = {row["id"]: (row["input_file"], row["input_row"]) for row in ledger
+                 if not row.get("parent_id") and row["reason"] != "duplicate_id"}
     examples, seen = [], Counter()
     for row in shards:
         style = row.get("style")
         if row.get("parent_id") and seen[style] < 2:
             seen[style] += 1
             parent = originals.get(row["parent_id"])
-            source_text = parent["text"] if parent else None
+            where = positions.get(row["parent_id"])
+            source_text = parent["text"] if parent else texts.get(*where) if where else None
             examples.append([_esc(style), _snippet(source_text), _snippet(row["text"])])
     side = _table(["style", "original", "rephrased"], examples) if examples else "<p>No accepted rephrasings.</p>"
     return (f"<h2 id='rephrase'>Rephrasing</h2><p>Model {_esc(rephrase['model'])} ({_esc(rephrase['backend'])}), "
@@ -280,7 +284,7 @@ def build_report(output: str | Path, target: str | Path | None = None, display: 
     if manifest.get("select"):
         sections.append(("select", select_section(manifest, ledger)))
     if manifest.get("rephrase"):
-        sections.append(("rephrase", rephrase_section(manifest, shards, texts)))
+        sections.append(("rephrase", rephrase_section(manifest, shards, ledger, texts)))
     if manifest.get("mix"):
         sections.append(("mix", mix_section(manifest)))
     sections.append(("timings", timings_section(manifest)))
