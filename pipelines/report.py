@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPORT_DIR = "report"
@@ -124,7 +125,11 @@ def funnel_section(manifest: dict[str, Any]) -> str:
             f"{_svg(figure)}{_table(['fate', 'stage', 'reason', 'rows'], rows)}")
 
 
-def prune_section(manifest: dict[str, Any], ledger: list[dict[str, Any]], texts: _Texts) -> str:
+def _rows(table, mask) -> list[dict[str, Any]]:
+    return table.filter(mask).to_pylist()
+
+
+def prune_section(manifest: dict[str, Any], ledger, texts: _Texts) -> str:
     prune = manifest["prune"]
     clusters = prune["clusters"]
     import matplotlib
@@ -144,8 +149,12 @@ def prune_section(manifest: dict[str, Any], ledger: list[dict[str, Any]], texts:
     right.set_xlabel("complexity (d_inter x d_intra)")
     right.set_ylabel("quota / survivors")
     right.set_title("Complexity vs share kept")
-    pairs = [row for row in ledger if row["fate"] == "deduplicated"][:EXAMPLES]
-    by_id = {row["id"]: row for row in ledger if not row.get("parent_id")}
+    import pyarrow.compute as pc
+
+    pairs = _rows(ledger, pc.equal(ledger["fate"], "deduplicated"))[:EXAMPLES]
+    wanted = pa.array([row["duplicate_of"] for row in pairs], pa.string())
+    not_duplicate = pc.invert(pc.fill_null(pc.equal(ledger["reason"], "duplicate_id"), False))
+    by_id = {row["id"]: row for row in _rows(ledger, pc.and_(pc.is_in(ledger["id"], wanted), not_duplicate))}
     pair_rows = []
     for row in pairs:
         kept = by_id.get(row["duplicate_of"])
@@ -162,9 +171,9 @@ def prune_section(manifest: dict[str, Any], ledger: list[dict[str, Any]], texts:
             f"<h3>SemDeDup pairs</h3>{pairs_html}")
 
 
-def select_section(manifest: dict[str, Any], ledger: list[dict[str, Any]]) -> str:
+def select_section(manifest: dict[str, Any], ledger) -> str:
     select = manifest["select"]
-    scores = [row["select_score"] for row in ledger if row.get("select_score") is not None]
+    scores = ledger["select_score"].drop_null().to_numpy()
     figure, axis = _figure()
     axis.hist(scores, bins=50, color="#4477aa")
     if select.get("threshold_score") is not None:
@@ -188,8 +197,7 @@ def select_section(manifest: dict[str, Any], ledger: list[dict[str, Any]]) -> st
             f"{_svg(figure)}{features}")
 
 
-def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], ledger: list[dict[str, Any]],
-                     texts: _Texts) -> str:
+def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], ledger, texts: _Texts) -> str:
     rephrase = manifest["rephrase"]
     rows = []
     for style, entry in rephrase["styles_summary"].items():
@@ -198,18 +206,21 @@ def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], led
         ratio = "-" if entry["length_ratio"] is None else f"{entry['length_ratio']:.2f}"
         rows.append([_esc(style), str(entry["generated"]), acceptance, _esc(reasons), ratio])
     summary = _table(["style", "generated", "accepted", "rejected", "length out/in"], rows)
-    originals = {row["id"]: row for row in shards if not row.get("parent_id")}
-    positions = {row["id"]: (row["input_file"], row["input_row"]) for row in ledger
-                 if not row.get("parent_id") and row["reason"] != "duplicate_id"}
-    examples, seen = [], Counter()
+    import pyarrow.compute as pc
+
+    chosen, seen = [], Counter()
     for row in shards:
-        style = row.get("style")
-        if row.get("parent_id") and seen[style] < 2:
-            seen[style] += 1
-            parent = originals.get(row["parent_id"])
-            where = positions.get(row["parent_id"])
-            source_text = parent["text"] if parent else texts.get(*where) if where else None
-            examples.append([_esc(style), _snippet(source_text), _snippet(row["text"])])
+        if seen[row["style"]] < 2:
+            seen[row["style"]] += 1
+            chosen.append(row)
+    parents = pa.array([row["parent_id"] for row in chosen], pa.string())
+    positions = {row["id"]: (row["input_file"], row["input_row"]) for row in _rows(
+        ledger, pc.and_(pc.is_in(ledger["id"], parents), pc.is_null(ledger["parent_id"])))}
+    examples = []
+    for row in chosen:
+        where = positions.get(row["parent_id"])
+        source_text = texts.get(*where) if where else None
+        examples.append([_esc(row["style"]), _snippet(source_text), _snippet(row["text"])])
     side = _table(["style", "original", "rephrased"], examples) if examples else "<p>No accepted rephrasings.</p>"
     return (f"<h2 id='rephrase'>Rephrasing</h2><p>Model {_esc(rephrase['model'])} ({_esc(rephrase['backend'])}), "
             f"{rephrase['records_chosen']:,} records chosen; {rephrase['segments_generated']:,} segments generated, "
@@ -268,15 +279,38 @@ vertical-align:top;text-align:left}th{background:#f2f2f2}svg{max-width:100%;heig
 #4477aa;padding-bottom:.2em;margin-top:2em}nav a{margin-right:1em}"""
 
 
+def _read_ledger(files: list[Path], columns: list[str]):
+    """The ledger's columns the report uses; columns an older ledger lacks come back as nulls."""
+    if not files:
+        return pa.table({name: pa.array([], pa.string()) for name in columns})
+    names = pq.read_schema(files[0]).names
+    table = pq.read_table(files, columns=[c for c in columns if c in names])
+    for name in columns:
+        if name not in table.column_names:
+            kind = pa.float64() if name == "select_score" else pa.string()
+            table = table.append_column(name, pa.nulls(table.num_rows, kind))
+    return table
+
+
 def build_report(output: str | Path, target: str | Path | None = None, display: str | None = None) -> Path:
     """Write the report of the output directory `output` into `target` (default OUT/report/index.html);
     `display` names the output in the page (the job builds the report before renaming its work directory)."""
     output = Path(output)
     manifest = json.loads((output / "manifest.json").read_text())
     ledger_files = sorted((output / "ledger").glob("*.parquet"))
-    ledger = pq.read_table(ledger_files).to_pylist() if ledger_files else []
-    shard_files = sorted((output / "shards").glob("*.parquet"))
-    shards = pq.read_table(shard_files).to_pylist() if shard_files else []
+    columns = ["id", "fate", "reason", "detail", "input_file", "input_row", "duplicate_of", "select_score",
+               "parent_id"]
+    ledger = _read_ledger(ledger_files, columns)
+    shards: list[dict[str, Any]] = []
+    if manifest.get("rephrase"):
+        # only the synthetic rows, a few per style: the examples shown beside their originals
+        import pyarrow.compute as pc
+
+        for path in sorted((output / "shards").glob("*.parquet")):
+            if not {"parent_id", "style"} <= set(pq.read_schema(path).names):
+                continue
+            table = pq.read_table(path, columns=["text", "parent_id", "style"])
+            shards.extend(table.filter(pc.is_valid(table["parent_id"])).slice(0, 50).to_pylist())
     texts = _Texts(manifest["config"])
     sections = [("funnel", funnel_section(manifest))]
     if manifest.get("prune"):
