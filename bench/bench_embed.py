@@ -60,7 +60,7 @@ def main() -> int:
             "embed": {"enabled": True, "reuse": False, "batch_size": args.batch_size, "torch_threads": threads},
         })
         started = time.perf_counter()
-        manifest = run_job(plan_job(config, []))
+        manifest = run_job(plan_job(config, []), force=True)
         beam_s = time.perf_counter() - started
         from winnow.pipelines.embed import read_embeddings
 

@@ -50,7 +50,7 @@ def run_one(path: str, output: str) -> dict:
         "mix": {"enabled": True, "shards": 20},
     })
     started = time.perf_counter()
-    manifest = run_job(plan_job(config, []))
+    manifest = run_job(plan_job(config, []), force=True)
     return {
         "records": manifest["counts"]["input_records"],
         "wall_s": round(time.perf_counter() - started, 1),

@@ -86,7 +86,7 @@ def main() -> int:
                              "torch_threads": threads},
             })
             started = time.perf_counter()
-            manifest = run_job(plan_job(config, []))
+            manifest = run_job(plan_job(config, []), force=True)
             job_s = time.perf_counter() - started
             job_tokens = manifest["rephrase"]["styles_summary"]["medium"]["new_tokens"]
             result = {

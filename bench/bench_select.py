@@ -86,7 +86,7 @@ def main() -> int:
                        "torch_threads": threads},
         })
         started = time.perf_counter()
-        manifest = run_job(plan_job(config, []))
+        manifest = run_job(plan_job(config, []), force=True)
         beam_s = time.perf_counter() - started
         ledger = pq.read_table(scratch / "out" / "ledger", columns=["id", "sae_score"]).to_pandas().set_index("id")
 

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override a config key; the value is read as YAML (5, true, [a, b], text)",
     )
+    run.add_argument("--force", action="store_true", help="recompute every stage instead of reusing cached ones")
     run.add_argument("--traceback", action="store_true", help="show the full traceback when the job fails")
     sae = commands.add_parser("sae", help="sparse autoencoders for select.method mona")
     sae_commands = sae.add_subparsers(dest="sae_command", required=True)
@@ -74,6 +75,15 @@ def _summary(manifest: dict, output: str) -> str:
     )
 
 
+def _stage_line(name: str, entry) -> None:
+    if entry is None:
+        print(f"winnow: {name}: running", flush=True)
+        return
+    done = "reused from the cache" if entry.reused else f"computed in {entry.seconds:.1f} s"
+    print(f"winnow: {name}: {done} ({entry.records} records out, {entry.removed} removed; key {entry.key})",
+          flush=True)
+
+
 def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     logging.getLogger().setLevel(logging.ERROR)
     from winnow.pipelines.job import OutputError, plan_job, run_job
@@ -87,7 +97,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         print(f"winnow: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        manifest = run_job(plan)
+        manifest = run_job(plan, force=args.force, on_stage=_stage_line)
     except Exception as error:  # noqa: BLE001 - the CLI turns any job failure into one line and exit 1
         if args.traceback:
             raise

@@ -56,6 +56,10 @@ class OutputConfig(_Section):
     ledger_rows: int = Field(1_000_000, gt=0, description="target rows per ledger file")
     row_group_rows: int = Field(5_000, gt=0, description="Parquet row-group size, for streaming readers")
     report: bool = Field(True, description="write the HTML run report to OUT/report/ at the end of the run")
+    cache: bool = Field(
+        True, description="keep each stage's output in .OUT.cache/ beside OUT and reuse it while its input, "
+        "config, code and models are unchanged",
+    )
 
 
 class EmbedConfig(_Section):

@@ -11,6 +11,7 @@ written, so a crashed run never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +47,18 @@ from winnow.pipelines.select import KEPT as SELECT_KEPT
 from winnow.pipelines.select import LEDGER as SELECT_LEDGER
 from winnow.pipelines.select import PLAN as SELECT_PLAN
 from winnow.pipelines.select import SelectPlan, SelectRecords, plan_select
+from winnow.pipelines.stage_cache import (
+    RECORDS,
+    REMOVED,
+    ReadCache,
+    StageCache,
+    StageEntry,
+    WriteCache,
+    input_fingerprint,
+    library_versions,
+    source_hash,
+    stage_key,
+)
 from winnow.pipelines.validate import REJECTED, VALID, ValidateRecords
 from winnow.pipelines.write import LEDGER_TALLY_FIELDS, WriteLedger, WriteMixedShards, WriteShards
 
@@ -74,6 +88,8 @@ class JobPlan:
     beam_args: list[str]
     select: SelectPlan | None = None
     rephrase: RephrasePlan | None = None
+    cache_dir: Path | None = None
+    stages: list[Stage] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -138,59 +154,174 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
         select = replace(plan_select(config, workers, embed.model_path if embed else None),
                          expected_records=expected_rows(tasks))
     rephrase = plan_rephrase(config.rephrase, output, workers) if config.rephrase.enabled else None
-    plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args), select, rephrase)
+    plan = JobPlan(config, paths, tasks, output, work_dir, embed, list(beam_args), select, rephrase,
+                   cache_dir=output.parent / f".{output.name}.cache")
+    plan.stages = plan_stages(plan)
     plan.timings["plan_s"] = time.perf_counter() - started
     return plan
 
 
 FILES_META = "_files.json"
+VECTOR_STAGES = ("prune", "select")  # stages that read the records' embeddings
+StageBuild = Callable[[beam.Pipeline, Any, str], tuple[Any, list[Any], list[Any]]]
+
+
+@dataclass
+class Stage:
+    """One cached step of the job: `build(pipeline, records or None, directory)` returns (records out,
+    ledger-row collections of the records it removed, metadata collections of files it wrote)."""
+
+    name: str
+    material: dict[str, Any]
+    build: StageBuild
+    key: str = ""
 
 
 def _write_files_meta(files: list[dict[str, Any]], path: str) -> None:
     write_bytes(path, json.dumps(sorted(files, key=lambda f: (f["dir"], f.get("file", ""))), indent=1).encode())
 
 
-def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
-    """The job graph. Its last step gathers the metadata of every written file, so every branch is upstream
-    of it: Beam 2.77's DaskRunner computes only the last transform and what it depends on."""
-    config, work = plan.config, str(plan.work_dir)
-    written = []
-    records = pipeline | "Read" >> ReadRecords(config.input, plan.tasks)
-    checked = records | "Validate" >> ValidateRecords(config.validate_.max_text_bytes)
-    kept = checked[VALID]
-    removed = [checked[REJECTED]]
-    if plan.embed is not None:
-        kept = kept | "Embed" >> EmbedRecords(plan.embed)
-        written.append(
-            kept
+def _validate_build(plan: JobPlan) -> StageBuild:
+    def build(pipeline, records, directory):
+        records = pipeline | "Read" >> ReadRecords(plan.config.input, plan.tasks)
+        checked = records | "Validate" >> ValidateRecords(plan.config.validate_.max_text_bytes)
+        return checked[VALID], [checked[REJECTED]], []
+    return build
+
+
+def _embed_build(plan: JobPlan) -> StageBuild:
+    def build(pipeline, records, directory):
+        embedded = records | "Embed" >> EmbedRecords(plan.embed)
+        written = (
+            embedded
             | "OrderEmbeddings" >> AssignPositions(order_key)
             | "WriteEmbeddings"
             >> WriteOrderedParquet(
-                work,
-                EMBEDDINGS_DIR,
-                config.output.ledger_rows,
-                embeddings_table,
-                config.output.row_group_rows,
+                directory, EMBEDDINGS_DIR, plan.config.output.ledger_rows, embeddings_table,
+                plan.config.output.row_group_rows,
                 tally_key=lambda record: "reused" if record["embedding_reused"] else "computed",
             )
         )
-    if config.prune.enabled:
-        pruned = kept | "Prune" >> PruneRecords(config.prune)
-        kept = pruned[PRUNE_KEPT]
-        removed.append(pruned[PRUNE_LEDGER])
-        written.append(pruned[PRUNE_PLAN])
-    if plan.select is not None:
-        selected = kept | "Select" >> SelectRecords(plan.select)
-        kept = selected[SELECT_KEPT]
-        removed.append(selected[SELECT_LEDGER])
-        written.append(selected[SELECT_PLAN])
+        return embedded, [], [written]
+    return build
+
+
+def _prune_build(plan: JobPlan) -> StageBuild:
+    def build(pipeline, records, directory):
+        pruned = records | "Prune" >> PruneRecords(plan.config.prune)
+        return pruned[PRUNE_KEPT], [pruned[PRUNE_LEDGER]], [pruned[PRUNE_PLAN]]
+    return build
+
+
+def _select_build(plan: JobPlan) -> StageBuild:
+    def build(pipeline, records, directory):
+        selected = records | "Select" >> SelectRecords(plan.select)
+        return selected[SELECT_KEPT], [selected[SELECT_LEDGER]], [selected[SELECT_PLAN]]
+    return build
+
+
+def _rephrase_build(plan: JobPlan) -> StageBuild:
+    def build(pipeline, records, directory):
+        rephrased = records | "Rephrase" >> RephraseRecords(plan.rephrase)
+        together = (records, rephrased[SYNTHETIC]) | "WithSynthetic" >> beam.Flatten()
+        return together, [rephrased[REPHRASE_LEDGER]], [rephrased[REPHRASE_PLAN]]
+    return build
+
+
+def _section(model) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True)
+
+
+def _text_digest(texts) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def plan_stages(plan: JobPlan) -> list[Stage]:
+    """The job's cached stages in order, each keyed by the previous key, its config section, its code, the
+    libraries that compute it and its models' fingerprints. The mix and the output are not cached stages: they
+    are what a run writes."""
+    config = plan.config
+    common = ("winnow.pipelines.records", "winnow.pipelines.stage_cache", "winnow.pipelines.config")
+    stages = [Stage("validate", {
+        "code": source_hash((*common, "winnow.pipelines.read", "winnow.pipelines.validate")),
+        "inputs": input_fingerprint(plan.input_paths),
+        "input": _section(config.input), "validate": _section(config.validate_),
+        "libraries": library_versions(("apache-beam", "pyarrow")),
+    }, _validate_build(plan))]
     if plan.embed is not None:
-        kept = kept | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
+        settings = {k: v for k, v in _section(config.embed).items() if k not in ("reuse", "torch_threads")}
+        stages.append(Stage("embed", {
+            "code": source_hash((*common, "winnow.pipelines.embed", "winnow.selectors.embedding")),
+            "embed": settings, "model": plan.embed.fingerprint, "device": plan.embed.device,
+            "libraries": library_versions(("torch", "transformers", "sentence-transformers", "numpy")),
+        }, _embed_build(plan)))
+    if config.prune.enabled:
+        stages.append(Stage("prune", {
+            "code": source_hash((*common, "winnow.pipelines.prune", "winnow.pipelines.mix",
+                                 "winnow.selectors.clustering", "winnow.selectors.pruning",
+                                 "winnow.selectors.semdedup", "winnow.selectors.dbp")),
+            "prune": _section(config.prune), "libraries": library_versions(("faiss-cpu", "numpy")),
+        }, _prune_build(plan)))
+    if plan.select is not None:
+        select = plan.select
+        stages.append(Stage("select", {
+            "code": source_hash((*common, "winnow.pipelines.select", "winnow.pipelines.validate",
+                                 "winnow.selectors.lm", "winnow.selectors.sae",
+                                 "winnow.selectors.task_selection", "winnow.selectors.embedding")),
+            "select": {k: v for k, v in _section(config.select).items() if k != "torch_threads"},
+            "targets": _text_digest(select.targets), "model": select.model_fingerprint,
+            "sae": select.sae_fingerprint, "embed_model": plan.embed.fingerprint if plan.embed else None,
+            "device": select.device,
+            "libraries": library_versions(("torch", "transformers", "sae-lens", "sentence-transformers")),
+        }, _select_build(plan)))
     if plan.rephrase is not None:
-        rephrased = kept | "Rephrase" >> RephraseRecords(plan.rephrase)
-        removed.append(rephrased[REPHRASE_LEDGER])
-        written.append(rephrased[REPHRASE_PLAN])
-        kept = (kept, rephrased[SYNTHETIC]) | "WithSynthetic" >> beam.Flatten()
+        stages.append(Stage("rephrase", {
+            "code": source_hash((*common, "winnow.pipelines.rephrase", "winnow.pipelines.mix",
+                                 "winnow.rephrase.clean", "winnow.rephrase.generate", "winnow.rephrase.prompts",
+                                 "winnow.rephrase.segment", "winnow.selectors.lm")),
+            "rephrase": {k: v for k, v in _section(config.rephrase).items() if k != "torch_threads"},
+            "model": plan.rephrase.model_fingerprint, "backend": plan.rephrase.backend,
+            "device": plan.rephrase.device, "libraries": library_versions(("torch", "transformers", "vllm")),
+        }, _rephrase_build(plan)))
+    previous = ""
+    for stage in stages:
+        stage.material = {"stage": stage.name, "previous": previous, **stage.material}
+        stage.key = previous = stage_key(stage.material)
+    return stages
+
+
+def build_stage_graph(pipeline: beam.Pipeline, stage: Stage, upstream: list[str], directory: str) -> None:
+    """One stage's graph: read the previous stage's cached records (the validate stage reads the input), run
+    the stage, write its records and removed rows to the cache and the list of every file it wrote."""
+    records = None
+    if stage.name != "validate":
+        drop = () if stage.name in VECTOR_STAGES else ("embedding",)
+        records = pipeline | "ReadCached" >> ReadCache(upstream, drop)
+    records, removed, written = stage.build(pipeline, records, directory)
+    written = [*written, records | "CacheRecords" >> WriteCache(directory, RECORDS)]
+    if removed:
+        removed = removed[0] if len(removed) == 1 else tuple(removed) | "AllRemoved" >> beam.Flatten()
+        written.append(removed | "CacheRemoved" >> WriteCache(directory, REMOVED))
+    _ = (
+        written
+        | "AllFiles" >> beam.Flatten()
+        | "FileList" >> beam.combiners.ToList()
+        | "WriteFileList" >> beam.Map(_write_files_meta, str(Path(directory) / FILES_META))
+    )
+
+
+def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: list[str],
+                       removed_paths: list[str]) -> None:
+    """The last graph: the final stage's records are mixed (or written in input order) into shards, and the
+    ledger gets every record's one row. Its last step gathers the metadata of every written file, so every
+    branch is upstream of it: Beam 2.77's DaskRunner computes only the last transform and what it depends on."""
+    config, work = plan.config, str(plan.work_dir)
+    written = []
+    kept = pipeline | "ReadKept" >> ReadCache(records_paths, ("embedding",))
+    removed = pipeline | "ReadRemoved" >> ReadCache(removed_paths)
     if config.mix.enabled:
         mixed = kept | "Mix" >> MixRecords(config.mix)
         kept_rows = mixed[MIX_LEDGER]
@@ -199,7 +330,7 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     else:
         kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write", copies=1)
         written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows))
-    ledger = (*removed, kept_rows) | "LedgerRows" >> beam.Flatten()
+    ledger = (removed, kept_rows) | "LedgerRows" >> beam.Flatten()
     written.append(ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows))
     _ = (
         written
@@ -209,8 +340,11 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     )
 
 
-def _read_meta(work_dir: Path, name: str) -> list[dict[str, Any]]:
-    files = json.loads((work_dir / FILES_META).read_text())
+def _read_files_meta(directory: Path) -> list[dict[str, Any]]:
+    return json.loads((directory / FILES_META).read_text())
+
+
+def _meta(files: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return sorted((f for f in files if f["dir"] == name), key=lambda f: f.get("index", 0))
 
 
@@ -321,9 +455,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
-    shards = _read_meta(plan.work_dir, "shards")
-    ledger = _read_meta(plan.work_dir, "ledger")
+def build_manifest(plan: JobPlan, options: PipelineOptions, files: list[dict[str, Any]],
+                   stages: list[StageEntry]) -> dict[str, Any]:
+    """The manifest from the metadata of every file the run wrote or reused (`files`) and its stages."""
+    shards = _meta(files, "shards")
+    ledger = _meta(files, "ledger")
     counts = ledger_counts(ledger)
     copies = sum(entry["copies"] for entry in ledger)
     shard_rows = sum(entry["rows"] for entry in shards)
@@ -347,29 +483,32 @@ def build_manifest(plan: JobPlan, options: PipelineOptions) -> dict[str, Any]:
         "beam_args": plan.beam_args,
         "versions": package_versions(),
         "timings": {},
+        "stages": [entry.summary() for entry in stages],
     }
     if plan.config.prune.enabled:
-        manifest["prune"] = {**_read_meta(plan.work_dir, "_prune_plan")[0], "settings": plan.config.prune.model_dump()}
+        manifest["prune"] = {**_meta(files, "_prune_plan")[0], "settings": plan.config.prune.model_dump()}
         manifest["prune"].pop("dir")
     if plan.select is not None:
-        manifest["select"] = _read_meta(plan.work_dir, "_select_plan")[0]
+        manifest["select"] = {**_meta(files, "_select_plan")[0]}
         manifest["select"].pop("dir")
     if plan.rephrase is not None:
-        manifest["rephrase"] = _read_meta(plan.work_dir, "_rephrase_plan")[0]
+        manifest["rephrase"] = {**_meta(files, "_rephrase_plan")[0]}
         manifest["rephrase"].pop("dir")
     if plan.config.mix.enabled:
-        manifest["mix"] = mix_manifest(plan.config, _read_meta(plan.work_dir, "_mix_plan")[0], shards)
+        manifest["mix"] = mix_manifest(plan.config, _meta(files, "_mix_plan")[0], shards)
     if plan.embed is not None:
-        files = _read_meta(plan.work_dir, EMBEDDINGS_DIR)
+        vectors = _meta(files, EMBEDDINGS_DIR)
         tally: dict[str, int] = {}
-        for entry in files:
+        for entry in vectors:
             for key, rows in entry["tally"].items():
                 tally[key] = tally.get(key, 0) + rows
+        if next(entry for entry in stages if entry.name == "embed").reused:
+            tally = {"reused": sum(tally.values())}  # this run computed none: the whole stage came from the cache
         manifest["embeddings"] = {
             **{k: v for k, v in asdict(plan.embed).items() if k != "reuse_from"},
             "reused_rows": tally.get("reused", 0),
             "computed_rows": tally.get("computed", 0),
-            "files": _files_entry(files),
+            "files": _files_entry(vectors),
         }
     return manifest
 
@@ -417,22 +556,100 @@ def _close_client(result) -> None:
         client.close()
 
 
-def run_job(plan: JobPlan) -> dict[str, Any]:
-    """Run the planned job and publish OUT; returns the manifest."""
+StageCallback = Callable[[str, StageEntry | None], None]
+
+
+def _run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None]) -> dict[str, Any]:
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    result = pipeline.run()
+    result.wait_until_finish()
+    metrics = beam_metrics(result)
+    _close_client(result)
+    return metrics
+
+
+def _add_metrics(total: dict[str, Any], more: dict[str, Any]) -> None:
+    for name, value in more.items():
+        if isinstance(value, dict):
+            entry = total.setdefault(name, {"count": 0, "sum": 0, "min": None, "max": None})
+            entry["count"] += value["count"]
+            entry["sum"] += value["sum"]
+            for bound, pick in (("min", min), ("max", max)):
+                if value[bound] is not None:
+                    entry[bound] = value[bound] if entry[bound] is None else pick(entry[bound], value[bound])
+        else:
+            total[name] = total.get(name, 0) + value
+
+
+def _run_stage(stage: Stage, upstream: StageEntry | None, cache: StageCache, options: PipelineOptions) -> StageEntry:
+    started = time.perf_counter()
+    directory = cache.begin(stage.name, stage.key)
+    try:
+        upstream_paths = upstream.paths(RECORDS) if upstream else []
+        metrics = _run_pipeline(
+            options, lambda pipeline: build_stage_graph(pipeline, stage, upstream_paths, str(directory)))
+        files = _read_files_meta(directory)
+        (directory / FILES_META).unlink()
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return cache.commit(stage.name, stage.key, directory, files, time.perf_counter() - started, stage.material,
+                        metrics)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def run_job(plan: JobPlan, force: bool = False, on_stage: StageCallback | None = None) -> dict[str, Any]:
+    """Run the planned job and publish OUT; returns the manifest.
+
+    Stages whose cache entry matches their key are reused (unless `force`); the others run, one Beam pipeline
+    each, and are cached. `on_stage(name, entry)` is called before a stage runs (entry None) and after it is
+    reused or computed."""
     options = beam_options(plan.beam_args)
+    cached = plan.config.output.cache
+    scratch = plan.output.parent / f".{plan.output.name}.stages-{uuid.uuid4().hex[:12]}"
+    cache = StageCache(plan.cache_dir if cached else scratch)
+    if force and plan.embed is not None:
+        plan.embed = replace(plan.embed, reuse_from=None)
+    if force and plan.rephrase is not None and plan.rephrase.cache_dir:
+        shutil.rmtree(plan.rephrase.cache_dir, ignore_errors=True)
     plan.work_dir.mkdir(parents=True)
     try:
+        metrics: dict[str, Any] = {}
+        entries: list[StageEntry] = []
+        for stage in plan.stages:
+            entry = None if force or not cached else cache.lookup(stage.name, stage.key)
+            if entry is None:
+                if on_stage:
+                    on_stage(stage.name, None)
+                entry = _run_stage(stage, entries[-1] if entries else None, cache, options)
+            _add_metrics(metrics, entry.metrics)
+            plan.timings[f"{stage.name}_s"] = 0.0 if entry.reused else entry.seconds
+            entries.append(entry)
+            if on_stage:
+                on_stage(stage.name, entry)
         started = time.perf_counter()
-        pipeline = beam.Pipeline(options=options)
-        build_graph(pipeline, plan)
-        result = pipeline.run()
-        result.wait_until_finish()
-        metrics = beam_metrics(result)
-        _close_client(result)
-        plan.timings["pipeline_s"] = time.perf_counter() - started
+        removed = [path for entry in entries for path in entry.paths(REMOVED)]
+        _add_metrics(metrics, _run_pipeline(
+            options, lambda pipeline: build_output_graph(pipeline, plan, entries[-1].paths(RECORDS), removed)))
+        files = _read_files_meta(plan.work_dir)
+        (plan.work_dir / FILES_META).unlink()
+        for entry in entries:
+            for meta in entry.metas():
+                files.append(meta)
+                if meta["dir"] == EMBEDDINGS_DIR:
+                    _link_or_copy(entry.directory / meta["file"], plan.work_dir / meta["file"])
+        plan.timings["output_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        manifest = build_manifest(plan, options)
-        manifest["metrics"] = metrics
+        manifest = build_manifest(plan, options, files, entries)
+        manifest["metrics"] = dict(sorted(metrics.items()))
         manifest["timings"] = {**plan.timings, "finalize_s": time.perf_counter() - started}
         manifest["timings"]["total_s"] = sum(manifest["timings"].values())
         (plan.work_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
@@ -442,8 +659,14 @@ def run_job(plan: JobPlan) -> dict[str, Any]:
             build_report(plan.work_dir, plan.work_dir / "report" / "index.html", display=str(plan.output))
     except BaseException:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
+        if not cached:
+            shutil.rmtree(cache.root, ignore_errors=True)
         raise
     publish(plan.work_dir, plan.output)
+    if cached:
+        cache.keep_only(entries)
+    else:
+        shutil.rmtree(cache.root, ignore_errors=True)
     return manifest
 
 

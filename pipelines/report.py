@@ -267,6 +267,11 @@ def timings_section(manifest: dict[str, Any]) -> str:
                   f"{value['max'] / 1000:.2f} s"] for stage, value in busy]
     stage_table = _table(["stage", "busy time", "calls (windows, clusters)", "longest call"], busy_rows) \
         if busy_rows else ""
+    stages = [[_esc(entry["stage"]), "reused from the cache" if entry["reused"] else "computed",
+               f"{entry['seconds']:.2f} s", f"{entry['records_out']:,}", f"{entry['removed']:,}",
+               f"<code>{_esc(entry['key'])}</code>"] for entry in manifest.get("stages", [])]
+    stage_table += _table(["stage", "this run", "compute time", "records out", "removed", "cache key"], stages) \
+        if stages else ""
     counters = [[_esc(name), f"{value:,}"] for name, value in sorted(metrics.items()) if isinstance(value, int)]
     counter_table = _table(["Beam counter", "value"], counters) if counters else ""
     return (f"<h2 id='timings'>Timings</h2>{_table(['phase', 'wall time'], rows)}{stage_table}"

@@ -54,7 +54,9 @@ def test_stage_matches_a_plain_encode_and_reuses_unchanged_texts(sample_slice, m
     assert manifest["embeddings"]["computed_rows"] == 60 and manifest["embeddings"]["reused_rows"] == 0
     assert manifest["embeddings"]["model"] == "all-MiniLM-L6-v2"
 
+    config["validate"] = {"max_text_bytes": 123_456}  # a new validate key: the embed stage runs again
     again = run_job(plan_job(build_config(config), []))
+    assert [(s["stage"], s["reused"]) for s in again["stages"]] == [("validate", False), ("embed", False)]
     assert again["embeddings"]["reused_rows"] == 60 and again["embeddings"]["computed_rows"] == 0
     _, reused = read_embeddings(output)
     np.testing.assert_array_equal(reused, vectors)

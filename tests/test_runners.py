@@ -10,7 +10,7 @@ from apache_beam.internal import pickler
 from conftest import job_config, read_output
 
 from winnow.pipelines.config import build_config
-from winnow.pipelines.job import beam_options, build_graph, plan_job, run_job
+from winnow.pipelines.job import beam_options, build_output_graph, build_stage_graph, plan_job, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +45,19 @@ def test_graph_translates_to_the_portable_representation_and_dofns_pickle(sample
     config = build_config(job_config(sample_slice / "*", tmp_path / "out", embed={"enabled": True},
                                      prune={"enabled": True}, select=select, mix={"enabled": True}))
     plan = plan_job(config, [])
-    pipeline = beam.Pipeline(options=beam_options([]))
-    build_graph(pipeline, plan)
-    proto = pipeline.to_runner_api()
-    names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"Read", "Validate", "Embed", "Prune", "Select", "Mix", "Ledger", "Shards"} <= names
-    restored = beam.Pipeline.from_runner_api(proto, pipeline.runner, pipeline._options)
-    assert restored is not None
+    assert [stage.name for stage in plan.stages] == ["validate", "embed", "prune", "select"]
+    pipelines = []
+    for stage in plan.stages:
+        pipelines.append(beam.Pipeline(options=beam_options([])))
+        build_stage_graph(pipelines[-1], stage, ["cached/part-00000-00000.parquet"], str(tmp_path / stage.name))
+    pipelines.append(beam.Pipeline(options=beam_options([])))
+    build_output_graph(pipelines[-1], plan, ["cached/records.parquet"], ["cached/removed.parquet"])
+    names = set()
+    for pipeline in pipelines:
+        proto = pipeline.to_runner_api()
+        names |= {t.unique_name for t in proto.components.transforms.values()}
+        assert beam.Pipeline.from_runner_api(proto, pipeline.runner, pipeline._options) is not None
+    assert {"Read", "Validate", "Embed", "Prune", "Select", "Mix", "Ledger", "Shards", "CacheRecords"} <= names
 
     class CollectDoFns(beam.pipeline.PipelineVisitor):
         def __init__(self):
@@ -62,7 +68,8 @@ def test_graph_translates_to_the_portable_representation_and_dofns_pickle(sample
                 self.dofns.append(node.transform.fn)
 
     visitor = CollectDoFns()
-    pipeline.visit(visitor)
+    for pipeline in pipelines:
+        pipeline.visit(visitor)
     assert len(visitor.dofns) > 10
     for dofn in visitor.dofns:
         assert pickler.loads(pickler.dumps(dofn)) is not None

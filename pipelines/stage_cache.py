@@ -1,0 +1,253 @@
+"""Stage caching: each stage's output is kept under a key of everything that determines it, and reused.
+
+A stage's output is its records (what the next stage reads), the ledger rows of the records it removed, and the
+metadata of any files it wrote (plans, embeddings). It is stored in `.OUT.cache/STAGE-KEY/`:
+  records/part-FFFFF-BBBBB.parquet   pickled records, one file per block of 10,000 input rows (file F, block B)
+  removed/part-FFFFF-BBBBB.parquet   pickled ledger rows, likewise
+  stage.json                         the key and what it was made of, file list with rows and bytes, counts
+The key chains: a stage's key hashes the previous stage's key, the stage's config section, the source of the
+modules that compute it, the versions of the libraries it relies on and the fingerprints of its models. So a
+changed input file (size or modification time), config value, model or code invalidates that stage and every
+later one, and nothing earlier.
+
+A stage is written into a temporary directory and renamed into place only when it finished and `stage.json` is
+written; a run killed mid-stage leaves no directory that lookup accepts, and the next run recomputes that stage
+only. Cache entries not used by the latest successful run are removed, so the cache holds one run's stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pickle
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from winnow.pipelines.ordered_io import table_bytes, write_bytes
+
+STAGE_FILE = "stage.json"
+RECORDS, REMOVED = "records", "removed"
+BLOCK_ROWS = 10_000
+CACHE_FORMAT = 1
+_CACHE_SCHEMA = pa.schema(
+    [("file_index", pa.int64()), ("input_row", pa.int64()), ("variant", pa.int64()), ("record", pa.binary())]
+)
+
+
+def source_hash(modules: Iterable[str]) -> str:
+    """SHA-256 over the source files of the named modules: the code version of a stage."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        module = importlib.import_module(name)
+        digest.update(name.encode() + b"\0" + Path(module.__file__).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in sorted(names):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def input_fingerprint(paths: list[str]) -> list[dict[str, Any]]:
+    """Path, size and modification time of each input file (what `make` and `rsync` compare by default)."""
+    entries = []
+    for result in FileSystems.match(paths):
+        for item in result.metadata_list:
+            entries.append({"path": item.path, "bytes": item.size_in_bytes, "mtime": item.last_updated_in_seconds})
+    return sorted(entries, key=lambda entry: entry["path"])
+
+
+def stage_key(material: dict[str, Any]) -> str:
+    payload = json.dumps({"format": CACHE_FORMAT, **material}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _cache_order(element: dict[str, Any]) -> tuple:
+    return element["file_index"], element["input_row"], element.get("variant", 0), str(element.get("id"))
+
+
+class _WriteCacheFileFn(beam.DoFn):
+    def __init__(self, directory: str, name: str):
+        self.directory = directory
+        self.name = name
+
+    def process(self, element: tuple[tuple[int, int], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        (file_index, block), members = element
+        ordered = sorted(members, key=_cache_order)
+        table = pa.table(
+            [
+                pa.array([e["file_index"] for e in ordered], pa.int64()),
+                pa.array([e["input_row"] for e in ordered], pa.int64()),
+                pa.array([e.get("variant", 0) for e in ordered], pa.int64()),
+                pa.array([pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL) for e in ordered], pa.binary()),
+            ],
+            schema=_CACHE_SCHEMA,
+        )
+        payload = table_bytes(table, 1_000)
+        relative = f"{self.name}/part-{file_index:05d}-{block:05d}.parquet"
+        write_bytes(FileSystems.join(self.directory, relative), payload)
+        yield {"dir": self.name, "file": relative, "rows": len(ordered), "bytes": len(payload)}
+
+
+class WriteCache(beam.PTransform):
+    """records or ledger rows -> pickled Parquet files DIRECTORY/NAME/part-*.parquet, one per block of input
+    rows (deterministic names, so a retried bundle overwrites rather than duplicates); returns file metadata."""
+
+    def __init__(self, directory: str, name: str):
+        super().__init__()
+        self.directory = directory
+        self.name = name
+
+    def expand(self, elements):
+        return (
+            elements
+            | "Block" >> beam.Map(lambda e: ((e["file_index"], e["input_row"] // BLOCK_ROWS), e))
+            | "GroupBlock" >> beam.GroupByKey()
+            | "WriteBlock" >> beam.ParDo(_WriteCacheFileFn(self.directory, self.name))
+        )
+
+
+def read_cache_file(path: str, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    with FileSystems.open(path) as handle:
+        column = pq.read_table(handle, columns=["record"]).column("record")
+    for chunk in column.chunks:
+        for value in chunk:
+            element = pickle.loads(value.as_py())
+            for name in drop:
+                element.pop(name, None)
+            yield element
+
+
+class ReadCache(beam.PTransform):
+    """Cached files -> their records, in parallel over files; `drop` removes fields (e.g. embeddings) that
+    later stages no longer need."""
+
+    def __init__(self, paths: list[str], drop: tuple[str, ...] = ()):
+        super().__init__()
+        self.paths = paths
+        self.drop = drop
+
+    def expand(self, pbegin):
+        drop = self.drop
+        return (
+            pbegin
+            | "Files" >> beam.Create(self.paths)
+            | "Spread" >> beam.Reshuffle()
+            | "Records" >> beam.FlatMap(read_cache_file, drop)
+        )
+
+
+@dataclass
+class StageEntry:
+    """A finished stage in the cache."""
+
+    name: str
+    key: str
+    directory: Path
+    files: list[dict[str, Any]]
+    records: int
+    removed: int
+    seconds: float
+    reused: bool = False
+    material: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def paths(self, kind: str) -> list[str]:
+        return [str(self.directory / f["file"]) for f in self.files if f["dir"] == kind]
+
+    def metas(self) -> list[dict[str, Any]]:
+        """Metadata of the files other than the cached records and ledger rows (plans, embeddings)."""
+        return [f for f in self.files if f["dir"] not in (RECORDS, REMOVED)]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stage": self.name, "key": self.key, "reused": self.reused, "records_out": self.records,
+            "removed": self.removed, "seconds": round(self.seconds, 3),
+        }
+
+
+class StageCache:
+    """The directory of stage entries beside the output."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def directory(self, name: str, key: str) -> Path:
+        return self.root / f"{name}-{key}"
+
+    def lookup(self, name: str, key: str) -> StageEntry | None:
+        """The finished entry for (stage, key), or None when there is none or a file is missing or resized."""
+        directory = self.directory(name, key)
+        try:
+            info = json.loads((directory / STAGE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("key") != key or info.get("format") != CACHE_FORMAT:
+            return None
+        for entry in info["files"]:
+            if "file" not in entry:
+                continue  # a plan's metadata, not a file
+            path = directory / entry["file"]
+            if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
+                return None
+        return StageEntry(
+            name, key, directory, info["files"], info["records"], info["removed"], info["seconds"], reused=True,
+            material=info.get("material", {}), metrics=info.get("metrics", {}),
+        )
+
+    def begin(self, name: str, key: str) -> Path:
+        """A fresh temporary directory to write the stage into."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        temporary = self.root / f".{name}-{key}.tmp-{uuid.uuid4().hex[:12]}"
+        temporary.mkdir()
+        return temporary
+
+    def commit(self, name: str, key: str, temporary: Path, files: list[dict[str, Any]], seconds: float,
+               material: dict[str, Any], metrics: dict[str, Any]) -> StageEntry:
+        """Write stage.json into the finished temporary directory and rename it into place."""
+        records = sum(f["rows"] for f in files if f["dir"] == RECORDS)
+        removed = sum(f["rows"] for f in files if f["dir"] == REMOVED)
+        info = {
+            "format": CACHE_FORMAT, "stage": name, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "seconds": seconds, "records": records, "removed": removed, "material": material,
+            "metrics": metrics, "files": sorted(files, key=lambda f: (f["dir"], f.get("file", ""))),
+        }
+        (temporary / STAGE_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
+        final = self.directory(name, key)
+        if final.exists():
+            stale = self.root / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+            final.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        temporary.rename(final)
+        return StageEntry(name, key, final, info["files"], records, removed, seconds, material=material,
+                          metrics=metrics)
+
+    def keep_only(self, entries: list[StageEntry]) -> None:
+        """Remove every entry (and leftover temporary directory) that the given run did not use."""
+        keep = {entry.directory.name for entry in entries}
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if path.name in keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
