@@ -1,0 +1,174 @@
+"""Stage caching and resume: stages are reused while their input, config, code and models are unchanged; a run
+killed mid-stage (SIGKILL) resumes from the finished stages and ends with the same bytes as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from conftest import job_config
+
+from winnow.pipelines.config import build_config
+from winnow.pipelines.job import plan_job, run_job
+from winnow.pipelines.stage_cache import StageCache, source_hash, stage_key
+
+PIPELINE = {"embed": {"enabled": True}, "prune": {"enabled": True, "keep_fraction": 0.6},
+            "mix": {"enabled": True, "shards": 2}}
+
+
+def run(config: dict, force: bool = False) -> dict:
+    return run_job(plan_job(build_config(config), []), force=force)
+
+
+def stages(manifest: dict) -> list[tuple[str, bool]]:
+    return [(entry["stage"], entry["reused"]) for entry in manifest["stages"]]
+
+
+def output_bytes(output: Path) -> dict[str, bytes]:
+    """Every data file of an output (shards, ledger, embeddings) by relative path."""
+    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*.parquet"))}
+
+
+def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slice, tmp_path):
+    output = tmp_path / "out"
+    config = job_config(sample_slice / "*", output, **PIPELINE)
+    first = run(config)
+    assert stages(first) == [("validate", False), ("embed", False), ("prune", False)]
+    assert first["embeddings"]["computed_rows"] == 260
+    first_bytes = output_bytes(output)
+
+    reseeded = json.loads(json.dumps(config))
+    reseeded["mix"]["seed"] = 99
+    second = run(reseeded)
+    assert stages(second) == [("validate", True), ("embed", True), ("prune", True)]
+    assert second["embeddings"]["computed_rows"] == 0 and second["embeddings"]["reused_rows"] == 260
+    assert second["timings"]["embed_s"] == 0.0
+    assert second["counts"] == first["counts"], "the same records reach the mix"
+
+    again = run(config)
+    assert stages(again) == [("validate", True), ("embed", True), ("prune", True)]
+    assert output_bytes(output) == first_bytes, "reused stages give the same bytes as computed ones"
+
+
+def test_a_changed_stage_config_recomputes_that_stage_and_later_ones_only(sample_slice, tmp_path):
+    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+    first = run(config)
+    config["prune"]["keep_fraction"] = 0.4
+    second = run(config)
+    assert stages(second) == [("validate", True), ("embed", True), ("prune", False)]
+    assert second["counts"]["by_fate"]["kept"] < first["counts"]["by_fate"]["kept"]
+    cache = sorted(p.name.split("-")[0] for p in (tmp_path / ".out.cache").iterdir())
+    assert cache == ["embed", "prune", "validate"], "entries the latest run did not use are removed"
+
+
+def test_force_recomputes_every_stage_with_identical_output(sample_slice, tmp_path):
+    output = tmp_path / "out"
+    config = job_config(sample_slice / "*", output, **PIPELINE)
+    run(config)
+    first_bytes = output_bytes(output)
+    forced = run(config, force=True)
+    assert stages(forced) == [("validate", False), ("embed", False), ("prune", False)]
+    assert forced["embeddings"]["computed_rows"] == 260, "force does not reuse embeddings of the old output"
+    assert output_bytes(output) == first_bytes
+
+
+def test_a_changed_input_file_invalidates_every_stage(sample_slice, tmp_path):
+    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+    run(config)
+    table = pq.read_table(sample_slice / "b_docs.parquet")
+    pq.write_table(table.slice(0, 59), sample_slice / "b_docs.parquet")
+    second = run(config)
+    assert stages(second) == [("validate", False), ("embed", False), ("prune", False)]
+    assert second["counts"]["input_records"] == 259
+    assert second["embeddings"]["reused_rows"] == 259, "unchanged texts still reuse the old output's vectors"
+
+
+def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path):
+    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+    first = run(config)
+    embed_dir = next((tmp_path / ".out.cache").glob("embed-*"))
+    next((embed_dir / "records").glob("*.parquet")).unlink()
+    second = run(config)
+    assert stages(second) == [("validate", True), ("embed", False), ("prune", True)]
+    assert second["counts"] == first["counts"]
+
+
+def test_without_the_cache_nothing_is_kept_beside_the_output(sample_slice, tmp_path):
+    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+    config["output"]["cache"] = False
+    run(config)
+    second = run(config)
+    assert stages(second) == [("validate", False), ("embed", False), ("prune", False)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]
+
+
+def test_stage_keys_follow_code_and_chain(tmp_path, monkeypatch):
+    module = tmp_path / "winnow_probe_module.py"
+    module.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = source_hash(["winnow_probe_module"])
+    module.write_text("VALUE = 2\n")
+    sys.modules.pop("winnow_probe_module", None)
+    assert source_hash(["winnow_probe_module"]) != before, "a code change changes the stage's code version"
+    assert stage_key({"a": 1, "previous": "x"}) == stage_key({"previous": "x", "a": 1})
+    assert stage_key({"a": 1, "previous": "x"}) != stage_key({"a": 1, "previous": "y"})
+
+
+def test_lookup_rejects_entries_without_their_stage_file(tmp_path):
+    cache = StageCache(tmp_path / "cache")
+    temporary = cache.begin("embed", "abc")
+    assert cache.lookup("embed", "abc") is None, "an unfinished stage is never read as complete"
+    entry = cache.commit("embed", "abc", temporary, [], 1.0, {}, {})
+    assert cache.lookup("embed", "abc").directory == entry.directory
+    assert cache.lookup("embed", "abd") is None
+
+
+def _wait_for(predicate, seconds: float, job: subprocess.Popen) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline and job.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_output(sample_slice, tmp_path):
+    """SIGKILL while the embed stage runs, then the same command: validate comes from the cache, embed and
+    prune are computed, and shards, ledger and embeddings equal an uninterrupted run's byte for byte."""
+    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "winnow.pipelines", "run", str(path)]
+    cache = tmp_path / ".out.cache"
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert _wait_for(lambda: any(cache.glob(".embed-*.tmp-*")), 300, job), "the embed stage started"
+        time.sleep(1.0)
+        assert job.poll() is None, "the job is still embedding when it is killed"
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert not (tmp_path / "out").exists(), "a killed run publishes nothing"
+    assert [p.name.split("-")[0] for p in cache.glob("validate-*")] == ["validate"]
+    assert not list(cache.glob("embed-*")), "the interrupted stage has no finished entry"
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "winnow: validate: reused from the cache" in resumed.stdout
+    assert "winnow: embed: computed" in resumed.stdout and "winnow: prune: computed" in resumed.stdout
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["embed", "prune", "validate"], \
+        "the killed run's temporary directory is gone"
+
+    uninterrupted = json.loads(json.dumps(config))
+    uninterrupted["output"] = {**config["output"], "path": str(tmp_path / "uninterrupted"), "cache": False}
+    run(uninterrupted)
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "uninterrupted")
+    check = subprocess.run([sys.executable, "-m", "winnow.pipelines", "verify", str(tmp_path / "out")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
