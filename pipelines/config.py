@@ -48,6 +48,10 @@ class InputConfig(_Section):
 
 class ValidateConfig(_Section):
     max_text_bytes: int = Field(1_000_000, gt=0, description="longer texts (UTF-8 bytes) are rejected")
+    control_characters: Literal["reject", "keep"] = Field(
+        "reject", description="texts with C0 control characters or DEL (not tab, newlines, \\v, \\f): "
+        "reject (reason control_characters) or keep",
+    )
 
 
 class OutputConfig(_Section):

@@ -184,7 +184,8 @@ def _write_files_meta(files: list[dict[str, Any]], path: str) -> None:
 def _validate_build(plan: JobPlan) -> StageBuild:
     def build(pipeline, records, directory):
         records = pipeline | "Read" >> ReadRecords(plan.config.input, plan.tasks)
-        checked = records | "Validate" >> ValidateRecords(plan.config.validate_.max_text_bytes)
+        checked = records | "Validate" >> ValidateRecords(
+            plan.config.validate_.max_text_bytes, plan.config.validate_.control_characters)
         return checked[VALID], [checked[REJECTED]], []
     return build
 

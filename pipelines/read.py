@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -77,11 +78,30 @@ def _plan_parquet(path: str, file_index: int, config: InputConfig) -> list[ReadT
     missing = [name for name in _required_columns(config.columns) if name not in schema.names]
     if missing:
         raise InputError(f"{path}: missing column {missing[0]!r} (has: {', '.join(schema.names)})")
+    _check_column_types(path, schema, config)
     tasks, first_row = [], 0
     for group in range(metadata.num_row_groups):
         tasks.append(ReadTask(path, file_index, "parquet", group, first_row, metadata.row_group(group).num_rows))
         first_row += metadata.row_group(group).num_rows
     return tasks
+
+
+def _check_column_types(path: str, schema: pa.Schema, config: InputConfig) -> None:
+    """A Parquet column whose declared type can never hold a text (or an id) is a mapping mistake, not bad
+    rows: stop with one line rather than reject the whole file row by row."""
+    columns = config.columns
+    checks = [(columns.text, "text", (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                        pa.types.is_large_binary, pa.types.is_null))]
+    if columns.id:
+        checks.append((columns.id, "id", (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
+                                          pa.types.is_null)))
+    if columns.source:
+        checks.append((columns.source, "source", (pa.types.is_string, pa.types.is_large_string,
+                                                  pa.types.is_null)))
+    for name, role, accepted in checks:
+        kind = schema.field(name).type
+        if not any(test(kind) for test in accepted):
+            raise InputError(f"{path}: column {name!r} (input.columns.{role}) is {kind}, not a text column")
 
 
 def _plan_jsonl(path: str, file_index: int, config: InputConfig) -> list[ReadTask]:
@@ -129,41 +149,76 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _deep_encodable(key: Any, value: Any) -> bool:
+    """Whether a column name and its value (nested lists and objects from JSON included) encode as UTF-8."""
+    if isinstance(key, str) and not _encodable(key):
+        return False
+    if isinstance(value, str):
+        return _encodable(value)
+    if isinstance(value, dict):
+        return all(_deep_encodable(k, v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_deep_encodable(None, v) for v in value)
+    return True
+
+
+def _printable(name: Any) -> str:
+    return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _first_surrogate(text: str) -> int:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return -1
+
+
 def make_record(
     values: dict[str, Any], task: ReadTask, row: int, config: InputConfig, problem: tuple[str, str] | None = None
 ) -> dict[str, Any]:
-    """Map one input row to a record. Id problems are noted here; the text is judged by the validate stage."""
+    """Map one input row to a record. Id problems and strings Beam could not encode (lone surrogates) are noted
+    here, and a record with a problem carries no text or extra columns; the text is judged by the validate
+    stage. (Beam encodes elements at any step, if only to sample their size, so an unencodable string must not
+    travel even to the rejection.)"""
     columns = config.columns
     if problem is None and columns.text not in values:
         problem = ("missing_text", f"no {columns.text!r} field")
     source = values.get(columns.source) if columns.source else None
     record_id: str | None = None
-    if problem is None and columns.id:
-        raw_id = values.get(columns.id)
+    if columns.id and values:
+        raw_id, id_problem = values.get(columns.id), None
         if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-            problem = ("missing_id", f"column {columns.id!r} is null or empty")
+            id_problem = ("missing_id", f"column {columns.id!r} is null or empty")
         elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
             record_id = str(raw_id)
             if not _encodable(record_id):
                 record_id = None
-                problem = ("invalid_id", f"column {columns.id!r} is not valid UTF-8 (a lone surrogate)")
+                id_problem = ("invalid_id", f"column {columns.id!r} is not valid UTF-8 (a lone surrogate)")
         else:
-            problem = ("invalid_id", f"column {columns.id!r} holds a {type(raw_id).__name__}")
+            id_problem = ("invalid_id", f"column {columns.id!r} holds a {type(raw_id).__name__}")
+        problem = problem or id_problem
     if source is not None and not _encodable(str(source)):
         source = None  # the ledger could not store it; the record is rejected (below) unless already
         problem = problem or ("invalid_source", f"column {columns.source!r} is not valid UTF-8 (a lone surrogate)")
     skip = {columns.text, columns.id, columns.source}
     if problem is None:
-        broken = next(
-            (k for k, v in values.items() if k not in skip and isinstance(v, str) and not _encodable(v)), None
-        )
+        broken = next((k for k, v in values.items() if k not in skip and not _deep_encodable(k, v)), None)
         if broken is not None:
-            problem = ("invalid_column", f"column {broken!r} is not valid UTF-8 (a lone surrogate)")
+            problem = ("invalid_column", f"column {_printable(broken)!r} is not valid UTF-8 (a lone surrogate)")
+    text = values.get(columns.text)
+    if problem is None and not _deep_encodable(None, text):
+        problem = ("invalid_utf8", f"unpaired surrogate at character {_first_surrogate(text)}") \
+            if isinstance(text, str) else ("non_string_text", f"text is a {type(text).__name__}")
+    if problem is not None:
+        text, extra = None, {}  # a rejected record keeps only what its ledger row needs, all of it encodable
+    else:
+        extra = {key: value for key, value in values.items() if key not in skip}
     return {
         "id": record_id,
-        "text": values.get(columns.text),
+        "text": text,
         "source": config.default_source if source is None else str(source),
-        "extra": {key: value for key, value in values.items() if key not in skip},
+        "extra": extra,
         "input_file": task.path,
         "input_row": row,
         "file_index": task.file_index,
@@ -190,9 +245,32 @@ class _ReadTaskFn(beam.DoFn):
         self.progress.advance(count)
 
     def _parquet(self, task: ReadTask) -> Iterator[dict[str, Any]]:
-        with FileSystems.open(task.path) as handle:
-            table = pq.ParquetFile(handle).read_row_group(task.row_group)
-        for offset, values in enumerate(table.to_pylist()):
+        try:
+            with FileSystems.open(task.path) as handle:
+                table = pq.ParquetFile(handle).read_row_group(task.row_group)
+        except Exception as error:  # noqa: BLE001 - a damaged row group: its rows are rejected, not lost
+            problem = ("unreadable_row_group", f"row group {task.row_group}: {_short(error)}")
+            for offset in range(task.rows or 0):
+                yield self._broken(task, task.first_row + offset, problem)
+            return
+        try:
+            rows = table.to_pylist()
+        except Exception:  # noqa: BLE001 - e.g. invalid UTF-8 inside a string column: find the rows
+            rows = None
+        if rows is not None:
+            for offset, values in enumerate(rows):
+                yield make_record(values, task, task.first_row + offset, self.config)
+            return
+        for offset in range(table.num_rows):
+            try:
+                values = table.slice(offset, 1).to_pylist()[0]
+            except UnicodeDecodeError as error:
+                yield self._broken(task, task.first_row + offset, ("invalid_utf8", f"byte {error.start} of a "
+                                                                  "string column"))
+                continue
+            except Exception as error:  # noqa: BLE001
+                yield self._broken(task, task.first_row + offset, ("unreadable_row", _short(error)))
+                continue
             yield make_record(values, task, task.first_row + offset, self.config)
 
     def _jsonl(self, task: ReadTask) -> Iterator[dict[str, Any]]:

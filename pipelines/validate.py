@@ -4,12 +4,14 @@ Input: records from the read stage. Outputs (tagged):
   valid      records with a UTF-8 `text` (str), a unique `id` (given or content hash) and a `text_hash`
   rejected   ledger rows, fate `rejected`, stage `validate`, with a `reason` code and a human `detail`
 
-Reason codes: invalid_json, not_an_object, invalid_utf8, missing_text, null_text, non_string_text, empty_text,
-text_too_long, missing_id, invalid_id, duplicate_id. Of records sharing an id the first in input order is kept.
+Reason codes: invalid_json, not_an_object, invalid_utf8, unreadable_row_group, unreadable_row, missing_text,
+null_text, non_string_text, empty_text, control_characters, text_too_long, missing_id, invalid_id,
+invalid_source, invalid_column, duplicate_id. Of records sharing an id the first in input order is kept.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -21,7 +23,11 @@ STAGE = "validate"
 VALID, REJECTED = "valid", "rejected"
 
 
-def check_text(value: Any, max_bytes: int) -> tuple[str | None, tuple[str, str] | None]:
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")  # C0 and DEL; tab, newlines, \v and \f are text
+
+
+def check_text(value: Any, max_bytes: int, control_characters: str = "reject"
+               ) -> tuple[str | None, tuple[str, str] | None]:
     """(text, None) for a usable text, else (None, (reason, detail))."""
     if value is None:
         return None, ("null_text", "text is null")
@@ -40,12 +46,17 @@ def check_text(value: Any, max_bytes: int) -> tuple[str | None, tuple[str, str] 
         return None, ("empty_text", "text is empty or whitespace")
     if size > max_bytes:
         return None, ("text_too_long", f"{size} bytes > validate.max_text_bytes={max_bytes}")
+    if control_characters == "reject":
+        found = CONTROL_CHARACTERS.search(value)
+        if found is not None:
+            return None, ("control_characters", f"U+{ord(found.group()):04X} at character {found.start()}")
     return value, None
 
 
 class _CheckRecordFn(beam.DoFn):
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, control_characters: str):
         self.max_bytes = max_bytes
+        self.control_characters = control_characters
         self.valid = beam.metrics.Metrics.counter("winnow.validate", "valid")
         self.rejected = beam.metrics.Metrics.counter("winnow.validate", "rejected")
 
@@ -53,7 +64,7 @@ class _CheckRecordFn(beam.DoFn):
         record = {key: value for key, value in element.items() if key != "problem"}  # inputs are immutable
         problem, text = element["problem"], None
         if problem is None:
-            text, problem = check_text(record["text"], self.max_bytes)
+            text, problem = check_text(record["text"], self.max_bytes, self.control_characters)
         if problem is not None:
             if record["id"] is None:
                 record["id"] = position_id(record["input_file"], record["input_row"])
@@ -93,14 +104,14 @@ class _DeduplicateIdsFn(beam.DoFn):
 class ValidateRecords(beam.PTransform):
     """records -> {valid: records, rejected: ledger rows}."""
 
-    def __init__(self, max_text_bytes: int):
+    def __init__(self, max_text_bytes: int, control_characters: str = "reject"):
         super().__init__()
         self.max_text_bytes = max_text_bytes
+        self.control_characters = control_characters
 
     def expand(self, records):
-        checked = split_routed(
-            records | "Check" >> beam.ParDo(_CheckRecordFn(self.max_text_bytes)), "Checked", (VALID, REJECTED)
-        )
+        check = _CheckRecordFn(self.max_text_bytes, self.control_characters)
+        checked = split_routed(records | "Check" >> beam.ParDo(check), "Checked", (VALID, REJECTED))
         unique = split_routed(
             checked[VALID]
             | "KeyById" >> beam.Map(lambda record: (record["id"], record))

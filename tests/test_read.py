@@ -74,8 +74,8 @@ def test_jsonl_broken_lines_become_records_with_problems(tmp_path):
         (2, None, None, "default", ("invalid_json", "Expecting property name enclosed in double quotes"), {}),
         (3, None, None, "default", ("not_an_object", "a JSON list"), {}),
         (4, None, None, "default", ("invalid_utf8", "byte 24 of the line"), {}),
-        (5, None, None, "web", ("missing_text", "no 'text' field"), {}),
-        (6, None, "no id", "web", ("missing_id", "column 'id' is null or empty"), {}),
+        (5, "c", None, "web", ("missing_text", "no 'text' field"), {}),
+        (6, None, None, "web", ("missing_id", "column 'id' is null or empty"), {}),
         (7, "d", "fine too", "default", None, {}),
     ]
     with beam.Pipeline(runner="FnApiRunner") as pipeline:

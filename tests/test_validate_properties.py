@@ -3,23 +3,27 @@ becomes a ledger row with a known reason that the ledger schema accepts."""
 
 from __future__ import annotations
 
+from apache_beam.coders import FastPrimitivesCoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from winnow.pipelines.config import InputConfig
 from winnow.pipelines.read import ReadTask, make_record
-from winnow.pipelines.validate import REJECTED, VALID, _CheckRecordFn, first_of_duplicates
+from winnow.pipelines.validate import CONTROL_CHARACTERS, REJECTED, VALID, _CheckRecordFn, first_of_duplicates
 from winnow.pipelines.write import ledger_table
 
 REASONS = {"null_text", "non_string_text", "invalid_utf8", "empty_text", "text_too_long", "missing_text",
            "missing_id", "invalid_id", "invalid_source",
-           "invalid_column"}
+           "invalid_column", "control_characters"}
 values = st.one_of(
     st.none(), st.text(), st.binary(max_size=40), st.integers(), st.floats(allow_nan=True), st.booleans(),
     st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     st.sampled_from(["", "   ", "\x00\x01\x02", "\ud800 lone surrogate", "ok text", "x" * 300]),
 )
-rows = st.dictionaries(st.sampled_from(["id", "text", "source", "other"]), values, max_size=4)
+nested = st.recursive(values, lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+    st.sampled_from(["k", "\udc80"]), inner, max_size=2), max_leaves=4)
+rows = st.dictionaries(st.sampled_from(["id", "text", "source", "other", "\ud83d"]), nested, max_size=4)
+coder = FastPrimitivesCoder()
 
 
 @settings(max_examples=300, deadline=None)
@@ -27,10 +31,12 @@ rows = st.dictionaries(st.sampled_from(["id", "text", "source", "other"]), value
 def test_every_row_gets_exactly_one_outcome_and_rejections_fit_the_ledger(batch):
     config = InputConfig(path="x.jsonl", columns={"id": "id", "text": "text", "source": "source"})
     task = ReadTask("data/x.jsonl", 0, "jsonl")
-    check = _CheckRecordFn(max_bytes=200)
+    check = _CheckRecordFn(max_bytes=200, control_characters="reject")
     valid, rejected = [], []
     for row_number, values_ in enumerate(batch):
-        outcomes = list(check.process(make_record(values_, task, row_number, config)))
+        record = make_record(values_, task, row_number, config)
+        coder.encode(record)  # Beam encodes elements at any step (if only to sample sizes): this must not raise
+        outcomes = list(check.process(record))
         assert len(outcomes) == 1
         route, item = outcomes[0]
         (valid if route == VALID else rejected).append(item)
@@ -40,6 +46,7 @@ def test_every_row_gets_exactly_one_outcome_and_rejections_fit_the_ledger(batch)
         else:
             assert isinstance(item["text"], str) and item["text"].strip()
             assert len(item["text"].encode("utf-8")) <= 200 and item["id"]
+            assert not CONTROL_CHARACTERS.search(item["text"])
     by_id: dict[str, list] = {}
     for record in valid:
         by_id.setdefault(record["id"], []).append(record)
