@@ -495,6 +495,11 @@ def build_manifest(plan: JobPlan, options: PipelineOptions, files: list[dict[str
     if plan.rephrase is not None:
         manifest["rephrase"] = {**_meta(files, "_rephrase_plan")[0]}
         manifest["rephrase"].pop("dir")
+        reused = next(entry for entry in stages if entry.name == "rephrase").reused
+        manifest["rephrase"]["stage_reused"] = reused
+        if reused:  # this run generated nothing: every segment's output came from the stage cache
+            manifest["rephrase"]["segments_reused_from_cache"] += manifest["rephrase"]["segments_generated"]
+            manifest["rephrase"]["segments_generated"] = 0
     if plan.config.mix.enabled:
         manifest["mix"] = mix_manifest(plan.config, _meta(files, "_mix_plan")[0], shards)
     if plan.embed is not None:

@@ -57,7 +57,7 @@ def test_ledger_and_shards_reconcile_with_the_input(mixed_input, tmp_path):
         4: ("j-long", "text_too_long"),
         5: ("c_broken.jsonl#5", "invalid_json"),
         6: ("j-ok", "duplicate_id"),
-        7: ("c_broken.jsonl#7", "missing_text"),
+        7: ("j-notext", "missing_text"),
         8: ("c_broken.jsonl#8", "invalid_utf8"),
     }
     assert all(row["detail"] for row in ledger.to_pylist() if row["fate"] == "rejected")

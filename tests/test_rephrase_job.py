@@ -4,6 +4,7 @@ determinism, the window cache (resume) and the real:synthetic share in the mixtu
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -89,7 +90,15 @@ def test_a_rerun_reuses_finished_windows_from_the_cache(docs):
     assert len(list(cache.glob("*.json"))) == 2  # one window per style
     first = pq.read_table(output / "shards")
     manifest, output = run(docs, "cached", rephrase=REPHRASE)
-    assert manifest["rephrase"]["segments_generated"] == 0
+    assert [(s["stage"], s["reused"]) for s in manifest["stages"]] == [("validate", True), ("rephrase", True)]
+    assert manifest["rephrase"]["segments_generated"] == 0 and manifest["rephrase"]["stage_reused"]
+    assert manifest["rephrase"]["segments_reused_from_cache"] == generated
+    assert pq.read_table(output / "shards").equals(first)
+
+    shutil.rmtree(docs / ".cached.cache")  # without the stage cache, the window cache still saves the work
+    manifest, output = run(docs, "cached", rephrase=REPHRASE)
+    assert [(s["stage"], s["reused"]) for s in manifest["stages"]] == [("validate", False), ("rephrase", False)]
+    assert manifest["rephrase"]["segments_generated"] == 0 and not manifest["rephrase"]["stage_reused"]
     assert manifest["rephrase"]["segments_reused_from_cache"] == generated
     assert pq.read_table(output / "shards").equals(first)
 
