@@ -162,7 +162,6 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
 
 
 FILES_META = "_files.json"
-VECTOR_STAGES = ("prune", "select")  # stages that read the records' embeddings
 StageBuild = Callable[[beam.Pipeline, Any, str], tuple[Any, list[Any], list[Any]]]
 
 
@@ -175,6 +174,8 @@ class Stage:
     material: dict[str, Any]
     build: StageBuild
     key: str = ""
+    reads_vectors: bool = False  # whether it reads the records' embeddings
+    keeps_vectors: bool = False  # whether its cached records keep them (a later stage reads them)
 
 
 def _write_files_meta(files: list[dict[str, Any]], path: str) -> None:
@@ -265,7 +266,7 @@ def plan_stages(plan: JobPlan) -> list[Stage]:
                                  "winnow.selectors.clustering", "winnow.selectors.pruning",
                                  "winnow.selectors.semdedup", "winnow.selectors.dbp")),
             "prune": _section(config.prune), "libraries": library_versions(("faiss-cpu", "numpy")),
-        }, _prune_build(plan)))
+        }, _prune_build(plan), reads_vectors=True))
     if plan.select is not None:
         select = plan.select
         stages.append(Stage("select", {
@@ -277,7 +278,7 @@ def plan_stages(plan: JobPlan) -> list[Stage]:
             "sae": select.sae_fingerprint, "embed_model": plan.embed.fingerprint if plan.embed else None,
             "device": select.device,
             "libraries": library_versions(("torch", "transformers", "sae-lens", "sentence-transformers")),
-        }, _select_build(plan)))
+        }, _select_build(plan), reads_vectors=select.method == "embedding"))
     if plan.rephrase is not None:
         stages.append(Stage("rephrase", {
             "code": source_hash((*common, "winnow.pipelines.rephrase", "winnow.pipelines.mix",
@@ -288,8 +289,10 @@ def plan_stages(plan: JobPlan) -> list[Stage]:
             "device": plan.rephrase.device, "libraries": library_versions(("torch", "transformers", "vllm")),
         }, _rephrase_build(plan)))
     previous = ""
-    for stage in stages:
-        stage.material = {"stage": stage.name, "previous": previous, **stage.material}
+    for index, stage in enumerate(stages):
+        stage.keeps_vectors = any(later.reads_vectors for later in stages[index + 1:])
+        stage.material = {"stage": stage.name, "previous": previous, "keeps_vectors": stage.keeps_vectors,
+                          **stage.material}
         stage.key = previous = stage_key(stage.material)
     return stages
 
@@ -299,9 +302,10 @@ def build_stage_graph(pipeline: beam.Pipeline, stage: Stage, upstream: list[str]
     the stage, write its records and removed rows to the cache and the list of every file it wrote."""
     records = None
     if stage.name != "validate":
-        drop = () if stage.name in VECTOR_STAGES else ("embedding",)
-        records = pipeline | "ReadCached" >> ReadCache(upstream, drop)
+        records = pipeline | "ReadCached" >> ReadCache(upstream, () if stage.reads_vectors else ("embedding",))
     records, removed, written = stage.build(pipeline, records, directory)
+    if not stage.keeps_vectors:
+        records = records | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
     written = [*written, records | "CacheRecords" >> WriteCache(directory, RECORDS)]
     if removed:
         removed = removed[0] if len(removed) == 1 else tuple(removed) | "AllRemoved" >> beam.Flatten()
