@@ -353,6 +353,14 @@ def _meta(files: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return sorted((f for f in files if f["dir"] == name), key=lambda f: f.get("index", 0))
 
 
+def _plan_meta(files: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """A stage's plan section; a stage that no record reached writes none."""
+    found = _meta(files, name)
+    if not found:
+        return {"records": 0, "note": "no record reached this stage"}
+    return {k: v for k, v in found[0].items() if k != "dir"}
+
+
 def _files_entry(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{key: f[key] for key in ("file", "rows", "bytes", "sha256")} for f in files]
 
@@ -491,21 +499,19 @@ def build_manifest(plan: JobPlan, options: PipelineOptions, files: list[dict[str
         "stages": [entry.summary() for entry in stages],
     }
     if plan.config.prune.enabled:
-        manifest["prune"] = {**_meta(files, "_prune_plan")[0], "settings": plan.config.prune.model_dump()}
-        manifest["prune"].pop("dir")
+        manifest["prune"] = {**_plan_meta(files, "_prune_plan"), "settings": plan.config.prune.model_dump()}
     if plan.select is not None:
-        manifest["select"] = {**_meta(files, "_select_plan")[0]}
-        manifest["select"].pop("dir")
+        manifest["select"] = _plan_meta(files, "_select_plan")
     if plan.rephrase is not None:
-        manifest["rephrase"] = {**_meta(files, "_rephrase_plan")[0]}
-        manifest["rephrase"].pop("dir")
+        manifest["rephrase"] = _plan_meta(files, "_rephrase_plan")
         reused = next(entry for entry in stages if entry.name == "rephrase").reused
         manifest["rephrase"]["stage_reused"] = reused
-        if reused:  # this run generated nothing: every segment's output came from the stage cache
+        if reused and "segments_generated" in manifest["rephrase"]:  # this run generated nothing: every segment's output came from the stage cache
             manifest["rephrase"]["segments_reused_from_cache"] += manifest["rephrase"]["segments_generated"]
             manifest["rephrase"]["segments_generated"] = 0
     if plan.config.mix.enabled:
-        manifest["mix"] = mix_manifest(plan.config, _meta(files, "_mix_plan")[0], shards)
+        mix_plan = _plan_meta(files, "_mix_plan")
+        manifest["mix"] = mix_manifest(plan.config, mix_plan, shards) if "sources" in mix_plan else mix_plan
     if plan.embed is not None:
         vectors = _meta(files, EMBEDDINGS_DIR)
         tally: dict[str, int] = {}

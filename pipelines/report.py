@@ -318,14 +318,18 @@ def build_report(output: str | Path, target: str | Path | None = None, display: 
             shards.extend(table.filter(pc.is_valid(table["parent_id"])).slice(0, 50).to_pylist())
     texts = _Texts(manifest["config"])
     sections = [("funnel", funnel_section(manifest))]
-    if manifest.get("prune"):
-        sections.append(("prune", prune_section(manifest, ledger, texts)))
-    if manifest.get("select"):
-        sections.append(("select", select_section(manifest, ledger)))
-    if manifest.get("rephrase"):
-        sections.append(("rephrase", rephrase_section(manifest, shards, ledger, texts)))
-    if manifest.get("mix"):
-        sections.append(("mix", mix_section(manifest)))
+    builders = {
+        "prune": lambda: prune_section(manifest, ledger, texts),
+        "select": lambda: select_section(manifest, ledger),
+        "rephrase": lambda: rephrase_section(manifest, shards, ledger, texts),
+        "mix": lambda: mix_section(manifest),
+    }
+    for name, build in builders.items():
+        section = manifest.get(name)
+        if section and "note" in section:  # no record reached the stage
+            sections.append((name, f"<h2 id='{name}'>{name.title()}</h2><p>{_esc(section['note'])}.</p>"))
+        elif section:
+            sections.append((name, build()))
     sections.append(("timings", timings_section(manifest)))
     nav = "".join(f"<a href='#{name}'>{name}</a>" for name, body in sections if body)
     page = (
