@@ -506,7 +506,7 @@ def build_manifest(plan: JobPlan, options: PipelineOptions, files: list[dict[str
         manifest["rephrase"] = _plan_meta(files, "_rephrase_plan")
         reused = next(entry for entry in stages if entry.name == "rephrase").reused
         manifest["rephrase"]["stage_reused"] = reused
-        if reused and "segments_generated" in manifest["rephrase"]:  # this run generated nothing: every segment's output came from the stage cache
+        if reused and "segments_generated" in manifest["rephrase"]:  # every segment came from the stage cache
             manifest["rephrase"]["segments_reused_from_cache"] += manifest["rephrase"]["segments_generated"]
             manifest["rephrase"]["segments_generated"] = 0
     if plan.config.mix.enabled:
