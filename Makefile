@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-prune bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-cache bench-prune bench-select bench-rephrase eval-mix \
 	eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -58,6 +58,9 @@ eval-mix: setup
 
 bench-mix: setup
 	$(BIN)/python bench/bench_mix.py $(ARGS)
+
+bench-cache: setup
+	$(BIN)/python bench/bench_cache.py $(ARGS)
 
 eval-prune: setup
 	$(BIN)/python eval/eval_prune.py $(ARGS)

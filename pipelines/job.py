@@ -176,6 +176,7 @@ class Stage:
     key: str = ""
     reads_vectors: bool = False  # whether it reads the records' embeddings
     keeps_vectors: bool = False  # whether its cached records keep them (a later stage reads them)
+    drops_vectors: bool = False  # whether its records hold embeddings that no later stage reads
 
 
 def _write_files_meta(files: list[dict[str, Any]], path: str) -> None:
@@ -288,9 +289,11 @@ def plan_stages(plan: JobPlan) -> list[Stage]:
             "model": plan.rephrase.model_fingerprint, "backend": plan.rephrase.backend,
             "device": plan.rephrase.device, "libraries": library_versions(("torch", "transformers", "vllm")),
         }, _rephrase_build(plan)))
-    previous = ""
+    previous, vectors = "", False
     for index, stage in enumerate(stages):
         stage.keeps_vectors = any(later.reads_vectors for later in stages[index + 1:])
+        vectors = vectors or stage.name == "embed"
+        stage.drops_vectors, vectors = vectors and not stage.keeps_vectors, vectors and stage.keeps_vectors
         stage.material = {"stage": stage.name, "previous": previous, "keeps_vectors": stage.keeps_vectors,
                           **stage.material}
         stage.key = previous = stage_key(stage.material)
@@ -304,7 +307,7 @@ def build_stage_graph(pipeline: beam.Pipeline, stage: Stage, upstream: list[str]
     if stage.name != "validate":
         records = pipeline | "ReadCached" >> ReadCache(upstream, () if stage.reads_vectors else ("embedding",))
     records, removed, written = stage.build(pipeline, records, directory)
-    if not stage.keeps_vectors:
+    if stage.drops_vectors:
         records = records | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
     written = [*written, records | "CacheRecords" >> WriteCache(directory, RECORDS)]
     if removed:
