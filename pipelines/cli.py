@@ -98,6 +98,9 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         return EXIT_BAD_INPUT
     try:
         manifest = run_job(plan, force=args.force, on_stage=_stage_line)
+    except OutputError as error:
+        print(f"winnow: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as error:  # noqa: BLE001 - the CLI turns any job failure into one line and exit 1
         if args.traceback:
             raise

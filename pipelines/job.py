@@ -20,6 +20,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -578,6 +579,48 @@ def _close_client(result) -> None:
 StageCallback = Callable[[str, StageEntry | None], None]
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def output_lock(output: Path):
+    """One run at a time per output: `.NAME.lock` beside it holds the running job's host and pid. A lock left
+    by a killed run (its process gone) is taken over; a live one stops this run with one line."""
+    lock = output.parent / f".{output.name}.lock"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": platform.node(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                    and not _process_alive(holder["pid"]):
+                lock.unlink(missing_ok=True)  # left by a killed run
+                continue
+            raise OutputError(
+                f"{output}: another winnow run (host {holder.get('host')}, pid {holder.get('pid')}) is writing "
+                f"it; if none is, remove {lock}"
+            ) from None
+        with os.fdopen(handle, "w") as file:
+            json.dump(me, file)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def _run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None]) -> dict[str, Any]:
     pipeline = beam.Pipeline(options=options)
     build(pipeline)
@@ -626,6 +669,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def run_job(plan: JobPlan, force: bool = False, on_stage: StageCallback | None = None) -> dict[str, Any]:
+    """Run the planned job and publish OUT, holding the output's lock; returns the manifest (see `_run_job`)."""
+    with output_lock(plan.output):
+        return _run_job(plan, force, on_stage)
+
+
+def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict[str, Any]:
     """Run the planned job and publish OUT; returns the manifest.
 
     Stages whose cache entry matches their key are reused (unless `force`); the others run, one Beam pipeline

@@ -172,3 +172,31 @@ def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_outpu
     check = subprocess.run([sys.executable, "-m", "winnow.pipelines", "verify", str(tmp_path / "out")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(sample_slice, tmp_path):
+    """`.NAME.lock` names the running job; a live holder stops the run with one line (exit 2), a lock left by
+    a killed run is taken over."""
+    import platform
+
+    config = job_config(sample_slice / "b_docs.parquet", tmp_path / "out")
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    lock = tmp_path / ".out.lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": platform.node(), "pid": sleeper.pid}))
+        refused = subprocess.run([sys.executable, "-m", "winnow.pipelines", "run", str(path)],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2
+        assert refused.stderr.strip() == (
+            f"winnow: error: {tmp_path / 'out'}: another winnow run (host {platform.node()}, pid {sleeper.pid}) "
+            f"is writing it; if none is, remove {lock}"
+        )
+        assert not (tmp_path / "out").exists() and lock.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    manifest = run(config)  # the holder is gone: its lock is taken over
+    assert manifest["counts"]["input_records"] == 60
+    assert not lock.exists(), "the lock is released after the run"
