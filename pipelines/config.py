@@ -66,6 +66,38 @@ class OutputConfig(_Section):
     )
 
 
+class QualityConfig(_Section):
+    """The Gopher quality and repetition rules (Rae et al. 2021, as DataTrove's GopherQualityFilter and
+    GopherRepetitionFilter implement them); a threshold set to null switches its rule off."""
+
+    enabled: bool = False
+    languages: list[str] | None = Field(
+        None, description="sources the English rules apply to (records of other sources pass, counted); "
+        "null: every source",
+    )
+    min_doc_words: int | None = Field(50, ge=0, description="fewer non-symbol words: rejected")
+    max_doc_words: int | None = Field(100_000, ge=0, description="more non-symbol words: rejected")
+    min_avg_word_length: float | None = Field(3, ge=0, description="mean non-symbol word length below: rejected")
+    max_avg_word_length: float | None = Field(10, ge=0, description="mean non-symbol word length above: rejected")
+    max_symbol_word_ratio: float | None = Field(0.1, ge=0, description="'#' or ellipses per word above: rejected")
+    max_bullet_lines_ratio: float | None = Field(0.9, ge=0, description="share of lines starting with a bullet")
+    max_ellipsis_lines_ratio: float | None = Field(0.3, ge=0, description="share of lines ending with an ellipsis")
+    max_non_alpha_words_ratio: float | None = Field(
+        0.8, ge=0, le=1, description="share of words with an alphabetic character below: rejected")
+    min_stop_words: int | None = Field(2, ge=0, description="fewer English stop words: rejected")
+    stop_words: list[str] = Field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
+    dup_line_frac: float | None = Field(0.3, ge=0, description="share of lines that repeat an earlier line")
+    dup_para_frac: float | None = Field(0.3, ge=0, description="share of paragraphs that repeat an earlier one")
+    dup_line_char_frac: float | None = Field(0.2, ge=0, description="characters in repeated lines / all")
+    dup_para_char_frac: float | None = Field(0.2, ge=0, description="characters in repeated paragraphs / all")
+    top_n_grams: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
+        description="n -> largest share of characters in the most frequent n-gram")
+    dup_n_grams: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> largest share of characters in repeated n-grams")
+
+
 class EmbedConfig(_Section):
     enabled: Literal["auto"] | bool = Field(
         "auto", description="auto: only when a later stage needs embeddings; true: always (written to OUT)"
@@ -217,7 +249,12 @@ class MixConfig(_Section):
 
 class WinnowConfig(_Section):
     input: InputConfig
+    pipeline: list[str] | None = Field(
+        None, description="stages in order, from validate (e.g. [validate, quality, embed, prune, select, "
+        "rephrase]); mix and output run last; default: that order",
+    )
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    quality: QualityConfig = QualityConfig()
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
     prune: PruneConfig = PruneConfig()
@@ -226,12 +263,6 @@ class WinnowConfig(_Section):
     mix: MixConfig = MixConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-    def needs_embeddings(self) -> bool:
-        """Whether the embed stage runs: on request, or when a later stage consumes embeddings."""
-        if self.embed.enabled == "auto":
-            return self.prune.enabled or (self.select.enabled and self.select.method == "embedding")
-        return bool(self.embed.enabled)
 
     @model_validator(mode="after")
     def _select_inputs(self):

@@ -13,9 +13,10 @@ When the previous run's embeddings exist for the same model, texts whose hash is
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ import pyarrow as pa
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import EmbedConfig
+from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
 from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import order_key, split_routed
+from winnow.pipelines.stage import ManifestContext, PlanContext, Stage, Step, StepContext, StepOutput, config_section
 from winnow.selectors import embedding
 
 EMBEDDINGS_DIR = "embeddings"
@@ -176,3 +179,78 @@ class EmbedRecords(beam.PTransform):
         if reused is None:
             return embedded
         return (reused, embedded) | "AllEmbedded" >> beam.Flatten()
+
+
+def _previous_embeddings(output: Path, fingerprint: str) -> str | None:
+    """The previous output's embeddings files, when they were made by the same model and are all there."""
+    try:
+        manifest = json.loads((output / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    previous = manifest.get("embeddings") or {}
+    if previous.get("fingerprint") != fingerprint or not previous.get("files"):
+        return None
+    if not all((output / entry["file"]).exists() for entry in previous["files"]):
+        return None
+    return str(output / EMBEDDINGS_DIR / "*.parquet")
+
+
+def _plan(context: PlanContext) -> EmbedPlan:
+    config = context.config.embed
+    plan = replace(EmbedPlan.from_config(config, context.workers), expected_records=context.expected_records)
+    if config.reuse:
+        plan = replace(plan, reuse_from=_previous_embeddings(context.output, plan.fingerprint))
+    return plan
+
+
+def _embed_and_write(plan: EmbedPlan):
+    def build(pipeline, records, context: StepContext) -> StepOutput:
+        output = context.job.config.output
+        embedded = records | "Embed" >> EmbedRecords(plan)
+        written = (
+            embedded
+            | "OrderEmbeddings" >> AssignPositions(order_key)
+            | "WriteEmbeddings"
+            >> WriteOrderedParquet(
+                context.directory, EMBEDDINGS_DIR, output.ledger_rows, embeddings_table, output.row_group_rows,
+                tally_key=lambda record: "reused" if record["embedding_reused"] else "computed",
+            )
+        )
+        return StepOutput(embedded, [], [written])
+    return build
+
+
+def _steps(plan: EmbedPlan, config) -> list[Step]:
+    settings = config_section(config, "embed", exclude=("reuse", "torch_threads"))
+    return [Step("embed", _embed_and_write(plan), {"embed": settings},
+                 {"model": plan.fingerprint, "device": plan.device}, adds_vectors=True)]
+
+
+def _manifest(context: ManifestContext) -> dict[str, Any]:
+    vectors = sorted((f for f in context.files if f["dir"] == EMBEDDINGS_DIR), key=lambda f: f.get("index", 0))
+    tally: dict[str, int] = {}
+    for entry in vectors:
+        for key, rows in entry["tally"].items():
+            tally[key] = tally.get(key, 0) + rows
+    if context.result.reused:
+        tally = {"reused": sum(tally.values())}  # this run computed none: the whole stage came from the cache
+    return {"embeddings": {
+        **{k: v for k, v in asdict(context.plan).items() if k != "reuse_from"},
+        "reused_rows": tally.get("reused", 0),
+        "computed_rows": tally.get("computed", 0),
+        "files": [{key: f[key] for key in ("file", "rows", "bytes", "sha256")} for f in vectors],
+    }}
+
+
+STAGE = Stage(
+    name="embed",
+    module=__name__,
+    section="embed",
+    enabled=lambda config: config.embed.enabled is True,  # auto: added before a stage that reads embeddings
+    plan=_plan,
+    steps=_steps,
+    libraries=("torch", "transformers", "sentence-transformers", "numpy"),
+    manifest=_manifest,
+    output_dirs=(EMBEDDINGS_DIR,),
+    on_force=lambda plan: replace(plan, reuse_from=None),
+)

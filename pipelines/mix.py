@@ -16,7 +16,6 @@ whose share of the source covers j. Inside a shard rows are ordered by a seeded 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,19 +23,13 @@ import apache_beam as beam
 import numpy as np
 
 from winnow.pipelines.config import MixConfig
-from winnow.pipelines.records import ledger_row, split_routed, token_count
+from winnow.pipelines.records import ledger_row, seeded_hash, split_routed, token_count
 from winnow.selectors import mixing
 
 STAGE = "mix"
-PLACED, LEDGER, PLAN = "placed", "ledger", "plan"
+PLACED, LEDGER, SUMMARY = "placed", "ledger", "summary"
 BLOCK_BITS = 14
 SYNTHETIC, REAL = "synthetic", "real"
-
-
-def seeded_hash(seed: int, *parts: Any) -> int:
-    """A 64-bit hash of the parts, stable across processes and runs (unlike Python's hash)."""
-    text = "\0".join(str(part) for part in (seed, *parts))
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 class _PlanFn(beam.DoFn):
@@ -68,7 +61,7 @@ class _PlanFn(beam.DoFn):
         else:
             total = self.config.total_records or sum(sizes.values())
         if total == 0:
-            yield PLAN, {"dir": "_mix_plan", "sources": [], "shards": 0}
+            yield SUMMARY, {"dir": "_mix_summary", "sources": [], "shards": 0}
             return
         shards = min(self.config.shards, total)
         plan = mixing.plan_mix(
@@ -81,8 +74,8 @@ class _PlanFn(beam.DoFn):
             index = column[source]
             yield "block", (block, (offsets.get(source, 0), plan.sizes[index], plan.counts[:, index].tolist()))
             offsets[source] = offsets.get(source, 0) + rows
-        yield PLAN, {
-            "dir": "_mix_plan",
+        yield SUMMARY, {
+            "dir": "_mix_summary",
             "sources": plan.sources,
             "sizes": plan.sizes,
             "tokens": [tokens[s] for s in plan.sources],
@@ -156,7 +149,7 @@ class MixRecords(beam.PTransform):
             | "AllBlocks" >> beam.GroupByKey()
             | "Plan" >> beam.ParDo(_PlanFn(self.config)),
             "Planned",
-            ("block", PLAN),
+            ("block", SUMMARY),
         )
         placed = split_routed(
             {"members": grouped, "info": planned["block"]}
@@ -165,4 +158,4 @@ class MixRecords(beam.PTransform):
             "Placed",
             (PLACED, LEDGER),
         )
-        return {PLACED: placed[PLACED], LEDGER: placed[LEDGER], PLAN: planned[PLAN]}
+        return {PLACED: placed[PLACED], LEDGER: placed[LEDGER], SUMMARY: planned[SUMMARY]}

@@ -20,22 +20,28 @@ decision on an in-memory pool; a test checks the two agree.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
 from winnow.pipelines.config import PruneConfig
-from winnow.pipelines.mix import seeded_hash
+from winnow.pipelines.ordered_io import write_bytes
 from winnow.pipelines.progress import Progress
-from winnow.pipelines.records import ledger_row, order_key, split_routed
+from winnow.pipelines.records import ledger_row, order_key, seeded_hash, split_routed
+from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.selectors import clustering
-from winnow.selectors.pruning import PruneSettings, cluster_quotas, dedup_cluster, pool_budget
+from winnow.selectors.pruning import PruneSettings, cluster_quotas, pool_budget, within_cluster_order
+from winnow.selectors.semdedup import near_pairs, resolve_pairs
 
-KEPT, LEDGER, PLAN = "kept", "ledger", "plan"
+KEPT, LEDGER, SUMMARY = "kept", "ledger", "summary"
+SUMMARY_DIR = "_prune_summary"
+CENTROIDS = "centroids.npy"
 WINDOW = 4096
 
 
@@ -78,34 +84,70 @@ class _AssignFn(beam.DoFn):
             yield {**record, "cluster": label, "dist_to_centroid": distance}
 
 
-class _DedupFn(beam.DoFn):
+class _NearPairsFn(beam.DoFn):
+    """One cluster -> its members, each with `near`: the (order key, cosine) of the later members whose cosine
+    to it passes SemDeDup's threshold. Order-independent, so the decision step resolves it for any order."""
+
     def __init__(self, settings: PruneSettings):
         self.settings = settings
         self.busy_ms = beam.metrics.Metrics.distribution("winnow.semdedup", "busy_ms")
 
-    def process(self, element) -> Iterator[tuple[str, Any]]:
+    def process(self, element) -> Iterator[dict[str, Any]]:
         started = time.perf_counter()
+        _, members = element
+        members = sorted(members, key=order_key)
+        near: list[list] = [[] for _ in members]
+        if self.settings.semdedup:
+            first, second, similarity = near_pairs(
+                np.stack([m["embedding"] for m in members]), self.settings.eps, self.settings.strict)
+            for i, j, value in zip(first.tolist(), second.tolist(), similarity.tolist(), strict=True):
+                near[i].append((*order_key(members[j]), value))
+        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
+        for member, pairs in zip(members, near, strict=True):
+            yield {**member, "near": pairs}
+
+
+class _DedupFn(beam.DoFn):
+    """One cluster's members with their `near` pairs -> SemDeDup's decision in the cluster's hardness order:
+    ledger rows of the duplicates, the cluster's statistics and its survivors in order."""
+
+    def __init__(self, settings: PruneSettings):
+        self.settings = settings
+
+    def process(self, element) -> Iterator[tuple[str, Any]]:
         cluster, members = element
         members = sorted(members, key=order_key)
-        vectors = np.stack([m["embedding"] for m in members])
+        index = {order_key(m): i for i, m in enumerate(members)}
         dist = np.array([m["dist_to_centroid"] for m in members], dtype=np.float32)
-        decision = dedup_cluster(vectors, dist, cluster, self.settings)
-        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
-        for index in np.flatnonzero(~decision.survivors).tolist():
-            record, earlier = members[index], members[int(decision.duplicate_of[index])]
-            detail = f"cosine {float(decision.similarity[index]):.4f} to {earlier['id']} (cluster {cluster})"
+        order = within_cluster_order(dist, self.settings.keep, self.settings.seed, cluster)
+        pairs = [(i, index[tuple(p[:3])], p[3]) for i, m in enumerate(members) for p in m.get("near", ())]
+        first = np.array([pair[0] for pair in pairs], dtype=np.int64)
+        second = np.array([pair[1] for pair in pairs], dtype=np.int64)
+        cosine = np.array([pair[2] for pair in pairs], dtype=np.float32)
+        survivors, duplicate_of, similarity = resolve_pairs(len(members), order, first, second, cosine)
+        for i in np.flatnonzero(~survivors).tolist():
+            record, earlier = members[i], members[int(duplicate_of[i])]
+            detail = f"cosine {float(similarity[i]):.4f} to {earlier['id']} (cluster {cluster})"
             yield LEDGER, ledger_row(record, "deduplicated", "semdedup", "semantic_duplicate", detail,
                                      duplicate_of=earlier["id"])
-        ordered = [members[i] for i in decision.order.tolist() if decision.survivors[i]]
+        ordered = [_without_pairs(members[i]) for i in order.tolist() if survivors[i]]
         yield "stats", (cluster, len(ordered), float(sum(m["dist_to_centroid"] for m in ordered)), len(members))
         yield "survivors", (cluster, ordered)
 
 
-class _QuotaFn(beam.DoFn):
-    def __init__(self, settings: PruneSettings):
-        self.settings = settings
+def _without_pairs(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "near"}
 
-    def process(self, element, centroids, count) -> Iterator[tuple[str, Any]]:
+
+class _QuotaFn(beam.DoFn):
+    def __init__(self, settings: PruneSettings, count: int, centroids: np.ndarray | None = None):
+        self.settings = settings
+        self.count = count
+        self.centroids = centroids
+
+    def process(self, element, centroids=None) -> Iterator[tuple[str, Any]]:
+        centroids = self.centroids if centroids is None else centroids
+        count = self.count
         k = len(centroids)
         sizes, distance_sums, before = np.zeros(k, np.int64), np.zeros(k), np.zeros(k, np.int64)
         for cluster, size, distance_sum, members in element[1]:
@@ -114,8 +156,8 @@ class _QuotaFn(beam.DoFn):
         stats = cluster_quotas(sizes, distance_sums, centroids, total_budget, self.settings)
         for cluster in range(k):
             yield "quota", (cluster, int(stats["quota"][cluster]))
-        yield PLAN, {
-            "dir": "_prune_plan",
+        yield SUMMARY, {
+            "dir": SUMMARY_DIR,
             "k": k,
             "records": count,
             "survivors": int(sizes.sum()),
@@ -152,58 +194,97 @@ class _SelectFn(beam.DoFn):
                     yield LEDGER, ledger_row(record, "pruned", "prune", self.strategy, detail)
 
 
-class PruneRecords(beam.PTransform):
-    """records with embeddings -> {kept, ledger, plan} (see the module docstring)."""
+def _cluster(records, config: PruneConfig, settings: PruneSettings, step: str):
+    """Fit centroids on a seeded sample and assign every record to its nearest one, in windows:
+    (centroids, records with `cluster` and `dist_to_centroid`)."""
+    seed = config.seed
+    sample = (
+        records
+        | f"{step}SampleKey" >> beam.Map(lambda r: (seeded_hash(seed, r["id"], "fit"), order_key(r), r["embedding"]))
+        | f"{step}Sample" >> beam.combiners.Top.Smallest(config.kmeans.fit_sample, key=lambda e: (e[0], e[1]))
+    )
+    count = records | f"{step}Count" >> beam.combiners.Count.Globally()
+    centroids = sample | f"{step}Fit" >> beam.Map(fit, beam.pvalue.AsSingleton(count), settings)
+    assigned = (
+        records
+        | f"{step}WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // WINDOW), r))
+        | f"{step}Windows" >> beam.GroupByKey()
+        | f"{step}Assign" >> beam.ParDo(_AssignFn(), beam.pvalue.AsSingleton(centroids))
+    )
+    return centroids, assigned
 
-    def __init__(self, config: PruneConfig):
+
+def _write_centroids(centroids: np.ndarray, directory: str) -> dict[str, Any]:
+    payload = io.BytesIO()
+    np.save(payload, np.asarray(centroids, dtype=np.float32))
+    write_bytes(f"{directory}/{CENTROIDS}", payload.getvalue())
+    return {"dir": "centroids", "file": CENTROIDS, "rows": int(len(centroids)), "bytes": payload.tell()}
+
+
+def read_centroids(directory: Path | str) -> np.ndarray:
+    return np.load(Path(directory) / CENTROIDS)
+
+
+class ClusterRecords(beam.PTransform):
+    """The scores of pruning: records with embeddings -> the same records with `cluster`, `dist_to_centroid`
+    and `near` (their SemDeDup pairs inside the cluster), and the centroids written to DIRECTORY."""
+
+    def __init__(self, config: PruneConfig, directory: str):
         super().__init__()
         self.config = config
-        self.settings = settings_from(config)
+        self.directory = directory
 
-    def _cluster(self, records, settings: PruneSettings, step: str):
-        """Fit centroids on a seeded sample, assign in windows, group by cluster and run SemDeDup (or, with
-        semdedup off, only order each cluster): (centroids, count, routed ledger/stats/survivors)."""
-        seed = self.config.seed
-        sample = (
-            records
-            | f"{step}SampleKey"
-            >> beam.Map(lambda r: (seeded_hash(seed, r["id"], "fit"), order_key(r), r["embedding"]))
-            | f"{step}Sample"
-            >> beam.combiners.Top.Smallest(self.config.kmeans.fit_sample, key=lambda e: (e[0], e[1]))
-        )
-        count = records | f"{step}Count" >> beam.combiners.Count.Globally()
-        centroids = sample | f"{step}Fit" >> beam.Map(fit, beam.pvalue.AsSingleton(count), settings)
-        assigned = (
-            records
-            | f"{step}WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // WINDOW), r))
-            | f"{step}Windows" >> beam.GroupByKey()
-            | f"{step}Assign" >> beam.ParDo(_AssignFn(), beam.pvalue.AsSingleton(centroids))
-        )
-        grouped = split_routed(
+    def expand(self, records):
+        settings = settings_from(self.config)
+        centroids, assigned = _cluster(records, self.config, settings, "")
+        scored = (
             assigned
+            | "KeyByCluster" >> beam.Map(lambda r: (r["cluster"], r))
+            | "Clusters" >> beam.GroupByKey()
+            | "NearPairs" >> beam.ParDo(_NearPairsFn(settings))
+        )
+        written = centroids | "WriteCentroids" >> beam.Map(_write_centroids, self.directory)
+        return scored, written
+
+
+class PruneRecords(beam.PTransform):
+    """The decision of pruning: clustered records (from ClusterRecords, `count` of them; its `centroids`) ->
+    {kept, ledger, summary}: SemDeDup resolved in the `prune.keep` order, the strategy's quotas, the first
+    `quota` survivors of each cluster in that order."""
+
+    def __init__(self, config: PruneConfig, count: int, centroids: np.ndarray):
+        super().__init__()
+        self.config = config
+        self.count = count
+        self.centroids = centroids
+
+    def _dedup(self, records, settings: PruneSettings, step: str):
+        return split_routed(
+            records
             | f"{step}KeyByCluster" >> beam.Map(lambda r: (r["cluster"], r))
             | f"{step}Clusters" >> beam.GroupByKey()
             | f"{step}SemDeDup" >> beam.ParDo(_DedupFn(settings)),
             f"{step}Dedup",
             (LEDGER, "stats", "survivors"),
         )
-        return centroids, count, grouped
 
     def expand(self, records):
-        settings = self.settings
-        centroids, count, deduped = self._cluster(records, settings, "")
-        clustered = deduped
+        settings = settings_from(self.config)
+        deduped = clustered = self._dedup(records, settings, "")
+        quotas = _QuotaFn(settings, self.count, self.centroids)
+        side = []
         if settings.recluster:
             survivors = deduped["survivors"] | "Survivors" >> beam.FlatMap(lambda kv: kv[1])
-            centroids, _, clustered = self._cluster(survivors, replace(settings, semdedup=False), "Recluster")
+            centroids, assigned = _cluster(survivors, self.config, settings, "Recluster")
+            clustered = self._dedup(assigned, replace(settings, semdedup=False), "Recluster")
+            quotas, side = _QuotaFn(settings, self.count), [beam.pvalue.AsSingleton(centroids)]
         planned = split_routed(
             clustered["stats"]
             | "AllStats" >> beam.Map(lambda stats: (None, stats))
             | "GatherStats" >> beam.GroupByKey()
-            | "Quotas"
-            >> beam.ParDo(_QuotaFn(settings), beam.pvalue.AsSingleton(centroids), beam.pvalue.AsSingleton(count)),
+            | "Quotas" >> beam.ParDo(quotas, *side),
             "Planned",
-            ("quota", PLAN),
+            ("quota", SUMMARY),
         )
         selected = split_routed(
             {"survivors": clustered["survivors"], "quota": planned["quota"]}
@@ -213,4 +294,50 @@ class PruneRecords(beam.PTransform):
             (KEPT, LEDGER),
         )
         ledger = (deduped[LEDGER], selected[LEDGER]) | "PruneLedger" >> beam.Flatten()
-        return {KEPT: selected[KEPT], LEDGER: ledger, PLAN: planned[PLAN]}
+        return {KEPT: selected[KEPT], LEDGER: ledger, SUMMARY: planned[SUMMARY]}
+
+
+DECISION_KEYS = ("strategy", "keep_fraction", "keep", "tau", "neighbours", "min_per_cluster_frac", "seed",
+                 "recluster")
+
+
+def _clusters(pipeline, records, context: StepContext) -> StepOutput:
+    scored, centroids = records | "Prune" >> ClusterRecords(context.job.config.prune, context.directory)
+    return StepOutput(scored, [], [centroids])
+
+
+def _decide(pipeline, records, context: StepContext) -> StepOutput:
+    config = context.job.config.prune
+    previous = context.previous
+    pruned = records | "PruneDecide" >> PruneRecords(config, previous.records, read_centroids(previous.directory))
+    return StepOutput(pruned[KEPT], [pruned[LEDGER]], [pruned[SUMMARY]])
+
+
+def _steps(plan, config) -> list[Step]:
+    section = config_section(config, "prune")
+    scores = {k: v for k, v in section.items() if k not in DECISION_KEYS or k == "seed"}  # seed: the fit sample
+    decision = {k: section[k] for k in DECISION_KEYS}
+    return [
+        Step("clusters", _clusters, {"prune": scores}, reads_vectors=True),
+        Step("decide", _decide, {"prune": decision}, reads_vectors=config.prune.recluster),
+    ]
+
+
+def _manifest(context: ManifestContext) -> dict[str, Any]:
+    return {"prune": {**summary_meta(context.files, SUMMARY_DIR),
+                      "settings": context.job.config.prune.model_dump()}}
+
+
+STAGE = Stage(
+    name="prune",
+    module=__name__,
+    section="prune",
+    enabled=lambda config: config.prune.enabled,
+    reads_embeddings=lambda config: config.prune.enabled,
+    plan=lambda context: None,
+    steps=_steps,
+    libraries=("faiss-cpu", "numpy"),
+    manifest=_manifest,
+    report="winnow.pipelines.report:prune_section",
+    ledger_stages=("semdedup", "prune"),
+)

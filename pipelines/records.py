@@ -41,6 +41,12 @@ def content_id(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def seeded_hash(seed: int, *parts: Any) -> int:
+    """A 64-bit hash of the parts, stable across processes and runs (unlike Python's hash)."""
+    text = "\0".join(str(part) for part in (seed, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
 def position_id(input_file: str, input_row: int) -> str:
     """The id of a record too broken to have one (no usable id, no usable text): where it was read."""
     return f"{PurePosixPath(input_file).name}#{input_row}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,14 +33,15 @@ import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import ConfigError, RephraseConfig
-from winnow.pipelines.mix import seeded_hash
 from winnow.pipelines.progress import Progress
-from winnow.pipelines.records import content_id, ledger_row, order_key, split_routed
+from winnow.pipelines.records import content_id, ledger_row, order_key, seeded_hash, split_routed
+from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.rephrase import clean as cleaning
 from winnow.rephrase import generate, prompts, segment
 from winnow.selectors import embedding, lm
 
-SYNTHETIC, LEDGER, PLAN = "synthetic", "ledger", "plan"
+SYNTHETIC, LEDGER, SUMMARY = "synthetic", "ledger", "summary"
+SUMMARY_DIR = "_rephrase_summary"
 PROGRESS_EVERY_S = 10.0
 CACHE_FORMAT = "1"  # the layout of a cached window (raw generations); cleaning is not part of the key
 
@@ -268,7 +270,7 @@ class _GenerateFn(beam.DoFn):
         self.progress.advance(units, note)
 
 
-def _plan_section(parts, plan: RephrasePlan) -> dict[str, Any]:
+def _summary(parts, plan: RephrasePlan) -> dict[str, Any]:
     styles: dict[str, dict[str, Any]] = {name: {"accepted": 0, "rejected": {}, "new_tokens": 0,
                                                 "input_chars": 0, "output_chars": 0} for name, _, _ in plan.styles}
     chosen = 0
@@ -296,7 +298,7 @@ def _plan_section(parts, plan: RephrasePlan) -> dict[str, Any]:
         entry["length_ratio"] = round(entry.pop("output_chars") / entry["input_chars"], 4) \
             if entry["input_chars"] else None
         entry.pop("input_chars")
-    return {"dir": "_rephrase_plan", **plan.manifest(), "records_chosen": chosen, "segments_generated": reused[False],
+    return {"dir": SUMMARY_DIR, **plan.manifest(), "records_chosen": chosen, "segments_generated": reused[False],
             "segments_reused_from_cache": reused[True], "styles_summary": styles}
 
 
@@ -343,11 +345,57 @@ class RephraseRecords(beam.PTransform):
         ]
         section = (
             parts
-            | "PlanParts" >> beam.Flatten()
-            | "KeyPlan" >> beam.Map(lambda part: (None, part))
-            | "GatherPlan" >> beam.GroupByKey()
-            | "Plan" >> beam.Map(_plan_section, plan)
+            | "SummaryParts" >> beam.Flatten()
+            | "KeySummary" >> beam.Map(lambda part: (None, part))
+            | "GatherSummary" >> beam.GroupByKey()
+            | "Summary" >> beam.Map(_summary, plan)
         )
         synthetic = generated[SYNTHETIC] | "DropWorkFields" >> beam.Map(
             lambda r: {k: v for k, v in r.items() if k not in ("segment", "new_tokens", "reused")})
-        return {SYNTHETIC: synthetic, LEDGER: generated[LEDGER], PLAN: section}
+        return {SYNTHETIC: synthetic, LEDGER: generated[LEDGER], SUMMARY: section}
+
+
+def _rephrase(plan: RephrasePlan):
+    def build(pipeline, records, context: StepContext) -> StepOutput:
+        rephrased = records | "Rephrase" >> RephraseRecords(plan)
+        together = (records, rephrased[SYNTHETIC]) | "WithSynthetic" >> beam.Flatten()
+        return StepOutput(together, [rephrased[LEDGER]], [rephrased[SUMMARY]])
+    return build
+
+
+def _steps(plan: RephrasePlan, config) -> list[Step]:
+    settings = config_section(config, "rephrase", exclude=("torch_threads",))
+    return [Step("rephrase", _rephrase(plan), {"rephrase": settings},
+                 {"model": plan.model_fingerprint, "backend": plan.backend, "device": plan.device})]
+
+
+def _manifest(context: ManifestContext) -> dict[str, Any]:
+    section = summary_meta(context.files, SUMMARY_DIR)
+    reused = context.result.reused
+    section["stage_reused"] = reused
+    if reused and "segments_generated" in section:  # every segment came from the stage cache
+        section["segments_reused_from_cache"] += section["segments_generated"]
+        section["segments_generated"] = 0
+    return {"rephrase": section}
+
+
+def _forget_windows(plan: RephrasePlan) -> RephrasePlan:
+    """--force: the window cache goes too, so every generation is made again."""
+    if plan.cache_dir:
+        shutil.rmtree(plan.cache_dir, ignore_errors=True)
+    return plan
+
+
+STAGE = Stage(
+    name="rephrase",
+    module=__name__,
+    section="rephrase",
+    enabled=lambda config: config.rephrase.enabled,
+    plan=lambda context: plan_rephrase(context.config.rephrase, context.output, context.workers),
+    steps=_steps,
+    libraries=("torch", "transformers", "vllm"),
+    manifest=_manifest,
+    report="winnow.pipelines.report:rephrase_section",
+    ledger_stages=("rephrase",),
+    on_force=_forget_windows,
+)

@@ -10,8 +10,7 @@ the mixture across shards with its temperature schedule, and timings.
 
 from __future__ import annotations
 
-import html
-import io
+import importlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -20,32 +19,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from winnow.pipelines.report_html import esc as _esc
+from winnow.pipelines.report_html import figure as _figure
+from winnow.pipelines.report_html import svg as _svg
+from winnow.pipelines.report_html import table as _table
+
 REPORT_DIR = "report"
 EXAMPLES = 4
 SNIPPET = 400
-
-
-def _svg(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(figure)
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]
-
-
-def _figure(width: float = 7.5, height: float = 3.2):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
 
 
 def _snippet(text: str | None) -> str:
@@ -53,12 +34,6 @@ def _snippet(text: str | None) -> str:
         return "<em>(text not available)</em>"
     short = text if len(text) <= SNIPPET else text[:SNIPPET] + " ..."
     return _esc(short)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 class _Texts:
@@ -95,7 +70,10 @@ def funnel_section(manifest: dict[str, Any]) -> str:
     counts = manifest["counts"]
     rows = [[_esc(r["fate"]), _esc(r["stage"]), _esc(r["reason"] or ""), f"{r['rows']:,}"]
             for r in counts["by_stage_reason"]]
-    order = ["validate", "semdedup", "prune", "select", "mix", "write"]
+    from winnow.pipelines.stages import STAGES, ledger_stage_order
+
+    ran = [entry["stage"] for entry in manifest.get("stages", [])] or [stage.name for stage in STAGES]
+    order = ledger_stage_order(ran)
     removed = Counter()
     for r in counts["by_stage_reason"]:
         if r["fate"] != "kept":
@@ -129,7 +107,7 @@ def _rows(table, mask) -> list[dict[str, Any]]:
     return table.filter(mask).to_pylist()
 
 
-def prune_section(manifest: dict[str, Any], ledger, texts: _Texts) -> str:
+def prune_section(manifest: dict[str, Any], ledger, texts: _Texts, **_) -> str:
     prune = manifest["prune"]
     clusters = prune["clusters"]
     import matplotlib
@@ -171,7 +149,7 @@ def prune_section(manifest: dict[str, Any], ledger, texts: _Texts) -> str:
             f"<h3>SemDeDup pairs</h3>{pairs_html}")
 
 
-def select_section(manifest: dict[str, Any], ledger) -> str:
+def select_section(manifest: dict[str, Any], ledger, **_) -> str:
     select = manifest["select"]
     scores = ledger["select_score"].drop_null().to_numpy()
     figure, axis = _figure()
@@ -197,7 +175,7 @@ def select_section(manifest: dict[str, Any], ledger) -> str:
             f"{_svg(figure)}{features}")
 
 
-def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], ledger, texts: _Texts) -> str:
+def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], ledger, texts: _Texts, **_) -> str:
     rephrase = manifest["rephrase"]
     rows = []
     for style, entry in rephrase["styles_summary"].items():
@@ -228,7 +206,7 @@ def rephrase_section(manifest: dict[str, Any], shards: list[dict[str, Any]], led
             f"{side}")
 
 
-def mix_section(manifest: dict[str, Any]) -> str:
+def mix_section(manifest: dict[str, Any], **_) -> str:
     mix = manifest["mix"]
     if not mix.get("shards"):
         return ""
@@ -297,6 +275,11 @@ def _read_ledger(files: list[Path], columns: list[str]):
     return table
 
 
+def _section_builder(reference: str):
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def build_report(output: str | Path, target: str | Path | None = None, display: str | None = None) -> Path:
     """Write the report of the output directory `output` into `target` (default OUT/report/index.html);
     `display` names the output in the page (the job builds the report before renaming its work directory)."""
@@ -318,18 +301,19 @@ def build_report(output: str | Path, target: str | Path | None = None, display: 
             shards.extend(table.filter(pc.is_valid(table["parent_id"])).slice(0, 50).to_pylist())
     texts = _Texts(manifest["config"])
     sections = [("funnel", funnel_section(manifest))]
-    builders = {
-        "prune": lambda: prune_section(manifest, ledger, texts),
-        "select": lambda: select_section(manifest, ledger),
-        "rephrase": lambda: rephrase_section(manifest, shards, ledger, texts),
-        "mix": lambda: mix_section(manifest),
-    }
-    for name, build in builders.items():
-        section = manifest.get(name)
-        if section and "note" in section:  # no record reached the stage
+    from winnow.pipelines.stages import STAGES
+
+    builders = {stage.name: _section_builder(stage.report) for stage in STAGES if stage.report}
+    builders["mix"] = mix_section
+    ran = [entry["stage"] for entry in manifest.get("stages", [])] or [stage.name for stage in STAGES]
+    for name in [*ran, "mix"]:
+        section, build = manifest.get(name), builders.get(name)
+        if not section or build is None:
+            continue
+        if "note" in section:  # no record reached the stage
             sections.append((name, f"<h2 id='{name}'>{name.title()}</h2><p>{_esc(section['note'])}.</p>"))
-        elif section:
-            sections.append((name, build()))
+        else:
+            sections.append((name, build(manifest, ledger=ledger, texts=texts, shards=shards)))
     sections.append(("timings", timings_section(manifest)))
     nav = "".join(f"<a href='#{name}'>{name}</a>" for name, body in sections if body)
     page = (

@@ -17,12 +17,14 @@ threshold. Ties are broken by a seeded hash of the id (selectors.task_selection.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +33,19 @@ import numpy as np
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import ConfigError, WinnowConfig
+from winnow.pipelines.ordered_io import write_bytes
 from winnow.pipelines.progress import Progress
 from winnow.pipelines.read import InputError, expand_paths
 from winnow.pipelines.records import ledger_row, order_key, split_routed
+from winnow.pipelines.stage import PlanContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.pipelines.validate import check_text
 from winnow.selectors import embedding, lm, task_selection
 from winnow.selectors import sae as sae_lib
 from winnow.selectors.embedding import ModelNotFound
 
-KEPT, LEDGER, PLAN = "kept", "ledger", "plan"
+KEPT, LEDGER, SUMMARY = "kept", "ledger", "summary"
+SUMMARY_DIR = "_select_summary"
+PROTOTYPE = "prototype.npy"
 SNIPPET_CHARS = 300
 
 
@@ -70,6 +76,7 @@ class SelectPlan:
     d_sae: int | None = None
     sae_k: int | None = None
     embed_model_path: str | None = None
+    embed_model_fingerprint: str | None = None
     expected_records: int | None = None
 
     def manifest(self) -> dict[str, Any]:
@@ -116,7 +123,8 @@ def _sae_config(path: str) -> dict[str, Any]:
         raise ModelNotFound(f"{path}: not an SAE directory (sae-lens format: cfg.json + weights)") from None
 
 
-def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None) -> SelectPlan:
+def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None,
+                embed_model_fingerprint: str | None = None) -> SelectPlan:
     """Resolve targets, models and the layer on the driver; raises InputError, ConfigError, ModelNotFound."""
     select = config.select
     texts, rejected = load_targets(select.targets, select.target_text or config.input.columns.text)
@@ -128,7 +136,8 @@ def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None
         feature_examples=select.feature_examples,
     )
     if select.method == "embedding":
-        return SelectPlan(**common, embed_model_path=embed_model_path)
+        return SelectPlan(**common, embed_model_path=embed_model_path,
+                          embed_model_fingerprint=embed_model_fingerprint)
     if select.method != "mona":
         return SelectPlan(**common)
     model_path = lm.resolve_lm_path(select.model)
@@ -266,10 +275,10 @@ class _ScoreWindowFn(beam.DoFn):
         if plan.method == "mona":
             codes = sae_codes(self.models, plan, [r["text"] for r in records])
             scores = task_selection.jaccard_to_prototype(codes, prototype)
-            top = top_features(prototype, plan.top_features)
+            reported = np.flatnonzero(prototype)  # any of them may be reported: top_features is a decision
             for i in range(len(records)):
                 indices, values = codes.row(i)
-                hit = np.isin(indices, top)
+                hit = np.isin(indices, reported)
                 features[i] = dict(zip(indices[hit].tolist(), values[hit].tolist(), strict=True))
         elif plan.method == "embedding":
             scores = task_selection.cosine_scores(np.stack([r["embedding"] for r in records]), prototype)
@@ -372,12 +381,13 @@ class _DecideFn(beam.DoFn):
         yield LEDGER, ledger_row(clean, "not_selected", "select", f"below_threshold_{self.plan.method}", detail)
 
 
-def _feature_hits(record: dict[str, Any]) -> Iterator[tuple[int, tuple[float, str, str]]]:
+def _feature_hits(record: dict[str, Any], reported: frozenset[int]) -> Iterator[tuple[int, tuple[float, str, str]]]:
     for feature, value in record["select_features"].items():
-        yield feature, (value, record["id"], record["text"][:SNIPPET_CHARS])
+        if feature in reported:
+            yield feature, (value, record["id"], record["text"][:SNIPPET_CHARS])
 
 
-def _build_plan(parts, plan: SelectPlan) -> dict[str, Any]:
+def _build_summary(parts, plan: SelectPlan, prototype: np.ndarray | None) -> dict[str, Any]:
     gathered: dict[str, Any] = {"features": {}}
     for name, value in parts[1]:
         if name == "feature":
@@ -386,7 +396,7 @@ def _build_plan(parts, plan: SelectPlan) -> dict[str, Any]:
             gathered[name] = value
     pool, wanted = gathered["pool"], gathered["wanted"]
     section = {
-        "dir": "_select_plan",
+        "dir": SUMMARY_DIR,
         **plan.manifest(),
         "pool": pool,
         "selected": wanted,
@@ -394,7 +404,6 @@ def _build_plan(parts, plan: SelectPlan) -> dict[str, Any]:
         "score_quantiles": [round(float(q), 6) for q in gathered.get("quantiles") or []],
     }
     if plan.method == "mona":
-        prototype = gathered["prototype"]
         section["prototype_top_features"] = [
             {
                 "feature": int(feature),
@@ -409,12 +418,21 @@ def _build_plan(parts, plan: SelectPlan) -> dict[str, Any]:
     return section
 
 
-class SelectRecords(beam.PTransform):
-    """records -> {kept, ledger, plan} (see the module docstring)."""
+def _write_prototype(prototype, directory: str) -> dict[str, Any]:
+    payload = io.BytesIO()
+    np.save(payload, np.asarray(prototype, dtype=np.float32))
+    write_bytes(f"{directory}/{PROTOTYPE}", payload.getvalue())
+    return {"dir": "prototype", "file": PROTOTYPE, "rows": int(len(prototype)), "bytes": payload.tell()}
 
-    def __init__(self, plan: SelectPlan):
+
+class ScoreRecords(beam.PTransform):
+    """The scores of selection: records -> (records with `select_score`, `select_features` and for mona
+    `sae_score`; metadata of the prototype written to DIRECTORY, mona only)."""
+
+    def __init__(self, plan: SelectPlan, directory: str):
         super().__init__()
         self.plan = plan
+        self.directory = directory
 
     def expand(self, records):
         plan = self.plan
@@ -434,6 +452,27 @@ class SelectRecords(beam.PTransform):
             | "Windows" >> beam.GroupByKey()
             | "Score" >> beam.ParDo(_ScoreWindowFn(plan), beam.pvalue.AsSingleton(prototype), *extra)
         )
+        written = []
+        if plan.method == "mona":
+            written.append(prototype | "WritePrototype" >> beam.Map(_write_prototype, self.directory))
+        return scored, written
+
+
+def read_prototype(directory: Path | str) -> np.ndarray:
+    return np.load(Path(directory) / PROTOTYPE)
+
+
+class DecideRecords(beam.PTransform):
+    """The decision of selection: scored records -> {kept, ledger, summary}: the exact top n by score (ties by
+    a seeded hash), the rest `not_selected`; `prototype` (mona) names the features the summary reports."""
+
+    def __init__(self, plan: SelectPlan, prototype: np.ndarray | None):
+        super().__init__()
+        self.plan = plan
+        self.prototype = prototype
+
+    def expand(self, scored):
+        plan, prototype = self.plan, self.prototype
         seed = plan.seed
         keys = scored | "RankKeys" >> beam.Map(rank_key, seed)
         pool = keys | "Pool" >> beam.combiners.Count.Globally()
@@ -473,21 +512,81 @@ class SelectRecords(beam.PTransform):
             | "QuantilePart" >> beam.Map(lambda q: ("quantiles", q)),
         ]
         if plan.method == "mona":
-            parts.append(prototype | "PrototypePart" >> beam.Map(lambda p: ("prototype", p)))
+            reported = frozenset(top_features(prototype, plan.top_features).tolist())
             parts.append(
                 scored
-                | "FeatureHits" >> beam.FlatMap(_feature_hits)
+                | "FeatureHits" >> beam.FlatMap(_feature_hits, reported)
                 | "TopPerFeature" >> beam.combiners.Top.PerKey(max(1, plan.feature_examples))
                 | "FeaturePart" >> beam.Map(lambda kv: ("feature", kv))
             )
         section = (
             parts
-            | "PlanParts" >> beam.Flatten()
-            | "KeyPlan" >> beam.Map(lambda part: (None, part))
-            | "GatherPlan" >> beam.GroupByKey()
-            | "Plan" >> beam.Map(_build_plan, plan)
+            | "SummaryParts" >> beam.Flatten()
+            | "KeySummary" >> beam.Map(lambda part: (None, part))
+            | "GatherSummary" >> beam.GroupByKey()
+            | "Summary" >> beam.Map(_build_summary, plan, prototype)
         )
-        return {KEPT: decided[KEPT], LEDGER: decided[LEDGER], PLAN: section}
+        return {KEPT: decided[KEPT], LEDGER: decided[LEDGER], SUMMARY: section}
+
+
+DECISION_KEYS = ("count", "ratio", "seed", "top_features", "feature_examples")
+
+
+def _scores(plan: SelectPlan):
+    def build(pipeline, records, context: StepContext) -> StepOutput:
+        scored, written = records | "Select" >> ScoreRecords(plan, context.directory)
+        return StepOutput(scored, [], written)
+    return build
+
+
+def _decide(plan: SelectPlan):
+    def build(pipeline, records, context: StepContext) -> StepOutput:
+        prototype = read_prototype(context.previous.directory) if plan.method == "mona" else None
+        decided = records | "SelectDecide" >> DecideRecords(plan, prototype)
+        return StepOutput(decided[KEPT], [decided[LEDGER]], [decided[SUMMARY]])
+    return build
+
+
+def _steps(plan: SelectPlan, config: WinnowConfig) -> list[Step]:
+    section = config_section(config, "select", exclude=("torch_threads",))
+    scores = {k: v for k, v in section.items() if k not in DECISION_KEYS}
+    if plan.method == "random":
+        scores["seed"] = section["seed"]  # the random baseline's scores are the seed's
+    models = {"targets": _text_digest(plan.targets), "model": plan.model_fingerprint, "sae": plan.sae_fingerprint,
+              "embed_model": plan.embed_model_fingerprint, "device": plan.device}
+    return [
+        Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=plan.method == "embedding"),
+        Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}}),
+    ]
+
+
+def _text_digest(texts) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def _plan(context: PlanContext) -> SelectPlan:
+    embed = context.plans.get("embed")
+    return replace(plan_select(context.config, context.workers, embed.model_path if embed else None,
+                               embed.fingerprint if embed else None),
+                   expected_records=context.expected_records)
+
+
+STAGE = Stage(
+    name="select",
+    module=__name__,
+    section="select",
+    enabled=lambda config: config.select.enabled,
+    reads_embeddings=lambda config: config.select.enabled and config.select.method == "embedding",
+    plan=_plan,
+    steps=_steps,
+    libraries=("torch", "transformers", "sae-lens", "sentence-transformers"),
+    manifest=lambda context: {"select": summary_meta(context.files, SUMMARY_DIR)},
+    report="winnow.pipelines.report:select_section",
+    ledger_stages=("select",),
+)
 
 
 def _score_of_key(key: int) -> float:

@@ -17,8 +17,9 @@ only. Cache entries not used by the latest successful run are removed, so the ca
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib
+import importlib.util
 import json
 import pickle
 import shutil
@@ -38,21 +39,68 @@ from apache_beam.io.filesystems import FileSystems
 from winnow.pipelines.ordered_io import table_bytes, write_bytes
 
 STAGE_FILE = "stage.json"
+FILES_META = "_files.json"  # what a pipeline wrote: its last step gathers every file's metadata here
+STEP_FILE = "step.json"
 RECORDS, REMOVED = "records", "removed"
 BLOCK_ROWS = 10_000
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _CACHE_SCHEMA = pa.schema(
     [("file_index", pa.int64()), ("input_row", pa.int64()), ("variant", pa.int64()), ("record", pa.binary())]
 )
 
 
+def read_source(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _module_file(name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _imported(name: str, source: bytes, package: str) -> set[str]:
+    """The modules of `package` that a module's source imports, at any depth of its code (lazy imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {module for module in found if module.split(".")[0] == package and _module_file(module)}
+
+
+def module_closure(roots: Iterable[str], package: str = "winnow") -> list[str]:
+    """The named modules and every module of `package` they import, transitively, sorted."""
+    seen: set[str] = set()
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(name)
+        if path is None:
+            raise ImportError(f"{name}: no Python source to hash")
+        pending.extend(_imported(name, read_source(path), package) - seen)
+    return sorted(seen)
+
+
 def source_hash(modules: Iterable[str]) -> str:
-    """SHA-256 over the source files of the named modules: the code version of a stage."""
+    """SHA-256 over the source files of the named modules."""
     digest = hashlib.sha256()
     for name in sorted(modules):
-        module = importlib.import_module(name)
-        digest.update(name.encode() + b"\0" + Path(module.__file__).read_bytes() + b"\0")
+        digest.update(name.encode() + b"\0" + read_source(_module_file(name)) + b"\0")
     return digest.hexdigest()
+
+
+def code_hash(roots: Iterable[str], package: str = "winnow") -> str:
+    """The code version of a stage: the source of its module and of every winnow module it imports,
+    transitively. Derived, so it cannot go stale when a stage starts using another helper."""
+    return source_hash(module_closure(roots, package))
 
 
 def library_versions(names: Iterable[str]) -> dict[str, str | None]:
@@ -72,6 +120,14 @@ def input_fingerprint(paths: list[str]) -> list[dict[str, Any]]:
         for item in result.metadata_list:
             entries.append({"path": item.path, "bytes": item.size_in_bytes, "mtime": item.last_updated_in_seconds})
     return sorted(entries, key=lambda entry: entry["path"])
+
+
+def write_files_meta(files: list[dict[str, Any]], path: str) -> None:
+    write_bytes(path, json.dumps(sorted(files, key=lambda f: (f["dir"], f.get("file", ""))), indent=1).encode())
+
+
+def read_files_meta(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())
 
 
 def stage_key(material: dict[str, Any]) -> str:
@@ -168,19 +224,28 @@ class StageEntry:
     reused: bool = False
     material: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
     def paths(self, kind: str) -> list[str]:
+        """The files of a kind written by the stage's last step (its records go on to the next stage)."""
+        return [str(self.directory / f["file"]) for f in self.files if f["dir"] == kind and "step" not in f]
+
+    def all_paths(self, kind: str) -> list[str]:
+        """The files of a kind written by any step (the removed rows of every step reach the ledger)."""
         return [str(self.directory / f["file"]) for f in self.files if f["dir"] == kind]
 
     def metas(self) -> list[dict[str, Any]]:
-        """Metadata of the files other than the cached records and ledger rows (plans, embeddings)."""
+        """Metadata of the files other than the cached records and ledger rows (summaries, embeddings)."""
         return [f for f in self.files if f["dir"] not in (RECORDS, REMOVED)]
 
     def summary(self) -> dict[str, Any]:
-        return {
+        entry = {
             "stage": self.name, "key": self.key, "reused": self.reused, "records_out": self.records,
             "removed": self.removed, "seconds": round(self.seconds, 3),
         }
+        if len(self.steps) > 1:
+            entry["steps"] = self.steps
+        return entry
 
 
 class StageCache:
@@ -210,7 +275,38 @@ class StageCache:
         return StageEntry(
             name, key, directory, info["files"], info["records"], info["removed"], info["seconds"], reused=True,
             material=info.get("material", {}), metrics=info.get("metrics", {}),
+            steps=[{**step, "reused": True} for step in info.get("steps", [])],
         )
+
+    def find_step(self, stage: str, step: str, key: str) -> Path | None:
+        """A finished earlier step (not the last) of this stage with this key, in any entry of the stage: its
+        scores, reusable when only a later step's settings changed."""
+        if not self.root.is_dir():
+            return None
+        for marker in sorted(self.root.glob(f"{stage}-*/{step}/{STEP_FILE}")):
+            try:
+                info = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("key") != key or info.get("format") != CACHE_FORMAT:
+                continue
+            directory = marker.parent
+            if all((directory / f["file"]).is_file() for f in info["files"] if "file" in f):
+                return directory
+        return None
+
+    @staticmethod
+    def commit_step(directory: Path, key: str, files: list[dict[str, Any]], seconds: float,
+                    material: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Mark an earlier step of a stage finished (its directory stays inside the stage's)."""
+        info = {"format": CACHE_FORMAT, "key": key, "seconds": seconds, "material": material, "metrics": metrics,
+                "records": sum(f["rows"] for f in files if f["dir"] == RECORDS),
+                "files": sorted(files, key=lambda f: (f["dir"], f.get("file", "")))}
+        (directory / STEP_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
+
+    @staticmethod
+    def read_step(directory: Path) -> dict[str, Any]:
+        return json.loads((directory / STEP_FILE).read_text())
 
     def begin(self, name: str, key: str) -> Path:
         """A fresh temporary directory to write the stage into."""
@@ -220,14 +316,17 @@ class StageCache:
         return temporary
 
     def commit(self, name: str, key: str, temporary: Path, files: list[dict[str, Any]], seconds: float,
-               material: dict[str, Any], metrics: dict[str, Any]) -> StageEntry:
+               material: dict[str, Any], metrics: dict[str, Any], steps: list[dict[str, Any]] | None = None
+               ) -> StageEntry:
         """Write stage.json into the finished temporary directory and rename it into place."""
-        records = sum(f["rows"] for f in files if f["dir"] == RECORDS)
+        records = sum(f["rows"] for f in files if f["dir"] == RECORDS and "step" not in f)
         removed = sum(f["rows"] for f in files if f["dir"] == REMOVED)
+        steps = steps or []
         info = {
             "format": CACHE_FORMAT, "stage": name, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "seconds": seconds, "records": records, "removed": removed, "material": material,
             "metrics": metrics, "files": sorted(files, key=lambda f: (f["dir"], f.get("file", ""))),
+            "steps": [{k: v for k, v in step.items() if k != "reused"} for step in steps],
         }
         (temporary / STAGE_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
         final = self.directory(name, key)
@@ -237,7 +336,7 @@ class StageCache:
             shutil.rmtree(stale, ignore_errors=True)
         temporary.rename(final)
         return StageEntry(name, key, final, info["files"], records, removed, seconds, material=material,
-                          metrics=metrics)
+                          metrics=metrics, steps=steps)
 
     def keep_only(self, entries: list[StageEntry]) -> None:
         """Remove every entry (and leftover temporary directory) that the given run did not use."""

@@ -17,9 +17,11 @@ from typing import Any
 
 import apache_beam as beam
 
+from winnow.pipelines.read import ReadRecords
 from winnow.pipelines.records import content_id, ledger_row, order_key, position_id, split_routed
+from winnow.pipelines.stage import Stage, Step, StepContext, StepOutput, config_section
 
-STAGE = "validate"
+NAME = "validate"
 VALID, REJECTED = "valid", "rejected"
 
 
@@ -69,7 +71,7 @@ class _CheckRecordFn(beam.DoFn):
             if record["id"] is None:
                 record["id"] = position_id(record["input_file"], record["input_row"])
             self.rejected.inc()
-            yield REJECTED, ledger_row(record, "rejected", STAGE, *problem)
+            yield REJECTED, ledger_row(record, "rejected", NAME, *problem)
             return
         record["text"] = text
         record["text_hash"] = content_id(text)
@@ -86,7 +88,7 @@ def first_of_duplicates(
     ordered = sorted(records, key=order_key)
     first, rest = ordered[0], ordered[1:]
     where = position_id(first["input_file"], first["input_row"])
-    return first, [ledger_row(r, "rejected", STAGE, "duplicate_id", f"same id as {where}") for r in rest]
+    return first, [ledger_row(r, "rejected", NAME, "duplicate_id", f"same id as {where}") for r in rest]
 
 
 class _DeduplicateIdsFn(beam.DoFn):
@@ -122,3 +124,35 @@ class ValidateRecords(beam.PTransform):
         )
         rejected = (checked[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
         return {VALID: unique[VALID], REJECTED: rejected}
+
+
+def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
+    config = context.job.config
+    records = pipeline | "Read" >> ReadRecords(config.input, context.job.tasks)
+    checked = records | "Validate" >> ValidateRecords(
+        config.validate_.max_text_bytes, config.validate_.control_characters)
+    return StepOutput(checked[VALID], [checked[REJECTED]])
+
+
+def _steps(plan, config) -> list[Step]:
+    settings = {"input": config_section(config, "input"), "validate": config_section(config, "validate_"),
+                "inputs": plan}
+    return [Step(NAME, _read_and_validate, settings, reads_input=True)]
+
+
+def _input_files(context) -> list[dict[str, Any]]:
+    from winnow.pipelines.stage_cache import input_fingerprint
+
+    return input_fingerprint(context.input_paths)
+
+
+STAGE = Stage(
+    name=NAME,
+    module=__name__,
+    section="validate",
+    enabled=lambda config: True,
+    plan=_input_files,
+    steps=_steps,
+    libraries=("apache-beam", "pyarrow"),
+    ledger_stages=(NAME,),
+)

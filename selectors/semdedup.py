@@ -57,3 +57,55 @@ def semdedup(
     duplicate_of[order] = np.where(best_index >= 0, np.asarray(order)[np.maximum(best_index, 0)], -1)
     max_similarity[order] = best
     return keep, duplicate_of, max_similarity
+
+
+def near_pairs(
+    embeddings: np.ndarray, eps: float, strict: bool = True, block: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (i < j) of one cluster's rows whose cosine passes SemDeDup's threshold, with that cosine.
+
+    The order-independent part of SemDeDup (the similarities): `resolve_pairs` then decides for any order, so
+    the pairs are computed once and a changed `prune.keep` order only re-runs the cheap resolution."""
+    rows = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+    count = len(rows)
+    threshold = np.float32(1.0 - eps)
+    if block is None:
+        block = max(1, min(count, _BLOCK_FLOATS // max(count, 1)))
+    first, second, values = [], [], []
+    for start in range(0, count, block):
+        stop = min(count, start + block)
+        similarity = rows[start:stop] @ rows.T
+        passes = similarity > threshold if strict else similarity >= threshold
+        passes &= np.arange(start, stop)[:, None] < np.arange(count)[None, :]
+        i, j = np.nonzero(passes)
+        first.append(i + start)
+        second.append(j)
+        values.append(similarity[i, j])
+    if not first:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return (np.concatenate(first).astype(np.int64), np.concatenate(second).astype(np.int64),
+            np.concatenate(values).astype(np.float32))
+
+
+def resolve_pairs(
+    count: int, order: np.ndarray, first: np.ndarray, second: np.ndarray, similarity: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SemDeDup's decision for an order, from `near_pairs`: (keep, duplicate_of, similarity) as `semdedup`
+    returns them for the dropped rows: a row is dropped when a pair links it to a row earlier in `order`;
+    its duplicate is that earlier row with the largest cosine (ties: the earliest in order)."""
+    position = np.empty(count, dtype=np.int64)
+    position[np.asarray(order, dtype=np.int64)] = np.arange(count)
+    first, second = np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)
+    earlier_is_first = position[first] < position[second]
+    earlier = np.where(earlier_is_first, first, second)
+    later = np.where(earlier_is_first, second, first)
+    keep = np.ones(count, dtype=bool)
+    keep[later] = False
+    duplicate_of = np.full(count, -1, dtype=np.int64)
+    max_similarity = np.full(count, -np.inf, dtype=np.float32)
+    if len(later):
+        ranked = np.lexsort((position[earlier], -np.asarray(similarity, dtype=np.float64), later))
+        best = ranked[np.r_[True, later[ranked][1:] != later[ranked][:-1]]]
+        duplicate_of[later[best]] = earlier[best]
+        max_similarity[later[best]] = similarity[best]
+    return keep, duplicate_of, max_similarity

@@ -6,6 +6,7 @@ import pytest
 from conftest import ROOT
 
 from winnow.pipelines.config import ConfigError, build_config, load_config, parse_override
+from winnow.pipelines.stages import needs_embeddings
 
 
 def minimal() -> dict:
@@ -28,8 +29,8 @@ def test_default_config_loads_with_public_keys():
 
 
 def test_pruning_switches_embedding_on_and_schedules_need_one_of_temperature_or_alpha():
-    assert build_config({**minimal(), "prune": {"enabled": True}}).needs_embeddings()
-    assert not build_config(minimal()).needs_embeddings()
+    assert needs_embeddings(build_config({**minimal(), "prune": {"enabled": True}}))
+    assert not needs_embeddings(build_config(minimal()))
     with pytest.raises(ConfigError, match=r"^mix\.schedule\.0: .*exactly one of temperature or alpha"):
         build_config({**minimal(), "mix": {"schedule": [{"at": 0, "temperature": 2, "alpha": 0.5}]}})
     with pytest.raises(ConfigError, match=r"^mix\.schedule: .*needs a point at 0"):

@@ -1,0 +1,88 @@
+"""Beam options with winnow's defaults, running one pipeline, and the Beam metrics it reports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+DEFAULT_RUNNER = "FnApiRunner"
+RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
+def beam_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options with winnow's defaults: the in-process FnApiRunner (the DirectRunner first tries to
+    download the Prism runner, which stalls offline); runner aliases such as DaskRunner expanded."""
+    args = []
+    for arg in beam_args:
+        if arg.startswith("--runner="):
+            name = arg.split("=", 1)[1]
+            arg = f"--runner={RUNNER_ALIASES.get(name, name)}"
+        args.append(arg)
+    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in args):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    return PipelineOptions(args)
+
+
+def worker_processes(options: PipelineOptions) -> int:
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing":
+        return direct.direct_num_workers or os.cpu_count() or 1
+    return 1
+
+
+def beam_metrics(result) -> dict[str, Any]:
+    """winnow's Beam counters and distributions (summed over steps), as the runner reports them; {} when the
+    runner reports none."""
+    try:
+        query = result.metrics().query()
+    except Exception:  # noqa: BLE001 - runners without metrics support raise various errors
+        return {}
+    values: dict[str, Any] = {}
+    for counter in query.get("counters", []):
+        if counter.key.metric.namespace.startswith("winnow"):
+            name = f"{counter.key.metric.namespace}.{counter.key.metric.name}"
+            values[name] = values.get(name, 0) + counter.committed
+    for dist in query.get("distributions", []):
+        if dist.key.metric.namespace.startswith("winnow") and dist.committed is not None:
+            name = f"{dist.key.metric.namespace}.{dist.key.metric.name}"
+            entry = values.setdefault(name, {"count": 0, "sum": 0, "min": None, "max": None})
+            committed = dist.committed
+            entry["count"] += committed.count
+            entry["sum"] += committed.sum
+            entry["min"] = committed.min if entry["min"] is None else min(entry["min"], committed.min)
+            entry["max"] = committed.max if entry["max"] is None else max(entry["max"], committed.max)
+    return dict(sorted(values.items()))
+
+
+def close_client(result) -> None:
+    """The DaskRunner leaves its cluster client open; closed here, it stops reconnecting after the job."""
+    client = getattr(result, "client", None)
+    if client is not None and hasattr(client, "close"):
+        client.close()
+
+
+def run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None]) -> dict[str, Any]:
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    result = pipeline.run()
+    result.wait_until_finish()
+    metrics = beam_metrics(result)
+    close_client(result)
+    return metrics
+
+
+def add_metrics(total: dict[str, Any], more: dict[str, Any]) -> None:
+    for name, value in more.items():
+        if isinstance(value, dict):
+            entry = total.setdefault(name, {"count": 0, "sum": 0, "min": None, "max": None})
+            entry["count"] += value["count"]
+            entry["sum"] += value["sum"]
+            for bound, pick in (("min", min), ("max", max)):
+                if value[bound] is not None:
+                    entry[bound] = value[bound] if entry[bound] is None else pick(entry[bound], value[bound])
+        else:
+            total[name] = total.get(name, 0) + value

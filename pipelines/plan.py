@@ -1,0 +1,115 @@
+"""Planning on the driver: inputs, output and models are checked, each stage planned and its steps keyed,
+before anything runs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from winnow.pipelines.config import WinnowConfig
+from winnow.pipelines.options import beam_options, worker_processes
+from winnow.pipelines.publish import check_output
+from winnow.pipelines.read import ReadTask, expected_rows, plan_reads
+from winnow.pipelines.stage import PlanContext, Stage, Step
+from winnow.pipelines.stage_cache import code_hash, library_versions, stage_key
+from winnow.pipelines.stages import job_stages
+
+STEP_RUNNER = "winnow.pipelines.stage_run"  # wraps every step in cache reading and writing: part of its code
+
+
+@dataclass
+class PlannedStep:
+    """A step with its cache key and whether its cached records keep the embeddings (a later step reads them)."""
+
+    step: Step
+    key: str
+    material: dict[str, Any]
+    keeps_vectors: bool = False
+    drops_vectors: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    plan: Any
+    steps: list[PlannedStep]
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def key(self) -> str:
+        return self.steps[-1].key
+
+
+@dataclass
+class JobPlan:
+    """Everything decided on the driver before the first pipeline is built."""
+
+    config: WinnowConfig
+    input_paths: list[str]
+    tasks: list[ReadTask]
+    output: Path
+    work_dir: Path
+    beam_args: list[str]
+    cache_dir: Path
+    stages: list[PlannedStage] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def plan_of(self, name: str) -> Any:
+        """A stage's driver-side plan (None when the stage does not run)."""
+        return next((planned.plan for planned in self.stages if planned.name == name), None)
+
+
+def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
+    """Check inputs, output, config and models before anything runs; raises InputError, OutputError,
+    ConfigError, ModelNotFound."""
+    started = time.perf_counter()
+    stages = job_stages(config)
+    paths, tasks = plan_reads(config.input)
+    output = Path(config.output.path).expanduser().resolve()
+    check_output(output)
+    workers = worker_processes(beam_options(beam_args))
+    context = PlanContext(config, workers, output, paths, expected_rows(tasks), {})
+    planned = []
+    for stage in stages:
+        plan = stage.plan(context)
+        context.plans[stage.name] = plan
+        planned.append(PlannedStage(stage, plan, [PlannedStep(step, "", {}) for step in stage.steps(plan, config)]))
+    job = JobPlan(
+        config, paths, tasks, output, output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}",
+        list(beam_args), output.parent / f".{output.name}.cache", planned,
+    )
+    key_steps(planned)
+    job.timings["plan_s"] = time.perf_counter() - started
+    return job
+
+
+def key_steps(stages: list[PlannedStage]) -> None:
+    """Chain the cache keys: a step's key hashes the previous step's key, the step's settings and models, the
+    code of its stage (the stage module and every winnow module it imports), the libraries it declares and
+    whether its cached records keep the embeddings."""
+    steps = [(planned.stage, step) for planned in stages for step in planned.steps]
+    previous, vectors = "", False
+    codes: dict[str, str] = {}
+    for index, (stage, planned) in enumerate(steps):
+        step = planned.step
+        if stage.module not in codes:
+            codes[stage.module] = code_hash((stage.module, STEP_RUNNER))
+        planned.keeps_vectors = any(later.step.reads_vectors for _, later in steps[index + 1:])
+        vectors = vectors or step.adds_vectors
+        planned.drops_vectors, vectors = vectors and not planned.keeps_vectors, vectors and planned.keeps_vectors
+        planned.material = {
+            "stage": stage.name, "step": step.name, "previous": previous, "keeps_vectors": planned.keeps_vectors,
+            "code": codes[stage.module], "libraries": library_versions(stage.libraries),
+            **step.settings, **step.models,
+        }
+        planned.key = previous = stage_key(planned.material)
