@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-cache bench-prune bench-select bench-rephrase eval-mix \
-	eval-prune eval-select eval-rephrase report-screenshot clean
+	eval-quality eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
 
@@ -59,8 +59,11 @@ eval-mix: setup
 bench-mix: setup
 	$(BIN)/python bench/bench_mix.py $(ARGS)
 
-bench-cache: setup
+bench-cache: setup $(SAE_SAMPLE)
 	$(BIN)/python bench/bench_cache.py $(ARGS)
+
+eval-quality: setup
+	$(BIN)/python eval/eval_quality.py $(ARGS)
 
 eval-prune: setup
 	$(BIN)/python eval/eval_prune.py $(ARGS)

@@ -92,7 +92,7 @@ def run_size(size: int, cache: str) -> dict:
     sums = np.array([float(dist[m][d.survivors].sum()) for m, d in zip(members_of, decisions, strict=True)])
     budget = pool_budget(settings, size, int(sizes.sum()))
     stats = timed("dbp_quotas", lambda: cluster_quotas(sizes, sums, centroids, budget, settings))
-    timed("select", lambda: [select_in_cluster(d.order, d.survivors, int(q), "dbp")
+    timed("select", lambda: [select_in_cluster(d.order, d.survivors, int(q))
                              for d, q in zip(decisions, stats["quota"], strict=True)])
     memory.running = False
     return {

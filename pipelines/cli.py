@@ -80,6 +80,9 @@ def _stage_line(name: str, entry) -> None:
         print(f"winnow: {name}: running", flush=True)
         return
     done = "reused from the cache" if entry.reused else f"computed in {entry.seconds:.1f} s"
+    reused_steps = [step["step"] for step in entry.steps if step["reused"]]
+    if reused_steps and not entry.reused:
+        done += f" (reused its {', '.join(reused_steps)} from the cache)"
     print(f"winnow: {name}: {done} ({entry.records} records out, {entry.removed} removed; key {entry.key})",
           flush=True)
 

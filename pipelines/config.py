@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from winnow.selectors.embedding import PACKAGED_MODEL
 from winnow.selectors.lm import PACKAGED_LM
+from winnow.selectors.pruning import STRATEGIES
+from winnow.selectors.task_selection import METHODS
 
 
 class ConfigError(ValueError):
@@ -126,7 +128,7 @@ class SemDedupConfig(_Section):
 
 class PruneConfig(_Section):
     enabled: bool = False
-    strategy: Literal["dbp", "ssp", "random", "none"] = "dbp"
+    strategy: Literal[STRATEGIES] = Field("dbp", description="per-cluster quotas: " + ", ".join(STRATEGIES))
     keep_fraction: float = Field(0.5, ge=0, le=1, description="records kept, as a fraction of those entering")
     keep: Literal["hard", "easy", "random"] = Field("hard", description="order inside a cluster")
     tau: float = Field(0.5, gt=0, description="DBP softmax temperature")
@@ -140,7 +142,7 @@ class PruneConfig(_Section):
 
 class SelectConfig(_Section):
     enabled: bool = False
-    method: Literal["mona", "embedding", "bm25", "random"] = Field(
+    method: Literal[METHODS] = Field(
         "mona", description="mona: SAE features (Jaccard); embedding: cosine; bm25; random"
     )
     targets: str | None = Field(None, description="Parquet/JSONL file or glob of target examples of the task")

@@ -4,18 +4,15 @@ Input: valid records (`id`, `text`, `text_hash`, ...). Output: the same records 
 float32 vector) and `embedding_reused` (whether it came from the previous run's embeddings).
 
 Records are grouped into windows of up to `embed.window` consecutive input rows, and the model gets one
-window at a time; sentence-transformers sorts each window by length before cutting batches of
-`embed.batch_size`, which keeps padding low. Windows come from a GroupByKey rather than Beam's BatchElements:
-their contents are then the same on every runner, so the vectors are too, and the DaskRunner of Beam 2.77,
-which drops what a DoFn emits in finish_bundle (where BatchElements flushes its last batch), loses nothing.
+window at a time (model_stage.RunModel with EmbedHandler); sentence-transformers sorts each window by length
+before cutting batches of `embed.batch_size`, which keeps padding low.
 When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,11 +20,10 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import EmbedConfig
+from winnow.pipelines.model_stage import ModelHandler, RunModel
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
-from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import order_key, split_routed
 from winnow.pipelines.stage import ManifestContext, PlanContext, Stage, Step, StepContext, StepOutput, config_section
 from winnow.selectors import embedding
@@ -67,37 +63,26 @@ class EmbedPlan:
         )
 
 
-class _EmbedWindowsFn(beam.DoFn):
-    """Embeds one window of records at a time with a model loaded once per worker process.
+class EmbedHandler(ModelHandler):
+    """The sentence-transformers model: a window of records -> the records with their vectors."""
 
-    A plain DoFn rather than RunInference: on Beam 2.77's DaskRunner, RunInference lost whole windows of
-    records (seen here), and nothing may be dropped silently. `Shared` gives every thread of a worker the same
-    model, as RunInference's model handler would.
-    """
+    namespace, counter, label, unit = "winnow.embed", "texts_embedded", "embed", "texts"
 
     def __init__(self, plan: EmbedPlan):
+        super().__init__(plan.torch_threads)
         self.plan = plan
-        self._shared = Shared()
-        self.texts = beam.metrics.Metrics.counter("winnow.embed", "texts_embedded")
-        self.busy_ms = beam.metrics.Metrics.distribution("winnow.embed", "busy_ms")
 
-    def _load(self):
-        import torch
+    def tag(self) -> str:
+        return f"{self.plan.fingerprint}:{self.plan.device}:{self.plan.max_seq_length}"
 
-        torch.set_num_threads(self.plan.torch_threads)
+    def load(self):
         return embedding.load_model(self.plan.model_path, self.plan.device, self.plan.max_seq_length)
 
-    def setup(self):
-        self.model = self._shared.acquire(self._load, tag=self.plan.fingerprint)
-        self.progress = Progress("embed", self.plan.expected_records, "texts")
+    def expected(self, *side_values) -> int | None:
+        return self.plan.expected_records
 
-    def process(self, window: tuple[Any, Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-        records = sorted(window[1], key=order_key)
-        started = time.perf_counter()
-        vectors = embedding.encode(self.model, [record["text"] for record in records], self.plan.batch_size)
-        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
-        self.texts.inc(len(records))
-        self.progress.advance(len(records))
+    def run(self, model, records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        vectors = embedding.encode(model(), [record["text"] for record in records], self.plan.batch_size)
         for record, vector in zip(records, vectors, strict=True):
             yield _attach(record, vector, False)
 
@@ -174,7 +159,7 @@ class EmbedRecords(beam.PTransform):
             to_embed
             | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // window), r))
             | "Windows" >> beam.GroupByKey()
-            | "Encode" >> beam.ParDo(_EmbedWindowsFn(self.plan))
+            | "Encode" >> beam.ParDo(RunModel(EmbedHandler(self.plan)))
         )
         if reused is None:
             return embedded

@@ -40,6 +40,7 @@ class PlannedStage:
     stage: Stage
     plan: Any
     steps: list[PlannedStep]
+    job: JobPlan | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -88,6 +89,8 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
         config, paths, tasks, output, output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}",
         list(beam_args), output.parent / f".{output.name}.cache", planned,
     )
+    for stage in planned:
+        stage.job = job
     key_steps(planned)
     job.timings["plan_s"] = time.perf_counter() - started
     return job

@@ -33,7 +33,7 @@ import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import ConfigError, RephraseConfig
-from winnow.pipelines.progress import Progress
+from winnow.pipelines.model_stage import ModelHandler, RunModel
 from winnow.pipelines.records import content_id, ledger_row, order_key, seeded_hash, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.rephrase import clean as cleaning
@@ -93,22 +93,6 @@ def plan_rephrase(config: RephraseConfig, output: Path, workers: int) -> Rephras
         window=config.window,
         cache_dir=str(output.parent / f".{output.name}.rephrase-cache") if config.cache else None,
     )
-
-
-class _Generator:
-    _shared = Shared()
-
-    def __init__(self, plan: RephrasePlan):
-        self.plan = plan
-
-    def _load(self):
-        import torch
-
-        torch.set_num_threads(self.plan.torch_threads)
-        return generate.load_generator(self.plan.backend, self.plan.model_path, self.plan.device)
-
-    def get(self):
-        return self._shared.acquire(self._load, tag=f"{self.plan.backend}:{self.plan.model_fingerprint}")
 
 
 class _Tokenizer:
@@ -171,50 +155,63 @@ def window_key(plan: RephrasePlan, style: tuple[str, str, str], prompts_: list[s
     return digest.hexdigest()
 
 
-class _GenerateFn(beam.DoFn):
-    """One window of units of one style -> synthetic records and rejection rows (cached per window)."""
+class RephraseHandler(ModelHandler):
+    """The generator: one window of units of one style -> synthetic records and rejection rows (routed pairs).
+    Every finished window is written to the window cache before its outputs move on; a cached window is
+    reused without loading the model."""
+
+    namespace, counter, label, unit = "winnow.rephrase", "units", "rephrase", "segments (style x segment)"
 
     def __init__(self, plan: RephrasePlan):
+        super().__init__(plan.torch_threads)
         self.plan = plan
         self.generated = beam.metrics.Metrics.counter("winnow.rephrase", "segments_generated")
         self.reused = beam.metrics.Metrics.counter("winnow.rephrase", "segments_reused")
         self.tokens = beam.metrics.Metrics.counter("winnow.rephrase", "tokens_generated")
         self.accepted = beam.metrics.Metrics.counter("winnow.rephrase", "accepted")
         self.rejected = beam.metrics.Metrics.counter("winnow.rephrase", "rejected")
-        self.busy_ms = beam.metrics.Metrics.distribution("winnow.rephrase", "busy_ms")
+        self._tokenizer = None
+        self._started = None
+        self._tokens_done = 0
+        self._last_reused = False
 
-    def setup(self):
-        # held here: Shared keeps only the most recently acquired object of a process alive
-        self.tokenizer = _Tokenizer(self.plan).get()
-        self.generator = None  # loaded on the first window the cache does not hold
-        self.started = time.perf_counter()
-        self.tokens_done = 0
-        self.progress = None
+    def tag(self) -> str:
+        return f"{self.plan.backend}:{self.plan.model_fingerprint}:{self.plan.device}"
 
-    def process(self, element, total_units) -> Iterator[tuple[str, Any]]:
-        (style_index, _, _), units = element
-        units = sorted(units, key=lambda u: (order_key(u["parent"]), u["segment_index"]))
-        style = self.plan.styles[style_index]
+    def load(self):
+        return generate.load_generator(self.plan.backend, self.plan.model_path, self.plan.device)
+
+    def order(self, unit):
+        return order_key(unit["parent"]), unit["segment_index"]
+
+    def expected(self, total_units=None) -> int | None:
+        return total_units
+
+    def note(self) -> str:
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        return f"{self._tokens_done / elapsed:.1f} generated tokens/s" + (" (cached)" if self._last_reused else "")
+
+    def run(self, model, units, total_units=None) -> Iterator[tuple[str, Any]]:
+        if self._tokenizer is None:
+            self._tokenizer = _Tokenizer(self.plan).get()
+            self._started = time.perf_counter()
+        style = self.plan.styles[units[0]["style_index"]]
         style_obj = prompts.Style(*style)
-        texts = [prompts.build_prompt(self.tokenizer, style_obj, u["segment"], self.plan.system_turn)
+        texts = [prompts.build_prompt(self._tokenizer, style_obj, u["segment"], self.plan.system_turn)
                  for u in units]
         key = window_key(self.plan, style, texts)
         outputs = self._cached(key)
         reused = outputs is not None
         if outputs is None:
-            if self.generator is None:
-                self.generator = _Generator(self.plan).get()
-            started = time.perf_counter()
-            generations = self.generator.generate(texts, self.plan.params)
-            self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
-            outputs = [asdict(g) for g in generations]
+            outputs = [asdict(g) for g in model().generate(texts, self.plan.params)]
             self._store(key, outputs)
             self.generated.inc(len(units))
         else:
             self.reused.inc(len(units))
         for unit, output in zip(units, outputs, strict=True):
             yield from self._emit(unit, style, output, reused)
-        self._progress(len(units), sum(o["new_tokens"] for o in outputs) if not reused else 0, total_units, reused)
+        self._tokens_done += sum(o["new_tokens"] for o in outputs) if not reused else 0
+        self._last_reused = reused
 
     def _emit(self, unit, style, output, reused) -> Iterator[tuple[str, Any]]:
         parent = unit["parent"]
@@ -260,14 +257,6 @@ class _GenerateFn(beam.DoFn):
         staging = directory / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
         staging.write_text(json.dumps(outputs))
         os.replace(staging, directory / f"{key}.json")
-
-    def _progress(self, units: int, tokens: int, total: int, reused: bool) -> None:
-        if self.progress is None:
-            self.progress = Progress("rephrase", total, "segments (style x segment)", PROGRESS_EVERY_S)
-        self.tokens_done += tokens
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        note = f"{self.tokens_done / elapsed:.1f} generated tokens/s" + (" (cached)" if reused else "")
-        self.progress.advance(units, note)
 
 
 def _summary(parts, plan: RephrasePlan) -> dict[str, Any]:
@@ -329,7 +318,8 @@ class RephraseRecords(beam.PTransform):
         generated = split_routed(
             units
             | "Windows" >> beam.GroupByKey()
-            | "Generate" >> beam.ParDo(_GenerateFn(plan), beam.pvalue.AsSingleton(total)),
+            | "Generate" >> beam.ParDo(RunModel(RephraseHandler(plan), PROGRESS_EVERY_S),
+                                      beam.pvalue.AsSingleton(total)),
             "Generated",
             (SYNTHETIC, LEDGER),
         )

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import struct
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -30,13 +29,12 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import ConfigError, WinnowConfig
+from winnow.pipelines.model_stage import ModelHandler, RunModel, acquire_model
 from winnow.pipelines.ordered_io import write_bytes
-from winnow.pipelines.progress import Progress
 from winnow.pipelines.read import InputError, expand_paths
-from winnow.pipelines.records import ledger_row, order_key, split_routed
+from winnow.pipelines.records import ledger_row, split_routed
 from winnow.pipelines.stage import PlanContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.pipelines.validate import check_text
 from winnow.selectors import embedding, lm, task_selection
@@ -160,65 +158,126 @@ def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None
     )
 
 
-class _Models:
-    """The method's models, loaded once per worker process (shared by its threads)."""
+def sae_codes(models, plan: SelectPlan, texts: list[str]) -> sae_lib.SparseCodes:
+    """Mean-pooled SAE codes; `models()` gives the worker's (LM, tokenizer, SAE)."""
+    model, tokenizer, sae = models()
+    return sae_lib.sample_codes(model, tokenizer, sae, texts, plan.layer, plan.max_tokens, plan.batch_size)
 
-    _shared = Shared()
+
+def _load_mona(plan: SelectPlan):
+    model, tokenizer = lm.load_lm(plan.model_path, plan.device)
+    return model, tokenizer, sae_lib.load_sae(plan.sae, plan.device)
+
+
+def _mona_scores(models, plan: SelectPlan, records: list[dict[str, Any]], prototype, stats):
+    """Jaccard of each record's mean SAE code to the prototype, and the record's values of the prototype's
+    features (any of them may be reported: `select.top_features` is part of the decision)."""
+    codes = sae_codes(models, plan, [r["text"] for r in records])
+    reported = np.flatnonzero(prototype)
+    features = []
+    for i in range(len(records)):
+        indices, values = codes.row(i)
+        hit = np.isin(indices, reported)
+        features.append(dict(zip(indices[hit].tolist(), values[hit].tolist(), strict=True)))
+    return task_selection.jaccard_to_prototype(codes, prototype), features
+
+
+def _bm25_scores(models, plan: SelectPlan, records: list[dict[str, Any]], query, stats):
+    stats = _bm25_stats(stats, query)
+    return np.array([task_selection.bm25_score(task_selection.bm25_document(r["text"], query), query, stats)
+                     for r in records]), None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A selection method: how to load its models (once per worker; None: it has none), the prototype of the
+    targets and the scores of a window of records (with per-record feature values, or None). Both get a
+    `models()` callable that loads the models on first use: embedding scores read the records' vectors and
+    never load the encoder."""
+
+    load: Any
+    prototype: Any
+    scores: Any
+    reads_vectors: bool = False
+    seeded_scores: bool = False  # random: the scores are the seed's, so the seed is part of the scores' key
+    pool_statistics: bool = False  # BM25: document frequencies over the pool, a global step before scoring
+    sparse_features: bool = False  # MONA: SAE features reported in the summary; `sae_score` in the ledger
+
+
+METHODS = {
+    "mona": Method(
+        _load_mona,
+        lambda models, plan, texts: task_selection.prototype(sae_codes(models, plan, texts)),
+        _mona_scores, sparse_features=True),
+    "embedding": Method(
+        lambda plan: embedding.load_model(plan.embed_model_path, plan.device),
+        lambda models, plan, texts: task_selection.embedding_prototype(embedding.encode(models(), texts)),
+        lambda models, plan, records, prototype, stats: (
+            task_selection.cosine_scores(np.stack([r["embedding"] for r in records]), prototype), None),
+        reads_vectors=True),
+    "bm25": Method(
+        None, lambda models, plan, texts: task_selection.Bm25Query.from_targets(texts), _bm25_scores,
+        pool_statistics=True),
+    "random": Method(
+        None, lambda models, plan, texts: None,
+        lambda models, plan, records, prototype, stats: (
+            np.array([task_selection.random_score(plan.seed, r["id"]) for r in records]), None),
+        seeded_scores=True),
+}
+assert set(METHODS) == set(task_selection.METHODS), "every configurable method has an implementation"
+
+
+class SelectHandler(ModelHandler):
+    """A method's models and scores: a window of records -> the records with `select_score` (and for MONA
+    `sae_score` and `select_features`)."""
+
+    namespace, counter, unit = "winnow.select", "records_scored", "records"
 
     def __init__(self, plan: SelectPlan):
+        super().__init__(plan.torch_threads)
         self.plan = plan
+        self.method = METHODS[plan.method]
+        self.label = f"select:{plan.method}"
+        self.score_values = beam.metrics.Metrics.distribution("winnow.select", "score_x1e6")
 
-    def _load(self):
-        import torch
+    def tag(self) -> str:
+        plan = self.plan
+        return f"{plan.method}:{plan.model_fingerprint}:{plan.sae_fingerprint}:{plan.embed_model_path}:{plan.device}"
 
-        torch.set_num_threads(self.plan.torch_threads)
-        if self.plan.method == "mona":
-            model, tokenizer = lm.load_lm(self.plan.model_path, self.plan.device)
-            return _Loaded(model=model, tokenizer=tokenizer, sae=sae_lib.load_sae(self.plan.sae, self.plan.device))
-        return _Loaded(encoder=embedding.load_model(self.plan.embed_model_path, self.plan.device))
+    def load(self):
+        return self.method.load(self.plan)
 
-    def get(self):
-        tag = f"{self.plan.method}:{self.plan.model_fingerprint}:{self.plan.sae_fingerprint}:{self.plan.device}"
-        return self._shared.acquire(self._load, tag=tag)
+    def expected(self, *side_values) -> int | None:
+        return self.plan.expected_records
 
-
-class _Loaded:
-    """A weak-referenceable holder for what Shared keeps per worker."""
-
-    def __init__(self, **models):
-        self.__dict__.update(models)
-
-
-def sae_codes(loaded, plan: SelectPlan, texts: list[str]) -> sae_lib.SparseCodes:
-    return sae_lib.sample_codes(
-        loaded.model, loaded.tokenizer, loaded.sae, texts, plan.layer, plan.max_tokens, plan.batch_size
-    )
-
-
-def _models(plan: SelectPlan):
-    """The worker's models for methods that have any; held by the DoFn (Shared keeps only the last one alive)."""
-    return _Models(plan).get() if plan.method in ("mona", "embedding") else None
+    def run(self, model, records: list[dict[str, Any]], prototype, stats=None) -> Iterator[dict[str, Any]]:
+        scores, features = self.method.scores(model, self.plan, records, prototype, stats)
+        for index, (record, score) in enumerate(zip(records, scores.tolist(), strict=True)):
+            self.score_values.update(int(score * 1e6))
+            scored = {**record, "select_score": float(score),
+                      "select_features": features[index] if features is not None else {}}
+            if self.method.sparse_features:
+                scored["sae_score"] = float(score)
+            yield scored
 
 
 class _PrototypeFn(beam.DoFn):
     """The targets -> the method's prototype: mean SAE code, unit mean embedding or BM25 query."""
 
     def __init__(self, plan: SelectPlan):
-        self.plan = plan
+        self.handler = SelectHandler(plan)
 
     def setup(self):
-        self.models = _models(self.plan)
+        self.held = None
+
+    def _model(self):
+        if self.held is None:
+            self.held = acquire_model(self.handler)
+        return self.held.value
 
     def process(self, _element) -> Iterator[Any]:
-        plan, texts = self.plan, list(self.plan.targets)
-        if plan.method == "mona":
-            yield task_selection.prototype(sae_codes(self.models, plan, texts))
-        elif plan.method == "embedding":
-            yield task_selection.embedding_prototype(embedding.encode(self.models.encoder, texts))
-        elif plan.method == "bm25":
-            yield task_selection.Bm25Query.from_targets(texts)
-        else:
-            yield None
+        plan = self.handler.plan
+        yield self.handler.method.prototype(self._model, plan, list(plan.targets))
 
 
 class _Bm25StatsFn(beam.CombineFn):
@@ -252,51 +311,6 @@ def _bm25_stats(accumulator, query: task_selection.Bm25Query) -> task_selection.
     for position, count in frequency.items():
         df[position] = count
     return task_selection.Bm25Stats(documents, length / max(1, documents), df)
-
-
-class _ScoreWindowFn(beam.DoFn):
-    """Scores one window of records against the prototype, vectorised per window."""
-
-    def __init__(self, plan: SelectPlan):
-        self.plan = plan
-        self.scored = beam.metrics.Metrics.counter("winnow.select", "records_scored")
-        self.scores = beam.metrics.Metrics.distribution("winnow.select", "score_x1e6")
-        self.busy_ms = beam.metrics.Metrics.distribution("winnow.select", "busy_ms")
-
-    def setup(self):
-        self.models = _models(self.plan) if self.plan.method == "mona" else None
-        self.progress = Progress(f"select:{self.plan.method}", self.plan.expected_records)
-
-    def process(self, window, prototype, bm25_stats=None) -> Iterator[dict[str, Any]]:
-        plan = self.plan
-        started = time.perf_counter()
-        records = sorted(window[1], key=order_key)
-        features: list[dict[int, float]] = [{} for _ in records]
-        if plan.method == "mona":
-            codes = sae_codes(self.models, plan, [r["text"] for r in records])
-            scores = task_selection.jaccard_to_prototype(codes, prototype)
-            reported = np.flatnonzero(prototype)  # any of them may be reported: top_features is a decision
-            for i in range(len(records)):
-                indices, values = codes.row(i)
-                hit = np.isin(indices, reported)
-                features[i] = dict(zip(indices[hit].tolist(), values[hit].tolist(), strict=True))
-        elif plan.method == "embedding":
-            scores = task_selection.cosine_scores(np.stack([r["embedding"] for r in records]), prototype)
-        elif plan.method == "bm25":
-            stats = _bm25_stats(bm25_stats, prototype)
-            scores = np.array([task_selection.bm25_score(task_selection.bm25_document(r["text"], prototype),
-                                                         prototype, stats) for r in records])
-        else:
-            scores = np.array([task_selection.random_score(plan.seed, r["id"]) for r in records])
-        self.scored.inc(len(records))
-        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
-        self.progress.advance(len(records))
-        for record, score, feature_values in zip(records, scores.tolist(), features, strict=True):
-            self.scores.update(int(score * 1e6))
-            scored = {**record, "select_score": float(score), "select_features": feature_values}
-            if plan.method == "mona":
-                scored["sae_score"] = float(score)
-            yield scored
 
 
 def top_features(prototype: np.ndarray, count: int) -> np.ndarray:
@@ -403,7 +417,7 @@ def _build_summary(parts, plan: SelectPlan, prototype: np.ndarray | None) -> dic
         "threshold_score": gathered.get("threshold_score"),
         "score_quantiles": [round(float(q), 6) for q in gathered.get("quantiles") or []],
     }
-    if plan.method == "mona":
+    if METHODS[plan.method].sparse_features:
         section["prototype_top_features"] = [
             {
                 "feature": int(feature),
@@ -438,7 +452,7 @@ class ScoreRecords(beam.PTransform):
         plan = self.plan
         prototype = records.pipeline | "Targets" >> beam.Create([None]) | "Prototype" >> beam.ParDo(_PrototypeFn(plan))
         extra = []
-        if plan.method == "bm25":
+        if METHODS[plan.method].pool_statistics:
             extra.append(beam.pvalue.AsSingleton(
                 records
                 | "Bm25Documents" >> beam.Map(lambda r, q: task_selection.bm25_document(r["text"], q),
@@ -450,10 +464,10 @@ class ScoreRecords(beam.PTransform):
             records
             | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // window), r))
             | "Windows" >> beam.GroupByKey()
-            | "Score" >> beam.ParDo(_ScoreWindowFn(plan), beam.pvalue.AsSingleton(prototype), *extra)
+            | "Score" >> beam.ParDo(RunModel(SelectHandler(plan)), beam.pvalue.AsSingleton(prototype), *extra)
         )
         written = []
-        if plan.method == "mona":
+        if METHODS[plan.method].sparse_features:
             written.append(prototype | "WritePrototype" >> beam.Map(_write_prototype, self.directory))
         return scored, written
 
@@ -511,7 +525,7 @@ class DecideRecords(beam.PTransform):
             | "Quantiles" >> beam.ApproximateQuantiles.Globally(21)
             | "QuantilePart" >> beam.Map(lambda q: ("quantiles", q)),
         ]
-        if plan.method == "mona":
+        if METHODS[plan.method].sparse_features:
             reported = frozenset(top_features(prototype, plan.top_features).tolist())
             parts.append(
                 scored
@@ -541,7 +555,7 @@ def _scores(plan: SelectPlan):
 
 def _decide(plan: SelectPlan):
     def build(pipeline, records, context: StepContext) -> StepOutput:
-        prototype = read_prototype(context.previous.directory) if plan.method == "mona" else None
+        prototype = read_prototype(context.previous.directory) if METHODS[plan.method].sparse_features else None
         decided = records | "SelectDecide" >> DecideRecords(plan, prototype)
         return StepOutput(decided[KEPT], [decided[LEDGER]], [decided[SUMMARY]])
     return build
@@ -550,12 +564,12 @@ def _decide(plan: SelectPlan):
 def _steps(plan: SelectPlan, config: WinnowConfig) -> list[Step]:
     section = config_section(config, "select", exclude=("torch_threads",))
     scores = {k: v for k, v in section.items() if k not in DECISION_KEYS}
-    if plan.method == "random":
-        scores["seed"] = section["seed"]  # the random baseline's scores are the seed's
+    if METHODS[plan.method].seeded_scores:
+        scores["seed"] = section["seed"]
     models = {"targets": _text_digest(plan.targets), "model": plan.model_fingerprint, "sae": plan.sae_fingerprint,
               "embed_model": plan.embed_model_fingerprint, "device": plan.device}
     return [
-        Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=plan.method == "embedding"),
+        Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=METHODS[plan.method].reads_vectors),
         Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}}),
     ]
 
@@ -579,7 +593,7 @@ STAGE = Stage(
     module=__name__,
     section="select",
     enabled=lambda config: config.select.enabled,
-    reads_embeddings=lambda config: config.select.enabled and config.select.method == "embedding",
+    reads_embeddings=lambda config: config.select.enabled and METHODS[config.select.method].reads_vectors,
     plan=_plan,
     steps=_steps,
     libraries=("torch", "transformers", "sae-lens", "sentence-transformers"),

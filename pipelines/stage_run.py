@@ -44,7 +44,7 @@ def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], dir
     if not definition.reads_input:
         with_vectors = definition.reads_vectors or planned_step.keeps_vectors
         records = pipeline | "ReadCached" >> ReadCache(upstream, () if with_vectors else ("embedding",))
-    output = definition.build(pipeline, records, StepContext(job, directory, previous))
+    output = definition.build(pipeline, records, StepContext(job or planned.job, directory, previous))
     records = output.records
     if planned_step.drops_vectors:
         records = records | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})

@@ -43,9 +43,11 @@ def job_stages(config: WinnowConfig) -> list[Stage]:
     if missing:
         raise ConfigError(f"pipeline: {missing[0]} is enabled but not in the list")
     embeds = needs_embeddings(config)
+    readers = [name for name in names if name in wanted and BY_NAME[name].reads_embeddings(config)]
+    if readers and not embeds:
+        raise ConfigError(f"embed.enabled: false, but {readers[0]} reads embeddings (set it to auto or true)")
     if embeds and EMBED not in names:
-        readers = [i for i, name in enumerate(names) if name in wanted and BY_NAME[name].reads_embeddings(config)]
-        names.insert(readers[0] if readers else len(names), EMBED)
+        names.insert(names.index(readers[0]) if readers else len(names), EMBED)
     chosen = [BY_NAME[name] for name in names if name in wanted or (name == EMBED and embeds)]
     seen_embed = False
     for stage in chosen:

@@ -44,7 +44,7 @@ def _check_files(output: Path, section: str, entries: list[dict[str, Any]], prob
             problems.append(f"{entry['file']}: {rows} rows, the manifest says {entry['rows']}")
             continue
         present.append(path)
-    directory = section if section != "embeddings" else "embeddings"
+    directory = section
     listed = {entry["file"] for entry in entries}
     for extra in sorted((output / directory).glob("*.parquet")) if (output / directory).is_dir() else []:
         if f"{directory}/{extra.name}" not in listed:

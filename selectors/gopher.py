@@ -2,10 +2,10 @@
 DataTrove's GopherRepetitionFilter and GopherQualityFilter implement them (docs/ALGORITHMS.md section 6).
 
 Beam-free: `check(text, rules)` returns the first rule a text breaks, with the measured value, or None. The
-rules run in DataTrove's order (repetition, then quality). Words come from `split_words`, a regular
-expression that follows spaCy's English tokenizer (which DataTrove uses) on what these rules look at:
-punctuation runs and ellipses are their own tokens, contractions split (`do` `n't`, `it` `'s`), decimals and
-URLs stay whole.
+rules run in DataTrove's order (repetition, then quality). Words come from `split_words`, which follows the
+rules of spaCy's English tokenizer (DataTrove's word tokenizer for English) with regular expressions:
+brackets, quotes and sentence punctuation are their own tokens, contractions split (`do` `n't`, `it` `'s`),
+decimals, versions, abbreviations and URLs stay whole.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
-WORD = re.compile(
-    r"https?://[^\s<>\"']+[^\s<>\"'.,;:!?)\]]"  # a URL, without trailing punctuation
-    r"|n't\b|'(?:s|re|ve|ll|d|m)\b"  # contraction suffixes
-    r"|\w+(?=n't\b)"  # the stem before n't
-    r"|\d+(?:[.,]\d+)+"  # 3.5, 1,000
-    r"|\w+"
-    r"|\.\.\.+|…"
-    r"|[^\w\s]",
+PUNCT = "(){}\\[\\]<>_#*&,:;!?¿¡\"'`“”‘’«»"
+PREFIX = re.compile(rf"^(?:[{PUNCT}§%=—–$£€¥]|\+(?![0-9])|\.\.+|…)")
+SUFFIX = re.compile(
+    rf"(?:[{PUNCT}—–]|\.\.+|…|['’]s|n't|'(?:re|ve|ll|d|m)|(?<=[0-9])%|(?<=[0-9a-z%)\]>\"'`])\.|(?<=[A-Z][A-Z])\.)$",
     re.IGNORECASE,
 )
+ABBREVIATION = re.compile(r"^(?:[A-Za-z]\.){2,}$")  # e.g. i.e. U.S.: spaCy's special cases keep their dots
+INFIX = re.compile(r"(?<=[^\W_])-+(?=[^\W\d_])|(?<=[^\W_])[:<>=/](?=[^\W\d_])|(?<=[^\W\d_]),(?=[^\W\d_])"
+                   r"|(?<=[a-z])\.(?=[A-Z])|\.\.+|…")
+URL = re.compile(r"^https?://\S+?(?=[.,;:!?)\]]*$)")
 PARAGRAPHS = re.compile(r"\n{2,}")
 LINES = re.compile(r"\n+")
 BULLETS = ("•", "-")
@@ -67,7 +67,37 @@ class Breach:
 
 
 def split_words(text: str) -> list[str]:
-    return WORD.findall(text)
+    """Words as spaCy's English tokenizer cuts them: whitespace first, then prefixes and suffixes peeled off
+    each piece (brackets, quotes, sentence punctuation, contractions, ellipses; abbreviations such as `e.g.`
+    keep their dots), then infixes split (hyphens and slashes between letters, commas between letters)."""
+    words: list[str] = []
+    for piece in text.split():
+        words.extend(_split_piece(piece))
+    return words
+
+
+def _split_piece(piece: str) -> list[str]:
+    url = URL.match(piece)
+    if url:
+        return [url.group(), *_split_piece(piece[url.end():])] if url.end() < len(piece) else [piece]
+    prefixes, suffixes = [], []
+    while piece and (found := PREFIX.match(piece)) and found.end() < len(piece):
+        prefixes.append(found.group())
+        piece = piece[found.end():]
+    if ABBREVIATION.match(piece):
+        return [*prefixes, piece]
+    while piece and (found := SUFFIX.search(piece)) and found.start() > 0:
+        suffixes.insert(0, found.group())
+        piece = piece[: found.start()]
+    middle, start = [], 0
+    for found in INFIX.finditer(piece):
+        if found.start() > start:
+            middle.append(piece[start: found.start()])
+        middle.append(found.group())
+        start = found.end()
+    if start < len(piece):
+        middle.append(piece[start:])
+    return [*prefixes, *middle, *suffixes]
 
 
 def is_symbol(word: str) -> bool:

@@ -187,9 +187,6 @@ class MixPlan:
     schedule_expected: np.ndarray
     shard_taus: list[list[tuple[float, float]]]
 
-    def slots_per_source(self) -> np.ndarray:
-        return self.counts.sum(axis=0)
-
     def shard_of_slot(self, source_index: int, slots: np.ndarray) -> np.ndarray:
         """The shard of each slot (0-based occurrence) of a source: shards take its slots in order."""
         cumulative = np.cumsum(self.counts[:, source_index])

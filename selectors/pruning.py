@@ -13,7 +13,6 @@ import numpy as np
 from winnow.selectors import clustering, dbp
 from winnow.selectors.semdedup import hardness_order, semdedup
 
-STRATEGIES = ("dbp", "ssp", "random", "none")
 
 
 @dataclass
@@ -44,6 +43,27 @@ class ClusterDecision:
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
+def _dbp(sizes, probabilities, total_budget, settings):
+    return dbp.dbp_quotas(sizes, probabilities, total_budget, settings.min_per_cluster_frac)[0]
+
+
+def _ssp(sizes, probabilities, total_budget, settings):
+    return dbp.ssp_quotas(sizes, total_budget)
+
+
+def _random(sizes, probabilities, total_budget, settings):
+    return np.random.default_rng(settings.seed).multivariate_hypergeometric(sizes, total_budget)
+
+
+def _none(sizes, probabilities, total_budget, settings):
+    return sizes.copy()
+
+
+# strategy name -> per-cluster quotas (sizes, DBP probabilities, budget, settings); the config's choices
+QUOTAS = {"dbp": _dbp, "ssp": _ssp, "random": _random, "none": _none}
+STRATEGIES = tuple(QUOTAS)
+
+
 def within_cluster_order(dist: np.ndarray, keep: str, seed: int, cluster: int) -> np.ndarray:
     """Hardness order of a cluster's members; the random order is seeded per cluster."""
     return hardness_order(dist, keep, seed=(seed * 1_000_003 + cluster) % (2**32))
@@ -67,23 +87,15 @@ def cluster_quotas(
     d_inter = dbp.inter_distance(centroids, settings.neighbours)
     complexity = dbp.complexity(d_intra, d_inter, sizes)
     probabilities = dbp.softmax(complexity, settings.tau)
-    if settings.strategy == "dbp":
-        quotas, _ = dbp.dbp_quotas(sizes, probabilities, total_budget, settings.min_per_cluster_frac)
-    elif settings.strategy == "ssp":
-        quotas = dbp.ssp_quotas(sizes, total_budget)
-    elif settings.strategy == "random":
-        quotas = np.random.default_rng(settings.seed).multivariate_hypergeometric(sizes, total_budget)
-    elif settings.strategy == "none":
-        quotas = sizes.copy()
-    else:
+    if settings.strategy not in QUOTAS:
         raise ValueError(f"strategy must be one of {STRATEGIES}, not {settings.strategy!r}")
+    quotas = QUOTAS[settings.strategy](sizes, probabilities, total_budget, settings)
     return {"size": sizes, "d_intra": d_intra, "d_inter": d_inter, "complexity": complexity,
             "probability": probabilities, "quota": np.asarray(quotas, dtype=np.int64)}
 
 
-def select_in_cluster(order: np.ndarray, survivors: np.ndarray, quota: int, strategy: str) -> np.ndarray:
-    """Kept mask: the first `quota` survivors in the cluster's order (random strategy: in a random order,
-    which `order` is when keep='random'; otherwise the hardness order)."""
+def select_in_cluster(order: np.ndarray, survivors: np.ndarray, quota: int) -> np.ndarray:
+    """Kept mask: the first `quota` survivors in the cluster's order (`prune.keep`: hardness, or random)."""
     kept = np.zeros(len(survivors), dtype=bool)
     ranked = [i for i in order if survivors[i]]
     kept[ranked[:quota]] = True
@@ -137,7 +149,6 @@ def prune_pool(vectors: np.ndarray, settings: PruneSettings, fit_sample: int | N
     stats = cluster_quotas(sizes, distance_sums, centroids, total_budget, settings)
     kept = np.zeros(count, dtype=bool)
     for cluster, (members, decision) in enumerate(zip(members_of, decisions, strict=True)):
-        kept[members] = select_in_cluster(decision.order, decision.survivors, int(stats["quota"][cluster]),
-                                          settings.strategy)
+        kept[members] = select_in_cluster(decision.order, decision.survivors, int(stats["quota"][cluster]))
     return {"labels": labels, "dist": dist, "deduplicated": deduplicated, "duplicate_of": duplicate_of,
             "kept": kept, "centroids": centroids, **{f"cluster_{key}": value for key, value in stats.items()}}
