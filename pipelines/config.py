@@ -14,10 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from winnow.selectors.embedding import PACKAGED_MODEL
-from winnow.selectors.lm import PACKAGED_LM
-from winnow.selectors.pruning import STRATEGIES
-from winnow.selectors.task_selection import METHODS
+from winnow.selectors.names import PACKAGED_LM, PACKAGED_MODEL, PRUNE_STRATEGIES, SELECT_METHODS
 
 
 class ConfigError(ValueError):
@@ -128,7 +125,7 @@ class SemDedupConfig(_Section):
 
 class PruneConfig(_Section):
     enabled: bool = False
-    strategy: Literal[STRATEGIES] = Field("dbp", description="per-cluster quotas: " + ", ".join(STRATEGIES))
+    strategy: Literal[PRUNE_STRATEGIES] = Field("dbp", description="per-cluster quotas: " + ", ".join(PRUNE_STRATEGIES))
     keep_fraction: float = Field(0.5, ge=0, le=1, description="records kept, as a fraction of those entering")
     keep: Literal["hard", "easy", "random"] = Field("hard", description="order inside a cluster")
     tau: float = Field(0.5, gt=0, description="DBP softmax temperature")
@@ -142,7 +139,7 @@ class PruneConfig(_Section):
 
 class SelectConfig(_Section):
     enabled: bool = False
-    method: Literal[METHODS] = Field(
+    method: Literal[SELECT_METHODS] = Field(
         "mona", description="mona: SAE features (Jaccard); embedding: cosine; bm25; random"
     )
     targets: str | None = Field(None, description="Parquet/JSONL file or glob of target examples of the task")

@@ -1,21 +1,22 @@
 """Prune stage: spherical k-means, SemDeDup inside each cluster, then a strategy's per-cluster quotas.
 
-Input: records with `embedding`. Outputs (routed pairs, see records.split_routed):
-  kept     records that survive, with `cluster` and `dist_to_centroid`
-  ledger   rows for the records taken out: `deduplicated` (stage semdedup, with the id of the earlier record
-           it duplicates and their cosine) or `pruned` (stage prune, with its cluster's quota)
-  plan     one dict for the manifest: k, budget, and per cluster size, survivors, d_intra, d_inter, complexity,
-           quota
-
-Wiring for a distributed run (ALGORITHMS.md section 2): the centroids are fitted on one worker from a seeded
-sample (the records with the smallest seeded id hashes, `prune.kmeans.fit_sample` of them, in input order) and
-broadcast as a side input; records are assigned in windows (vectorised); a GroupByKey on cluster runs
-SemDeDup and yields per-cluster statistics; the quotas are computed from those k statistics in one small step
-and joined back to their clusters, where the first `quota` survivors in hardness order are kept. With
-`prune.recluster` (the reference's order) the SemDeDup survivors are clustered afresh, the same way, before
-the quotas; the ledger then gives kept and pruned records their new cluster. No step
-collects the embeddings on one worker except the sampled fit. selectors.pruning.prune_pool is the same
-decision on an in-memory pool; a test checks the two agree.
+Two cached steps, so that a changed decision (`prune.keep_fraction`, `keep`, `tau`, `strategy`, ...) reuses
+the expensive part:
+  clusters  (ClusterRecords) centroids fitted on a seeded sample (the records with the smallest seeded id
+            hashes, `prune.kmeans.fit_sample` of them, in input order), every record assigned in windows
+            (vectorised), and per cluster the SemDeDup pairs (cosine past 1 - eps), which do not depend on the
+            order; out: records with `cluster`, `dist_to_centroid` and `near`, and the centroids file
+  decide    (PruneRecords) per cluster the SemDeDup pairs resolved in the `prune.keep` order, the quotas from
+            the k clusters' statistics and the centroids (read by the driver from the clusters step), the
+            first `quota` survivors in that order kept; out:
+              kept     records that survive, with `cluster` and `dist_to_centroid`
+              ledger   `deduplicated` rows (stage semdedup, with the id of the earlier record it duplicates and
+                       their cosine) and `pruned` rows (stage prune, with its cluster's quota)
+              summary  k, budget, and per cluster size, survivors, d_intra, d_inter, complexity, quota
+With `prune.recluster` (the reference's order) the decision step clusters the SemDeDup survivors afresh before
+the quotas; the ledger then gives kept and pruned records their new cluster. No step collects the embeddings on
+one worker except the sampled fit. selectors.pruning.prune_pool is the same decision on an in-memory pool; a
+test checks the two agree (docs/ALGORITHMS.md section 2).
 """
 
 from __future__ import annotations

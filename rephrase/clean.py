@@ -1,4 +1,4 @@
-"""Clean a generated rephrasing, or reject it with a reason (ALGORITHMS.md section 4).
+"""Clean a generated rephrasing, or reject it with a reason (docs/ALGORITHMS.md section 4).
 
 Small instruction models wrap their answer: lead-ins ("Sure! Here's a paraphrase of the paragraph:"), trailing
 commentary ("I made minor adjustments...", "Note: ..."), and sometimes no answer at all. Cleaning strips the

@@ -1,4 +1,4 @@
-"""WRAP prompts (Maini et al. 2024; ALGORITHMS.md section 4): the shared preamble and the four styles verbatim.
+"""WRAP prompts (Maini et al. 2024; docs/ALGORITHMS.md section 4): the shared preamble and the four styles verbatim.
 
 A prompt is built with the generator's own chat template when it has one: the preamble goes in the system turn
 when the template accepts one (`system_turn`), otherwise in front of the user turn; without a chat template the

@@ -1,4 +1,4 @@
-"""Spherical k-means on unit embeddings (faiss) and nearest-centroid assignment (ALGORITHMS.md section 2).
+"""Spherical k-means on unit embeddings (faiss) and nearest-centroid assignment (docs/ALGORITHMS.md section 2).
 
 Beam-free. The fit runs on a sample (faiss itself subsamples to 256 x k points); every point is then
 assigned to its nearest centroid by inner product, with `dist = 1 - cos(x, centroid)`.

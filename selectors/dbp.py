@@ -1,4 +1,4 @@
-"""Density-Based Pruning quotas and the baselines beside it (Abbas et al. 2024; ALGORITHMS.md section 2).
+"""Density-Based Pruning quotas and the baselines beside it (Abbas et al. 2024; docs/ALGORITHMS.md section 2).
 
 Beam-free; the inputs are small per-cluster statistics, so this runs in one place whatever the data size.
   d_intra(c) = mean over members of (1 - cos(x, c))

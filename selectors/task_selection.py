@@ -1,6 +1,6 @@
 """Task-specific selection: a prototype of the target examples, a score per candidate, the top n.
 
-Beam-free (ALGORITHMS.md section 3). MONA scores a candidate's mean SAE code against the prototype (the mean
+Beam-free (docs/ALGORITHMS.md section 3). MONA scores a candidate's mean SAE code against the prototype (the mean
 of the targets' codes) with the generalised Jaccard similarity; the baselines score embedding cosine to the
 targets' mean embedding, BM25 against the targets' words, or a seeded random number. Ties in the top n are
 broken by a seeded hash of the id, so the selection is a function of (scores, ids, seed).
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from winnow.selectors.sae import SparseCodes
-
-METHODS = ("mona", "embedding", "bm25", "random")
 
 
 def generalised_jaccard(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,6 +21,8 @@ from winnow.pipelines.config import build_config
 from winnow.pipelines.job import plan_job, run_job
 from winnow.pipelines.verify import verify
 
+pytestmark = pytest.mark.slow
+
 FIVE_MB = "x" * 5_000_000
 
 

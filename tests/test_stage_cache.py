@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import job_config
 
 from winnow.pipelines.config import build_config
@@ -35,6 +36,7 @@ def output_bytes(output: Path) -> dict[str, bytes]:
     return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*.parquet"))}
 
 
+@pytest.mark.slow
 def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slice, tmp_path):
     output = tmp_path / "out"
     config = job_config(sample_slice / "*", output, **PIPELINE)
@@ -56,6 +58,7 @@ def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slic
     assert output_bytes(output) == first_bytes, "reused stages give the same bytes as computed ones"
 
 
+@pytest.mark.slow
 def test_a_changed_stage_config_recomputes_that_stage_and_later_ones_only(sample_slice, tmp_path):
     config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
     first = run(config)
@@ -67,6 +70,7 @@ def test_a_changed_stage_config_recomputes_that_stage_and_later_ones_only(sample
     assert cache == ["embed", "prune", "validate"], "entries the latest run did not use are removed"
 
 
+@pytest.mark.slow
 def test_force_recomputes_every_stage_with_identical_output(sample_slice, tmp_path):
     output = tmp_path / "out"
     config = job_config(sample_slice / "*", output, **PIPELINE)
@@ -78,6 +82,7 @@ def test_force_recomputes_every_stage_with_identical_output(sample_slice, tmp_pa
     assert output_bytes(output) == first_bytes
 
 
+@pytest.mark.slow
 def test_a_changed_input_file_invalidates_every_stage(sample_slice, tmp_path):
     config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
     run(config)
@@ -89,6 +94,7 @@ def test_a_changed_input_file_invalidates_every_stage(sample_slice, tmp_path):
     assert second["embeddings"]["reused_rows"] == 259, "unchanged texts still reuse the old output's vectors"
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path):
     config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
     first = run(config)
@@ -99,6 +105,7 @@ def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path):
     assert second["counts"] == first["counts"]
 
 
+@pytest.mark.slow
 def test_without_the_cache_nothing_is_kept_beside_the_output(sample_slice, tmp_path):
     config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
     config["output"]["cache"] = False
@@ -138,6 +145,7 @@ def _wait_for(predicate, seconds: float, job: subprocess.Popen) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_output(sample_slice, tmp_path):
     """SIGKILL while the embed stage runs, then the same command: validate comes from the cache, embed and
     prune are computed, and shards, ledger and embeddings equal an uninterrupted run's byte for byte."""
@@ -174,6 +182,7 @@ def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_outpu
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(sample_slice, tmp_path):
     """`.NAME.lock` names the running job; a live holder stops the run with one line (exit 2), a lock left by
     a killed run is taken over."""

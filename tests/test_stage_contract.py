@@ -94,8 +94,14 @@ def steps_of(manifest: dict, stage: str) -> list[tuple[str, bool]]:
     return [(step["step"], step["reused"]) for step in entry["steps"]]
 
 
+@pytest.mark.parametrize(("pipeline", "changes", "reused_steps"), [
+    (None, {"select": {"count": 40, "seed": 3, "top_features": 2}}, {"select": [("scores", True), ("decide", False)]}),
+    (["validate", "embed", "select", "prune"], {"prune": {"keep_fraction": 0.5, "keep": "easy", "tau": 0.3}},
+     {"prune": [("clusters", True), ("decide", False)]}),
+])
 @pytest.mark.slow
-def test_a_changed_decision_reuses_the_scores_and_equals_a_cold_run(sample_slice, tmp_path):
+def test_a_changed_decision_reuses_the_scores_and_equals_a_cold_run(sample_slice, tmp_path, pipeline, changes,
+                                                                     reused_steps):
     targets = tmp_path / "targets.jsonl"
     texts = pq.read_table(SAMPLE / "docs_paragraphs.parquet").column("text").to_pylist()[200:203]
     targets.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
@@ -103,15 +109,15 @@ def test_a_changed_decision_reuses_the_scores_and_equals_a_cold_run(sample_slice
                         prune={"enabled": True, "keep_fraction": 0.7},
                         select={"enabled": True, "method": "bm25", "targets": str(targets), "count": 60},
                         mix={"enabled": True, "shards": 2})
+    config["pipeline"] = pipeline
     run_job(plan_job(build_config(config), []))
-    config["prune"].update(keep_fraction=0.5, keep="easy", tau=0.3)
-    config["select"].update(count=40, seed=3)
+    for section, values in changes.items():
+        config[section].update(values)
     changed = run_job(plan_job(build_config(config), []))
+    changed_stage = next(iter(reused_steps))
     assert [(e["stage"], e["reused"]) for e in changed["stages"]] == \
-        [("validate", True), ("embed", True), ("prune", False), ("select", False)]
-    assert steps_of(changed, "prune") == [("clusters", True), ("decide", False)]
-    assert steps_of(changed, "select") == [("scores", True), ("decide", False)]
-    assert changed["select"]["selected"] == 40
+        [(e["stage"], e["stage"] != changed_stage) for e in changed["stages"]], "only the changed stage computes"
+    assert {changed_stage: steps_of(changed, changed_stage)} == reused_steps
     config["output"].update(path=str(tmp_path / "cold"), cache=False)
     run_job(plan_job(build_config(config), []))
     assert data_bytes(tmp_path / "out") == data_bytes(tmp_path / "cold")
