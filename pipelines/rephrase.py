@@ -230,7 +230,7 @@ class RephraseHandler(ModelHandler):
             },
         }
         self.tokens.inc(output["new_tokens"] if not reused else 0)
-        text, reason, detail = cleaning.clean(output["text"], unit["segment"], name, output["finished"])
+        text, reason, detail = cleaning.clean(output["text"], unit["segment"], name, output["finished"], style[1])
         if text is None:
             self.rejected.inc()
             yield LEDGER, {**ledger_row(record, "rejected", "rephrase", reason, detail), "reused": reused,

@@ -8,14 +8,21 @@ wrappers; rejection reasons:
   echo         the output is (nearly) the input copied back
   degenerate   repetition loops: the same line or word 4-grams over and over
   no_qa_pair   a qa-style output without a "Question:" followed by an "Answer:"
-  meta         the output talks about the text ("This paragraph...", "A toddler will understand...") instead of
-               rephrasing it
+  prompt_leak  the output repeats the prompt: the WRAP preamble ("A chat between a curious user...") or the
+               style's instruction
+  meta         the output's first sentence talks about the text ("This paragraph...", "The sentence is
+               rephrased...", "A toddler will understand...") instead of rephrasing it, unless the source holds
+               that very sentence
 """
 
 from __future__ import annotations
 
 import re
 from difflib import SequenceMatcher
+
+from winnow.rephrase.prompts import PREAMBLE
+
+LEAK_WORDS = 8  # a prompt leaks when its first eight words appear in the output
 
 _LEAD_IN = re.compile(
     r"^\s*(?:(?:sure|certainly|of course|okay|ok|absolutely|great)\b[^\n]{0,40}?[!.,:]\s*)?"
@@ -76,10 +83,29 @@ def _repeated_line(text: str) -> bool:
     return any(lines.count(line) >= 3 for line in set(lines))
 
 
-def clean(output: str, source: str, style: str, finished: bool) -> tuple[str | None, str | None, str | None]:
-    """(cleaned text, None, None) when usable, else (None, reason, detail)."""
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def leaked_prompt(output: str, instruction: str | None) -> str | None:
+    """Which part of the prompt the output repeats (its first LEAK_WORDS words, case and punctuation aside):
+    'preamble' or 'instruction', else None."""
+    words = _words(output)
+    for name, prompt in (("preamble", PREAMBLE), ("instruction", instruction)):
+        if prompt and " ".join(_words(prompt).split()[:LEAK_WORDS]) in words:
+            return name
+    return None
+
+
+def clean(output: str, source: str, style: str, finished: bool, instruction: str | None = None
+          ) -> tuple[str | None, str | None, str | None]:
+    """(cleaned text, None, None) when usable, else (None, reason, detail). `instruction` is the style's
+    instruction, which the output must not repeat (nor the preamble)."""
     if not finished:
         return None, "truncated", "stopped at max_new_tokens"
+    leaked = leaked_prompt(output, instruction)
+    if leaked:
+        return None, "prompt_leak", f"the output repeats the prompt's {leaked}"
     text = strip_wrappers(output)
     if not text:
         return None, "empty", "nothing left after removing lead-ins and commentary"
@@ -90,7 +116,7 @@ def clean(output: str, source: str, style: str, finished: bool) -> tuple[str | N
     if repeated > 0.3 or _repeated_line(text):
         return None, "degenerate", f"{repeated:.2f} of word 4-grams repeat"
     first_sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-    if _META.search(first_sentence) and not _META.search(source):
+    if _META.search(first_sentence) and _words(first_sentence) not in _words(source):
         return None, "meta", f"talks about the text: {first_sentence[:80]!r}"
     if style == "qa" and not has_qa_pair(text):
         return None, "no_qa_pair", "no 'Question:' followed by 'Answer:'"

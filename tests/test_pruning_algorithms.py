@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import minimize
 
 from winnow.selectors import clustering, dbp
-from winnow.selectors.semdedup import hardness_order, semdedup
+from winnow.selectors.semdedup import hardness_order, near_pairs, resolve_pairs, semdedup
 
 
 def unit(*rows):
@@ -147,3 +147,22 @@ def test_ssp_and_random_baselines():
     assert dbp.budget(0.3, 5501) == 1650
     with pytest.raises(ValueError):
         dbp.budget(1.5, 10)
+
+
+def test_semdedup_pairs_resolved_in_any_order_equal_semdedup():
+    """The prune stage caches the order-independent pairs and resolves them per `prune.keep` order."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        count = int(rng.integers(1, 50))
+        base = rng.normal(size=(4, 8))
+        vectors = base[rng.integers(0, 4, count)] + rng.normal(size=(count, 8)) * rng.choice([0.02, 0.1, 0.3])
+        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+        for keep in ("hard", "easy", "random"):
+            order = hardness_order(rng.random(count), keep, seed=trial)
+            for strict in (True, False):
+                reference = semdedup(vectors, order, 0.1, strict)
+                resolved = resolve_pairs(count, order, *near_pairs(vectors, 0.1, strict, block=7))
+                assert (resolved[0] == reference[0]).all()
+                dropped = ~reference[0]
+                assert (resolved[1][dropped] == reference[1][dropped]).all()
+                np.testing.assert_allclose(resolved[2][dropped], reference[2][dropped], atol=1e-6)
