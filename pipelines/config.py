@@ -47,9 +47,10 @@ class InputConfig(_Section):
 
 class ValidateConfig(_Section):
     max_text_bytes: int = Field(1_000_000, gt=0, description="longer texts (UTF-8 bytes) are rejected")
-    control_characters: Literal["reject", "keep"] = Field(
+    control_characters: Literal["reject", "strip", "keep"] = Field(
         "reject", description="texts with C0 control characters or DEL (not tab, newlines, \\v, \\f): "
-        "reject (reason control_characters) or keep",
+        "reject (reason control_characters), strip (ANSI escape sequences and the controls removed, counted) "
+        "or keep",
     )
 
 

@@ -37,7 +37,13 @@ from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import ledger_row, order_key, seeded_hash, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.selectors import clustering
-from winnow.selectors.pruning import PruneSettings, cluster_quotas, pool_budget, within_cluster_order
+from winnow.selectors.pruning import (
+    PruneSettings,
+    choice_order,
+    cluster_quotas,
+    pool_budget,
+    within_cluster_order,
+)
 from winnow.selectors.semdedup import near_pairs, resolve_pairs
 
 KEPT, LEDGER, SUMMARY = "kept", "ledger", "summary"
@@ -177,8 +183,9 @@ def _number(value: float) -> float | None:
 
 
 class _SelectFn(beam.DoFn):
-    def __init__(self, strategy: str):
-        self.strategy = strategy
+    def __init__(self, settings: PruneSettings):
+        self.settings = settings
+        self.strategy = settings.strategy
 
     def process(self, element) -> Iterator[tuple[str, Any]]:
         cluster, joined = element
@@ -187,6 +194,9 @@ class _SelectFn(beam.DoFn):
             if len(quotas) != 1:
                 raise RuntimeError(f"internal error: cluster {cluster} has {len(quotas)} quotas")
             quota = quotas[0]
+            choice = choice_order(len(survivors), self.settings, cluster)
+            if choice is not None:
+                survivors = [survivors[i] for i in choice.tolist()]
             for rank, record in enumerate(survivors):
                 if rank < quota:
                     yield KEPT, record
@@ -290,7 +300,7 @@ class PruneRecords(beam.PTransform):
         selected = split_routed(
             {"survivors": clustered["survivors"], "quota": planned["quota"]}
             | "JoinQuotas" >> beam.CoGroupByKey()
-            | "Select" >> beam.ParDo(_SelectFn(self.config.strategy)),
+            | "Select" >> beam.ParDo(_SelectFn(settings)),
             "Selected",
             (KEPT, LEDGER),
         )

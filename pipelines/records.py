@@ -73,7 +73,8 @@ def ledger_row(
 ) -> dict[str, Any]:
     """The ledger row of a record; `copies` is how many times it appears in the shards. A synthetic record
     (one with a `parent_id`) that is kept has the fate `synthetic`. The scores that drove
-    a decision (cluster, dist_to_centroid, select_score, sae_score) come from the record when a stage has set them."""
+    a decision (cluster, dist_to_centroid, select_score, sae_score) come from the record when a stage has set them;
+    without a detail of its own, a row carries the record's `note` (what validation changed in it)."""
     if fate == "kept" and record.get("parent_id"):
         fate = "synthetic"
     return {
@@ -82,7 +83,7 @@ def ledger_row(
         "fate": fate,
         "stage": stage,
         "reason": reason,
-        "detail": detail,
+        "detail": detail if detail is not None else record.get("note"),
         "input_file": record["input_file"],
         "input_row": record["input_row"],
         "copies": copies,

@@ -107,6 +107,17 @@ def _rows(table, mask) -> list[dict[str, Any]]:
     return table.filter(mask).to_pylist()
 
 
+def validate_section(manifest: dict[str, Any], **_) -> str:
+    """Only when validation changed records (control characters stripped): how many, per source."""
+    changed = manifest["validate"].get("changed_by_source") or {}
+    if not changed:
+        return ""
+    rows = [[_esc(source), f"{count:,}"] for source, count in changed.items()]
+    return (f"<h2 id='validate'>Validation</h2><p>{sum(changed.values()):,} records kept with their control "
+            f"characters and ANSI escape sequences stripped (validate.control_characters: strip); their ledger rows "
+            f"say what was removed.</p>{_table(['source', 'records changed'], rows)}")
+
+
 def prune_section(manifest: dict[str, Any], ledger, texts: _Texts, **_) -> str:
     prune = manifest["prune"]
     clusters = prune["clusters"]

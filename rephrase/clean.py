@@ -38,7 +38,20 @@ _COMMENTARY = re.compile(
     re.IGNORECASE,
 )
 _LEAD_PARAGRAPH = re.compile(r"here(?:'s| is| are)|below is|revised|rewritten|paraphrase|version", re.IGNORECASE)
-_META = re.compile(r"\b(?:the|this) (?:sentence|paragraph|text|passage|article)\b|\btoddler", re.IGNORECASE)
+# commentary about the text, read in the output's first sentence: it opens on the text as its subject ("The text
+# conveys...", "In the paragraph, ...", "This paragraph provides...") or says it rephrases ("can be rephrased",
+# "I can rephrase it", "a toddler will understand")
+_META_LEAD = re.compile(
+    r"^\W*(?:in\s+)?(?:the|this)\s+(?:original\s+|given\s+|above\s+|following\s+)?"
+    r"(?:sentence|paragraph|text|passage|article)s?\b",
+    re.IGNORECASE,
+)
+_META_ANYWHERE = re.compile(
+    r"\btoddler|\b(?:can|could) be (?:rephrased|rewritten|paraphrased|simplified)\b"
+    r"|\b(?:rephrase|paraphrase|rewrite|simplify) (?:it|this|the (?:text|paragraph|sentence|passage))\b"
+    r"|\b(?:is|was) (?:rephrased|paraphrased|rewritten)\b|\bparaphrase of the\b",
+    re.IGNORECASE,
+)
 _QUESTION = re.compile(r"question\s*\d*\s*:", re.IGNORECASE)
 _ANSWER = re.compile(r"answer\s*\d*\s*:", re.IGNORECASE)
 
@@ -116,7 +129,8 @@ def clean(output: str, source: str, style: str, finished: bool, instruction: str
     if repeated > 0.3 or _repeated_line(text):
         return None, "degenerate", f"{repeated:.2f} of word 4-grams repeat"
     first_sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-    if _META.search(first_sentence) and _words(first_sentence) not in _words(source):
+    talks_about_text = _META_LEAD.search(first_sentence) or _META_ANYWHERE.search(first_sentence)
+    if talks_about_text and _words(first_sentence) not in _words(source):
         return None, "meta", f"talks about the text: {first_sentence[:80]!r}"
     if style == "qa" and not has_qa_pair(text):
         return None, "no_qa_pair", "no 'Question:' followed by 'Answer:'"

@@ -62,6 +62,7 @@ def _none(sizes, probabilities, total_budget, settings):
 # strategy name -> per-cluster quotas (sizes, DBP probabilities, budget, settings); the config's choices
 QUOTAS = {"dbp": _dbp, "ssp": _ssp, "random": _random, "none": _none}
 STRATEGIES = tuple(QUOTAS)
+UNIFORM_CHOICE = frozenset({"random"})  # strategies that keep a uniform sample of each cluster, whatever `keep`
 assert STRATEGIES == PRUNE_STRATEGIES, "every configurable strategy has an implementation"
 
 
@@ -95,10 +96,23 @@ def cluster_quotas(
             "probability": probabilities, "quota": np.asarray(quotas, dtype=np.int64)}
 
 
-def select_in_cluster(order: np.ndarray, survivors: np.ndarray, quota: int) -> np.ndarray:
-    """Kept mask: the first `quota` survivors in the cluster's order (`prune.keep`: hardness, or random)."""
+def choice_order(count: int, settings: PruneSettings, cluster: int) -> np.ndarray | None:
+    """The order in which a cluster's `count` survivors (listed in the `keep` order) are taken: None (that
+    order), or for the random strategy a seeded permutation, so that it keeps a uniform sample whatever
+    `prune.keep` says (the `keep` order still decides SemDeDup's survivors)."""
+    if settings.strategy not in UNIFORM_CHOICE:
+        return None
+    return np.random.default_rng([settings.seed % 2**32, cluster, 0x5EED]).permutation(count)
+
+
+def select_in_cluster(order: np.ndarray, survivors: np.ndarray, quota: int, choice: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """Kept mask: the first `quota` survivors in the cluster's order (`prune.keep`), or in `choice` (positions
+    into that list of survivors; see choice_order)."""
     kept = np.zeros(len(survivors), dtype=bool)
     ranked = [i for i in order if survivors[i]]
+    if choice is not None:
+        ranked = [ranked[i] for i in choice]
     kept[ranked[:quota]] = True
     return kept
 
@@ -150,6 +164,7 @@ def prune_pool(vectors: np.ndarray, settings: PruneSettings, fit_sample: int | N
     stats = cluster_quotas(sizes, distance_sums, centroids, total_budget, settings)
     kept = np.zeros(count, dtype=bool)
     for cluster, (members, decision) in enumerate(zip(members_of, decisions, strict=True)):
-        kept[members] = select_in_cluster(decision.order, decision.survivors, int(stats["quota"][cluster]))
+        choice = choice_order(int(decision.survivors.sum()), settings, cluster)
+        kept[members] = select_in_cluster(decision.order, decision.survivors, int(stats["quota"][cluster]), choice)
     return {"labels": labels, "dist": dist, "deduplicated": deduplicated, "duplicate_of": duplicate_of,
             "kept": kept, "centroids": centroids, **{f"cluster_{key}": value for key, value in stats.items()}}

@@ -214,3 +214,25 @@ def test_a_corpus_where_every_record_is_rejected_still_gives_a_verified_output(t
     assert manifest["select"]["pool"] == 0 and manifest["select"]["selected"] == 0
     assert verify(tmp_path / "out") == []
     assert "no record reached this stage" in (tmp_path / "out" / "report" / "index.html").read_text()
+
+
+def test_strip_keeps_records_with_ansi_escapes_and_says_what_changed(tmp_path):
+    """Issue 16: Chinese records carrying ANSI colour escapes were all rejected; `strip` keeps them without the
+    escapes, each kept row's detail says what went, and the manifest and report count them per source."""
+    directory = tmp_path / "input"
+    directory.mkdir()
+    texts = ["\x1b[32m安装\x1b[0m 软件包", "plain text", "\x1b[0m\x07", "bell\x07 only"]
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "text": texts, "source": ["zh", "en", "zh", "en"]}),
+                   directory / "x.parquet")
+    config = job_config(directory / "*", tmp_path / "out", validate={"control_characters": "strip"})
+    manifest = run_job(plan_job(build_config(config), []))
+    ledger = {row["id"]: row for row in pq.read_table(tmp_path / "out" / "ledger").to_pylist()}
+    shards = {row["id"]: row["text"] for row in pq.read_table(tmp_path / "out" / "shards").to_pylist()}
+    assert shards == {"a": "安装 软件包", "b": "plain text", "d": "bell only"}
+    assert ledger["a"]["detail"] == "control characters stripped: 2 escape sequences, 0 other"
+    assert ledger["d"]["detail"] == "control characters stripped: 0 escape sequences, 1 other"
+    assert ledger["b"]["detail"] is None
+    assert (ledger["c"]["fate"], ledger["c"]["reason"]) == ("rejected", "empty_text")
+    assert manifest["validate"] == {"control_characters": "strip", "changed_by_source": {"en": 1, "zh": 2}}
+    assert "records changed" in (tmp_path / "out" / "report" / "index.html").read_text()
+    assert verify(tmp_path / "out") == []

@@ -4,6 +4,7 @@ ledger explains every removal."""
 from __future__ import annotations
 
 import collections
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -88,3 +89,24 @@ def test_baseline_strategies_keep_the_budget(pruned, strategy):
     survivors = manifest["prune"]["survivors"]
     assert kept == (survivors if strategy == "none" else 96)
     assert survivors == first["prune"]["survivors"]
+
+
+def test_the_random_strategy_matches_the_reference_whatever_keep_says(pruned, tmp_path):
+    """`strategy: random` with the default `keep: hard` keeps a uniform sample of each cluster (issue 16): the
+    stage decides what the in-memory reference decides, and the kept records are not the hardest ones."""
+    root, output, _ = pruned
+    out = tmp_path / "random"
+    shutil.copytree(output, out)  # its embeddings are reused
+    run(job_config(root / "input" / "*", out, embed={"enabled": True}, prune={**PRUNE, "strategy": "random"}))
+    ids, vectors = read_embeddings(out)
+    config = build_config(job_config("x", out, prune={**PRUNE, "strategy": "random"}))
+    reference = prune_pool(vectors, settings_from(config.prune))
+    ledger = {row["id"]: row for row in pq.read_table(out / "ledger").to_pylist()}
+    assert [ledger[i]["fate"] == "kept" for i in ids] == reference["kept"].tolist()
+    survivors = ~reference["deduplicated"]
+    hardest = np.zeros(len(ids), dtype=bool)
+    for cluster in np.unique(reference["labels"]):
+        members = np.flatnonzero((reference["labels"] == cluster) & survivors)
+        quota = int(reference["kept"][members].sum())
+        hardest[members[np.argsort(-reference["dist"][members], kind="stable")[:quota]]] = True
+    assert (reference["kept"] & ~hardest).sum() > 0.3 * reference["kept"].sum(), "not the hardest of each cluster"

@@ -166,3 +166,24 @@ def test_semdedup_pairs_resolved_in_any_order_equal_semdedup():
                 dropped = ~reference[0]
                 assert (resolved[1][dropped] == reference[1][dropped]).all()
                 np.testing.assert_allclose(resolved[2][dropped], reference[2][dropped], atol=1e-6)
+
+
+def test_the_random_strategy_is_a_uniform_sample_whatever_keep_says():
+    """Issue 16: `strategy: random` with `keep: hard` kept the hardest records of each cluster. Now the kept
+    set's distances to their centroids follow the pool's (two-sample KS test), while `ssp` with `keep: hard`
+    keeps the far end of each cluster."""
+    from scipy.stats import ks_2samp
+
+    from winnow.selectors.pruning import PruneSettings, prune_pool
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(3000, 16)) + 2 * rng.normal(size=(12, 16))[rng.integers(0, 12, 3000)]
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    results = {}
+    for strategy in ("random", "ssp"):
+        settings = PruneSettings(strategy=strategy, keep="hard", keep_fraction=0.3, k=12, niter=20, semdedup=False)
+        result = prune_pool(vectors, settings)
+        results[strategy] = ks_2samp(result["dist"][result["kept"]], result["dist"]).pvalue
+        assert result["kept"].sum() == 900
+    assert results["random"] > 0.05, "the random strategy's kept set is distributed as the pool"
+    assert results["ssp"] < 1e-6, "the hardness order keeps the far end of each cluster"

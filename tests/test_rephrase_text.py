@@ -109,9 +109,10 @@ def test_cleaning_rules_on_real_outputs_of_the_default_model():
     hand with what cleaning must do: the expected reason, or the text that must survive."""
     cases = json.loads(BAD_OUTPUTS.read_text())["cases"]
     reasons = {case["expected_reason"] for case in cases}
-    assert reasons == {None, "meta", "echo", "truncated", "degenerate", "no_qa_pair"}
+    assert reasons == {None, "meta", "echo", "truncated", "degenerate", "no_qa_pair", "prompt_leak"}
     for case in cases:
-        text, reason, _ = clean.clean(case["output"], case["input"], case["style"], case["finished"])
+        instruction = prompts.STYLES[case["style"]].instruction
+        text, reason, _ = clean.clean(case["output"], case["input"], case["style"], case["finished"], instruction)
         assert reason == case["expected_reason"], case["output"][:200]
         if case.get("expected_start"):
             assert text.startswith(case["expected_start"]), text[:200]
@@ -119,3 +120,19 @@ def test_cleaning_rules_on_real_outputs_of_the_default_model():
             stripped = clean.strip_wrappers(case["output"])
             assert stripped.startswith(case["stripped_start"]), stripped[:200]
             assert case["stripped_must_not_contain"] not in stripped
+
+
+def test_prompt_leaks_and_meta_leads_are_rejected_whatever_the_source_says():
+    """Issue 16: an output that begins with the leaked preamble, or that repeats the style's instruction, is
+    rejected; the meta rule reads the output's lead even when the source itself says "the sentence", and lets
+    it pass only when the source holds that very sentence."""
+    easy = prompts.STYLES["easy"].instruction
+    source = "The sentence below names the lock. Readers take rcu_read_lock() before they read the list."
+    leaked = f"{prompts.PREAMBLE} Readers take a lock first."
+    assert clean.clean(leaked, source, "easy", True, easy)[:2] == (None, "prompt_leak")
+    assert clean.clean(f"{easy}\n\nReaders take a lock.", source, "easy", True, easy)[1:] == \
+        ("prompt_leak", "the output repeats the prompt's instruction")
+    commentary = "The sentence is rephrased so that a child can read it. Readers lock, then read."
+    assert clean.clean(commentary, source, "easy", True, easy)[1] == "meta"
+    faithful = "The sentence below names the lock. First a reader locks, and only then does it look at the list."
+    assert clean.clean(faithful, source, "easy", True, easy) == (faithful, None, None)

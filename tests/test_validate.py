@@ -45,3 +45,12 @@ def test_first_of_duplicates_keeps_the_first_in_input_order():
     assert {r["reason"] for r in rejected} == {"duplicate_id"}
     assert {r["detail"] for r in rejected} == {"same id as a.parquet#5"}
     assert {r["fate"] for r in rejected} == {"rejected"}
+
+
+def test_strip_removes_ansi_escape_sequences_and_other_controls():
+    from winnow.pipelines.validate import strip_controls
+
+    coloured = "\x1b[1;31m错误\x1b[0m: 文件 \x1b]0;title\x07未找到\x1b(B\x07"
+    assert strip_controls(coloured) == ("错误: 文件 未找到", 4, 1)
+    assert strip_controls("tab\tnew\nline\r\n\v\f") == ("tab\tnew\nline\r\n\v\f", 0, 0), "whitespace is text"
+    assert strip_controls("a\x00b\x7fc\x1b") == ("abc", 0, 3), "a lone ESC is a control character"
