@@ -295,6 +295,22 @@ class _ReadTaskFn(beam.DoFn):
         return make_record({}, task, row, self.config, problem=problem)
 
 
+def read_column(file: str, column: str, what: str) -> list[Any]:
+    """All values of one column of a Parquet or JSON Lines file, read on the driver (select targets, SAE
+    training texts); `what` names the file's role in the errors, which name the file."""
+    try:
+        if file.lower().endswith((".parquet", ".pq")):
+            if column not in pq.read_schema(file).names:
+                raise InputError(f"{file}: {what} has no column {column!r}")
+            return pq.read_table(file, columns=[column]).column(column).to_pylist()
+        with open(file, encoding="utf-8") as handle:
+            return [json.loads(line).get(column) for line in handle if line.strip()]
+    except InputError:
+        raise
+    except (OSError, ValueError, AttributeError) as error:
+        raise InputError(f"{file}: cannot read {what} ({type(error).__name__})") from None
+
+
 def expected_rows(tasks: list[ReadTask]) -> int | None:
     """Input rows according to the Parquet footers; None when a JSON Lines file makes it unknown."""
     if any(task.rows is None for task in tasks):

@@ -11,7 +11,6 @@ layer, corpus, tokens). Prints the fraction of variance the SAE explains on held
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -40,26 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_texts(pattern: str, column: str, limit: int, seed: int) -> list[str]:
     """Usable texts of the corpus, in input order; a seeded sample of `limit` when there are more."""
-    import pyarrow.parquet as pq
-
-    from winnow.pipelines.read import InputError, expand_paths
+    from winnow.pipelines.read import InputError, expand_paths, read_column
     from winnow.pipelines.validate import check_text
 
     texts: list[str] = []
     for file in expand_paths(pattern):
-        try:
-            if file.lower().endswith((".parquet", ".pq")):
-                schema = pq.read_schema(file)
-                if column not in schema.names:
-                    raise InputError(f"{file}: no column {column!r}")
-                values = pq.read_table(file, columns=[column]).column(column).to_pylist()
-            else:
-                with open(file, encoding="utf-8") as handle:
-                    values = [json.loads(line).get(column) for line in handle if line.strip()]
-        except InputError:
-            raise
-        except (OSError, ValueError, AttributeError) as error:
-            raise InputError(f"{file}: cannot read ({type(error).__name__})") from None
+        values = read_column(file, column, "the corpus")
         texts.extend(text for text, problem in (check_text(v, 1 << 30) for v in values) if problem is None)
     if not texts:
         raise InputError(f"{pattern}: no usable text in column {column!r}")

@@ -17,7 +17,7 @@ import numpy as np
 from winnow.pipelines.config import ConfigError, WinnowConfig
 from winnow.pipelines.model_stage import ModelHandler, RunModel, acquire_model
 from winnow.pipelines.ordered_io import write_bytes
-from winnow.pipelines.read import InputError, expand_paths
+from winnow.pipelines.read import InputError, expand_paths, read_column
 from winnow.pipelines.validate import check_text
 from winnow.selectors import embedding, lm, task_selection
 from winnow.selectors import sae as sae_lib
@@ -65,24 +65,10 @@ class SelectPlan:
 
 def load_targets(path: str, column: str) -> tuple[list[str], int]:
     """The usable target texts of a Parquet/JSONL file or glob (input order) and how many were unusable."""
-    import pyarrow.parquet as pq
 
     texts, rejected = [], 0
     for file in expand_paths(path):
-        try:
-            if file.lower().endswith((".parquet", ".pq")):
-                table = pq.read_table(file)
-                if column not in table.column_names:
-                    raise InputError(f"{file}: select.targets has no column {column!r}")
-                values = table.column(column).to_pylist()
-            else:
-                with open(file, encoding="utf-8") as handle:
-                    values = [json.loads(line).get(column) for line in handle if line.strip()]
-        except InputError:
-            raise
-        except (OSError, ValueError, AttributeError) as error:
-            raise InputError(f"{file}: cannot read select.targets ({type(error).__name__})") from None
-        for value in values:
+        for value in read_column(file, column, "select.targets"):
             text, problem = check_text(value, 1 << 30)
             if problem is None:
                 texts.append(text)
