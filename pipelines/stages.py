@@ -41,7 +41,8 @@ def job_stages(config: WinnowConfig) -> list[Stage]:
     wanted = {stage.name for stage in STAGES if stage.name != EMBED and stage.enabled(config)}
     missing = sorted(wanted - set(names))
     if missing:
-        raise ConfigError(f"pipeline: {missing[0]} is enabled but not in the list")
+        section = BY_NAME[missing[0]].section
+        raise ConfigError(f"pipeline: {missing[0]} is enabled but not in the list ({section}.enabled is true)")
     embeds = needs_embeddings(config)
     readers = [name for name in names if name in wanted and BY_NAME[name].reads_embeddings(config)]
     if readers and not embeds:
