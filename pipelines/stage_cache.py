@@ -1,14 +1,16 @@
 """Stage caching: each stage's output is kept under a key of everything that determines it, and reused.
 
 A stage's output is its records (what the next stage reads), the ledger rows of the records it removed, and the
-metadata of any files it wrote (plans, embeddings). It is stored in `.OUT.cache/STAGE-KEY/`:
+metadata of any files it wrote (summaries, embeddings, centroids). It is stored in `.OUT.cache/STAGE-KEY/`:
   records/part-FFFFF-BBBBB.parquet   pickled records, one file per block of 10,000 input rows (file F, block B)
   removed/part-FFFFF-BBBBB.parquet   pickled ledger rows, likewise
-  stage.json                         the key and what it was made of, file list with rows and bytes, counts
-The key chains: a stage's key hashes the previous stage's key, the stage's config section, the source of the
-modules that compute it, the versions of the libraries it relies on and the fingerprints of its models. So a
-changed input file (size or modification time), config value, model or code invalidates that stage and every
-later one, and nothing earlier.
+  STEP/...                           an earlier step of the stage (e.g. prune's `clusters`): the same layout
+                                     and its own step.json, so that it can be reused when only later steps change
+  stage.json                         the key and what it was made of, file list with rows and bytes, counts, steps
+The key chains: a step's key hashes the previous step's key, its config values, the source of its stage's
+module and every winnow module that imports (module_closure), the versions of the libraries it relies on and
+the fingerprints of its models. So a changed input file (size or modification time), config value, model or
+code invalidates that step and every later one, and nothing earlier.
 
 A stage is written into a temporary directory and renamed into place only when it finished and `stage.json` is
 written; a run killed mid-stage leaves no directory that lookup accepts, and the next run recomputes that stage
