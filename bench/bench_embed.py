@@ -35,20 +35,24 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/out/embed.json"))
+    parser.add_argument("--data", type=Path, default=DATA, help="Parquet with id, text, source")
+    parser.add_argument("--model", default=embedding.PACKAGED_MODEL, help="a sentence-transformers folder")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    if not DATA.exists():
-        print(f"bench-embed needs {DATA} (../shared/data); it is absent", file=sys.stderr)
+    if not args.data.exists():
+        print(f"bench-embed needs {args.data} (../shared/data); it is absent", file=sys.stderr)
         return 2
     threads = embedding.threads_per_worker(0, 1)
     torch.set_num_threads(threads)
-    table = pq.read_table(DATA, columns=["id", "text", "source"]).slice(0, args.rows)
+    table = pq.read_table(args.data, columns=["id", "text", "source"]).slice(0, args.rows)
     texts = table.column("text").to_pylist()
 
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "rows.parquet"
         pq.write_table(table, source)
 
-        model = embedding.load_model(embedding.resolve_model_path(embedding.PACKAGED_MODEL))
+        model = embedding.load_model(embedding.resolve_model_path(args.model), args.device)
+        embedding.encode(model, texts[: args.batch_size], args.batch_size)
         started = time.perf_counter()
         plain = embedding.encode(model, texts, args.batch_size)
         plain_s = time.perf_counter() - started
@@ -57,7 +61,8 @@ def main() -> int:
         config = build_config({
             "input": {"path": str(source), "columns": {"id": "id", "text": "text", "source": "source"}},
             "output": {"path": str(Path(scratch) / "out")},
-            "embed": {"enabled": True, "reuse": False, "batch_size": args.batch_size, "torch_threads": threads},
+            "embed": {"enabled": True, "reuse": False, "batch_size": args.batch_size, "torch_threads": threads,
+                      "model": args.model, "device": args.device},
         })
         started = time.perf_counter()
         manifest = run_job(plan_job(config, []), force=True)
@@ -69,6 +74,7 @@ def main() -> int:
 
     result = {
         "rows": len(texts),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch_threads": threads,
         "batch_size": args.batch_size,
         "plain_encode_s": round(plain_s, 2),

@@ -40,7 +40,8 @@ def plain_loop(model, tokenizer, texts: list[str], batch: int, max_new_tokens: i
     tokens = 0
     eos = model.generation_config.eos_token_id
     for start in range(0, len(texts), batch):
-        encoded = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                     top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
@@ -55,16 +56,19 @@ def main() -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench/out/rephrase.json"))
+    parser.add_argument("--data", type=Path, default=DATA, help="Parquet with id, text, source")
+    parser.add_argument("--lm", default=lm.PACKAGED_LM, help="a transformers instruction model folder")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    if not DATA.exists():
-        print(f"bench-rephrase needs {DATA} (../shared/data); it is absent", file=sys.stderr)
+    if not args.data.exists():
+        print(f"bench-rephrase needs {args.data} (../shared/data); it is absent", file=sys.stderr)
         return 2
     threads = embedding.threads_per_worker(0, 1)
     torch.set_num_threads(threads)
-    path = lm.resolve_lm_path(lm.PACKAGED_LM)
-    generator = generate.TransformersGenerator(path)
+    path = lm.resolve_lm_path(args.lm)
+    generator = generate.TransformersGenerator(path, args.device)
     tokenizer, model = generator.tokenizer, generator.model
-    table = pq.read_table(DATA, columns=["id", "text", "source"])
+    table = pq.read_table(args.data, columns=["id", "text", "source"])
     rows = [r for r in table.slice(2000, 4000).to_pylist() if 300 < len(r["text"]) < 1200]
     rows = [r for r in rows if len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) <= 300]
     rows = rows[: args.segments]
@@ -83,7 +87,7 @@ def main() -> int:
                 "output": {"path": str(Path(scratch) / f"out{batch}")},
                 "rephrase": {"enabled": True, "styles": ["medium"], "greedy": True, "cache": False,
                              "max_new_tokens": args.max_new_tokens, "batch_size": batch, "window": 1_000_000,
-                             "torch_threads": threads},
+                             "torch_threads": threads, "model": args.lm, "device": args.device},
             })
             started = time.perf_counter()
             manifest = run_job(plan_job(config, []), force=True)
@@ -100,9 +104,9 @@ def main() -> int:
             print(json.dumps(result), flush=True)
             results.append(result)
     summary = {"segments": len(rows), "max_new_tokens": args.max_new_tokens, "torch_threads": threads,
-               "device": "cpu", "runs": results, "vllm": None}
+               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "runs": results, "vllm": None}
     if generate.vllm_available():
-        vllm = generate.VllmGenerator(path)
+        vllm = generate.VllmGenerator(path, args.device)
         started = time.perf_counter()
         outputs = vllm.generate(texts, generate.GenerationParams(max_new_tokens=args.max_new_tokens, do_sample=False))
         seconds = time.perf_counter() - started

@@ -44,17 +44,20 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("bench/out/select.json"))
+    parser.add_argument("--data", type=Path, default=DATA, help="Parquet with id, text, source")
+    parser.add_argument("--lm", default=lm.PACKAGED_LM, help="a transformers causal LM folder")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    if not DATA.exists():
-        print(f"bench-select needs {DATA} (../shared/data); it is absent", file=sys.stderr)
+    if not args.data.exists():
+        print(f"bench-select needs {args.data} (../shared/data); it is absent", file=sys.stderr)
         return 2
     threads = embedding.threads_per_worker(0, 1)
     torch.set_num_threads(threads)
-    table = pq.read_table(DATA, columns=["id", "text", "source"])
+    table = pq.read_table(args.data, columns=["id", "text", "source"])
     pool = table.slice(0, args.rows)
     train_texts = table.slice(args.rows, args.train_rows).column("text").to_pylist()
     texts = pool.column("text").to_pylist()
-    model, tokenizer = lm.load_lm(lm.resolve_lm_path(lm.PACKAGED_LM))
+    model, tokenizer = lm.load_lm(lm.resolve_lm_path(args.lm), args.device)
     layer = lm.default_layer(model)
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -63,10 +66,11 @@ def main() -> int:
         acts = np.concatenate(lm.token_activations(model, tokenizer, train_texts, [layer], args.max_tokens)[layer])
         extract_s = time.perf_counter() - started
         started = time.perf_counter()
-        sae = sae_lib.train_sae(acts, sae_lib.SaeTrainingSettings(steps=args.steps), {"winnow_layer": layer})
+        sae = sae_lib.train_sae(acts, sae_lib.SaeTrainingSettings(steps=args.steps), {"winnow_layer": layer},
+                                device=args.device)
         train_s = time.perf_counter() - started
         sae_path = sae_lib.save_sae(sae, scratch / "sae")
-        sae = sae_lib.load_sae(sae_path)
+        sae = sae_lib.load_sae(sae_path, args.device)
 
         started = time.perf_counter()
         plain = sae_lib.sample_codes(model, tokenizer, sae, texts, layer, args.max_tokens, args.batch_size)
@@ -83,7 +87,7 @@ def main() -> int:
             "select": {"enabled": True, "method": "mona", "sae": str(sae_path),
                        "targets": str(scratch / "targets.jsonl"), "ratio": 0.05,
                        "batch_size": args.batch_size, "max_tokens": args.max_tokens,
-                       "torch_threads": threads},
+                       "torch_threads": threads, "model": args.lm, "device": args.device},
         })
         started = time.perf_counter()
         manifest = run_job(plan_job(config, []), force=True)
@@ -96,6 +100,7 @@ def main() -> int:
     beam_scores = ledger.loc[pool.column("id").to_pylist(), "sae_score"].to_numpy()
     result = {
         "rows": len(texts),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "tokens": tokens,
         "layer": layer,
         "torch_threads": threads,

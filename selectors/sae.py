@@ -107,6 +107,8 @@ def mean_codes(sae, tokens, sample_of_token, samples: int) -> SparseCodes:
     dense block is larger than (SAMPLES_PER_CHUNK, d_sae) or (TOKENS_PER_ENCODE, d_sae), whatever the pool."""
     import torch
 
+    if isinstance(sample_of_token, torch.Tensor):
+        sample_of_token = sample_of_token.cpu()
     owners = np.asarray(sample_of_token, dtype=np.int64)
     if len(owners) and np.any(np.diff(owners) < 0):
         raise ValueError("sample_of_token must be ascending")
