@@ -104,7 +104,8 @@ def main() -> int:
             print(json.dumps(result), flush=True)
             results.append(result)
     summary = {"segments": len(rows), "max_new_tokens": args.max_new_tokens, "torch_threads": threads,
-               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "runs": results, "vllm": None}
+               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "runs": results, "vllm": None}
     if generate.vllm_available():
         vllm = generate.VllmGenerator(path, args.device)
         started = time.perf_counter()
