@@ -33,6 +33,7 @@ import numpy as np
 
 from winnow.pipelines.config import PruneConfig
 from winnow.pipelines.ordered_io import write_bytes
+from winnow.pipelines.passes import Pass, gather
 from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import ledger_row, order_key, seeded_hash, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
@@ -73,17 +74,18 @@ def fit(sample: list, count: int, settings: PruneSettings) -> np.ndarray:
 
 
 class _AssignFn(beam.DoFn):
-    def __init__(self):
+    def __init__(self, centroids: np.ndarray):
+        self.centroids = centroids
         self.busy_ms = beam.metrics.Metrics.distribution("winnow.prune", "busy_ms")
         self.assigned = beam.metrics.Metrics.counter("winnow.prune", "records_assigned")
 
     def setup(self):
         self.progress = Progress("prune:assign")
 
-    def process(self, window, centroids) -> Iterator[dict[str, Any]]:
+    def process(self, window) -> Iterator[dict[str, Any]]:
         started = time.perf_counter()
         records = sorted(window[1], key=order_key)
-        labels, dist = clustering.assign(np.stack([r["embedding"] for r in records]), centroids)
+        labels, dist = clustering.assign(np.stack([r["embedding"] for r in records]), self.centroids)
         self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
         self.assigned.inc(len(records))
         self.progress.advance(len(records))
@@ -147,13 +149,13 @@ def _without_pairs(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class _QuotaFn(beam.DoFn):
-    def __init__(self, settings: PruneSettings, count: int, centroids: np.ndarray | None = None):
+    def __init__(self, settings: PruneSettings, count: int, centroids: np.ndarray):
         self.settings = settings
         self.count = count
         self.centroids = centroids
 
-    def process(self, element, centroids=None) -> Iterator[tuple[str, Any]]:
-        centroids = self.centroids if centroids is None else centroids
+    def process(self, element) -> Iterator[tuple[str, Any]]:
+        centroids = self.centroids
         count = self.count
         k = len(centroids)
         sizes, distance_sums, before = np.zeros(k, np.int64), np.zeros(k), np.zeros(k, np.int64)
@@ -205,9 +207,9 @@ class _SelectFn(beam.DoFn):
                     yield LEDGER, ledger_row(record, "pruned", "prune", self.strategy, detail)
 
 
-def _cluster(records, config: PruneConfig, settings: PruneSettings, step: str):
-    """Fit centroids on a seeded sample and assign every record to its nearest one, in windows:
-    (centroids, records with `cluster` and `dist_to_centroid`)."""
+def fit_sample(records, config: PruneConfig, step: str = ""):
+    """A pass's graph: records -> {"sample": the `prune.kmeans.fit_sample` records with the smallest seeded id
+    hashes as (hash, order key, vector), "count": how many records}."""
     seed = config.seed
     sample = (
         records
@@ -215,14 +217,21 @@ def _cluster(records, config: PruneConfig, settings: PruneSettings, step: str):
         | f"{step}Sample" >> beam.combiners.Top.Smallest(config.kmeans.fit_sample, key=lambda e: (e[0], e[1]))
     )
     count = records | f"{step}Count" >> beam.combiners.Count.Globally()
-    centroids = sample | f"{step}Fit" >> beam.Map(fit, beam.pvalue.AsSingleton(count), settings)
-    assigned = (
+    return gather({"sample": sample, "count": count}, f"{step}FitSample")
+
+
+def fit_pass_result(value: dict[str, Any], settings: PruneSettings) -> np.ndarray:
+    return fit(value["sample"], value["count"], settings)
+
+
+def _assign(records, centroids: np.ndarray, step: str):
+    """Every record with `cluster` and `dist_to_centroid` (its nearest centroid), in windows."""
+    return (
         records
         | f"{step}WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // WINDOW), r))
         | f"{step}Windows" >> beam.GroupByKey()
-        | f"{step}Assign" >> beam.ParDo(_AssignFn(), beam.pvalue.AsSingleton(centroids))
+        | f"{step}Assign" >> beam.ParDo(_AssignFn(centroids))
     )
-    return centroids, assigned
 
 
 def _write_centroids(centroids: np.ndarray, directory: str) -> dict[str, Any]:
@@ -237,63 +246,79 @@ def read_centroids(directory: Path | str) -> np.ndarray:
 
 
 class ClusterRecords(beam.PTransform):
-    """The scores of pruning: records with embeddings -> the same records with `cluster`, `dist_to_centroid`
-    and `near` (their SemDeDup pairs inside the cluster), and the centroids written to DIRECTORY."""
+    """The scores of pruning: records with embeddings and the `centroids` fitted on the driver (from the
+    `fit_sample` pass) -> the same records with `cluster`, `dist_to_centroid` and `near` (their SemDeDup pairs
+    inside the cluster), and the centroids written to DIRECTORY."""
 
-    def __init__(self, config: PruneConfig, directory: str):
+    def __init__(self, config: PruneConfig, directory: str, centroids: np.ndarray):
         super().__init__()
         self.config = config
         self.directory = directory
+        self.centroids = centroids
 
     def expand(self, records):
         settings = settings_from(self.config)
-        centroids, assigned = _cluster(records, self.config, settings, "")
         scored = (
-            assigned
+            _assign(records, self.centroids, "")
             | "KeyByCluster" >> beam.Map(lambda r: (r["cluster"], r))
             | "Clusters" >> beam.GroupByKey()
             | "NearPairs" >> beam.ParDo(_NearPairsFn(settings))
         )
-        written = centroids | "WriteCentroids" >> beam.Map(_write_centroids, self.directory)
+        written = (
+            records.pipeline
+            | "Centroids" >> beam.Create([None])
+            | "WriteCentroids" >> beam.Map(lambda _, c, d: _write_centroids(c, d), self.centroids, self.directory)
+        )
         return scored, written
+
+
+def _dedup(records, settings: PruneSettings, step: str):
+    return split_routed(
+        records
+        | f"{step}KeyByCluster" >> beam.Map(lambda r: (r["cluster"], r))
+        | f"{step}Clusters" >> beam.GroupByKey()
+        | f"{step}SemDeDup" >> beam.ParDo(_DedupFn(settings)),
+        f"{step}Dedup",
+        (LEDGER, "stats", "survivors"),
+    )
+
+
+def _survivors(deduped):
+    return deduped["survivors"] | "Survivors" >> beam.FlatMap(lambda kv: kv[1])
+
+
+def refit_sample(records, config: PruneConfig):
+    """A pass's graph for `prune.recluster`: the fit sample and count of the SemDeDup survivors."""
+    return fit_sample(_survivors(_dedup(records, settings_from(config), "")), config, "Recluster")
 
 
 class PruneRecords(beam.PTransform):
     """The decision of pruning: clustered records (from ClusterRecords, `count` of them; its `centroids`) ->
     {kept, ledger, summary}: SemDeDup resolved in the `prune.keep` order, the strategy's quotas, the first
-    `quota` survivors of each cluster in that order."""
+    `quota` survivors of each cluster in that order. With `prune.recluster`, `recluster_centroids` are those
+    fitted on the survivors (the `refit_sample` pass)."""
 
-    def __init__(self, config: PruneConfig, count: int, centroids: np.ndarray):
+    def __init__(self, config: PruneConfig, count: int, centroids: np.ndarray,
+                 recluster_centroids: np.ndarray | None = None):
         super().__init__()
         self.config = config
         self.count = count
         self.centroids = centroids
-
-    def _dedup(self, records, settings: PruneSettings, step: str):
-        return split_routed(
-            records
-            | f"{step}KeyByCluster" >> beam.Map(lambda r: (r["cluster"], r))
-            | f"{step}Clusters" >> beam.GroupByKey()
-            | f"{step}SemDeDup" >> beam.ParDo(_DedupFn(settings)),
-            f"{step}Dedup",
-            (LEDGER, "stats", "survivors"),
-        )
+        self.recluster_centroids = recluster_centroids
 
     def expand(self, records):
         settings = settings_from(self.config)
-        deduped = clustered = self._dedup(records, settings, "")
+        deduped = clustered = _dedup(records, settings, "")
         quotas = _QuotaFn(settings, self.count, self.centroids)
-        side = []
         if settings.recluster:
-            survivors = deduped["survivors"] | "Survivors" >> beam.FlatMap(lambda kv: kv[1])
-            centroids, assigned = _cluster(survivors, self.config, settings, "Recluster")
-            clustered = self._dedup(assigned, replace(settings, semdedup=False), "Recluster")
-            quotas, side = _QuotaFn(settings, self.count), [beam.pvalue.AsSingleton(centroids)]
+            assigned = _assign(_survivors(deduped), self.recluster_centroids, "Recluster")
+            clustered = _dedup(assigned, replace(settings, semdedup=False), "Recluster")
+            quotas = _QuotaFn(settings, self.count, self.recluster_centroids)
         planned = split_routed(
             clustered["stats"]
             | "AllStats" >> beam.Map(lambda stats: (None, stats))
             | "GatherStats" >> beam.GroupByKey()
-            | "Quotas" >> beam.ParDo(quotas, *side),
+            | "Quotas" >> beam.ParDo(quotas),
             "Planned",
             ("quota", SUMMARY),
         )
@@ -313,14 +338,19 @@ DECISION_KEYS = ("strategy", "keep_fraction", "keep", "tau", "neighbours", "min_
 
 
 def _clusters(pipeline, records, context: StepContext) -> StepOutput:
-    scored, centroids = records | "Prune" >> ClusterRecords(context.job.config.prune, context.directory)
-    return StepOutput(scored, [], [centroids])
+    config = context.job.config.prune
+    centroids = fit_pass_result(context.constants["fit"], settings_from(config))
+    scored, centroids_file = records | "Prune" >> ClusterRecords(config, context.directory, centroids)
+    return StepOutput(scored, [], [centroids_file])
 
 
 def _decide(pipeline, records, context: StepContext) -> StepOutput:
     config = context.job.config.prune
     previous = context.previous
-    pruned = records | "PruneDecide" >> PruneRecords(config, previous.records, read_centroids(previous.directory))
+    refit = context.constants.get("refit")
+    recluster = fit_pass_result(refit, settings_from(config)) if refit is not None else None
+    pruned = records | "PruneDecide" >> PruneRecords(config, previous.records, read_centroids(previous.directory),
+                                                     recluster)
     return StepOutput(pruned[KEPT], [pruned[LEDGER]], [pruned[SUMMARY]])
 
 
@@ -328,9 +358,13 @@ def _steps(plan, config) -> list[Step]:
     section = config_section(config, "prune")
     scores = {k: v for k, v in section.items() if k not in DECISION_KEYS or k == "seed"}  # seed: the fit sample
     decision = {k: section[k] for k in DECISION_KEYS}
+    prune = config.prune
+    fit_pass = Pass("fit", lambda records, constants: fit_sample(records, prune), reads_vectors=True)
+    refit = (Pass("refit", lambda records, constants: refit_sample(records, prune), reads_vectors=True),) \
+        if prune.recluster else ()
     return [
-        Step("clusters", _clusters, {"prune": scores}, reads_vectors=True),
-        Step("decide", _decide, {"prune": decision}, reads_vectors=config.prune.recluster),
+        Step("clusters", _clusters, {"prune": scores}, reads_vectors=True, passes=(fit_pass,)),
+        Step("decide", _decide, {"prune": decision}, reads_vectors=prune.recluster, passes=refit),
     ]
 
 

@@ -13,6 +13,10 @@ A stage (validate, quality, embed, prune, select, rephrase) is one `Stage` objec
   ledger_stages     the ledger `stage` values it writes, in funnel order
   output_dirs       folders of files its steps write that belong in OUT (embeddings)
 
+A value computed from the whole of a step's input (a count, a fit sample, a threshold) is never a Beam side
+input: the step declares `passes` (winnow.pipelines.passes), small pipelines run first whose results its graph
+gets as constants (`StepContext.constants`).
+
 A step's graph takes the previous step's records (a PCollection of record dicts; `None` for the first step,
 which reads the input) and returns a `StepOutput`: the records that go on, the ledger rows of the records it
 removed, and metadata dicts (summaries, files it wrote). The cache key of a step is derived: the previous
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from winnow.pipelines.config import WinnowConfig
+    from winnow.pipelines.passes import Pass
     from winnow.pipelines.stage_cache import StageEntry
 
 
@@ -43,11 +48,12 @@ class StepOutput:
 @dataclass
 class StepContext:
     """What a step's graph may use besides its records: where it writes, and the previous step of its stage
-    (finished, on the driver) for constants read off its output."""
+    (finished, on the driver) for constants read off its output, and the results of the step's passes."""
 
     job: Any
     directory: str
     previous: StageEntry | None = None
+    constants: dict[str, Any] = field(default_factory=dict)
 
 
 StepBuild = Callable[[Any, Any, StepContext], StepOutput]
@@ -65,6 +71,7 @@ class Step:
     reads_vectors: bool = False
     adds_vectors: bool = False
     reads_input: bool = False
+    passes: tuple[Pass, ...] = ()
 
 
 @dataclass

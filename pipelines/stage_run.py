@@ -18,6 +18,7 @@ from typing import Any
 import apache_beam as beam
 
 from winnow.pipelines.options import add_metrics, run_pipeline
+from winnow.pipelines.passes import run_passes
 from winnow.pipelines.stage import StepContext
 from winnow.pipelines.stage_cache import (
     FILES_META,
@@ -33,7 +34,8 @@ from winnow.pipelines.stage_cache import (
 
 
 def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], directory: str, step: int = 0,
-                      job=None, previous: StageEntry | None = None) -> None:
+                      job=None, previous: StageEntry | None = None, constants: dict[str, Any] | None = None
+                      ) -> None:
     """One step's graph (by default the stage's first): read the previous step's cached records (the first
     step of the first stage reads the input), run the step, write its records and removed rows to the cache
     and the list of every file it wrote. Its last step gathers that list, so every branch is upstream of it:
@@ -44,7 +46,8 @@ def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], dir
     if not definition.reads_input:
         with_vectors = definition.reads_vectors or planned_step.keeps_vectors
         records = pipeline | "ReadCached" >> ReadCache(upstream, () if with_vectors else ("embedding",))
-    output = definition.build(pipeline, records, StepContext(job or planned.job, directory, previous))
+    output = definition.build(pipeline, records, StepContext(job or planned.job, directory, previous,
+                                                             constants or {}))
     records = output.records
     if planned_step.drops_vectors:
         records = records | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
@@ -97,8 +100,11 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                 step_files, step_metrics, reused = info["files"], info.get("metrics", {}), True
             else:
                 step_dir.mkdir(parents=True, exist_ok=True)
-                step_metrics = run_pipeline(options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs:
-                                            build_stage_graph(pipeline, planned, u, str(d), i, job, p))
+                step_metrics = {}
+                constants = run_passes(options, planned_step.step.passes, inputs, str(step_dir), step_metrics)
+                add_metrics(step_metrics, run_pipeline(
+                    options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs, c=constants:
+                    build_stage_graph(pipeline, planned, u, str(d), i, job, p, c)))
                 step_files = read_files_meta(step_dir / FILES_META)
                 (step_dir / FILES_META).unlink()
                 reused = False
