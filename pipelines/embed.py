@@ -78,7 +78,7 @@ class EmbedHandler(ModelHandler):
     def load(self):
         return embedding.load_model(self.plan.model_path, self.plan.device, self.plan.max_seq_length)
 
-    def expected(self, *side_values) -> int | None:
+    def expected(self) -> int | None:
         return self.plan.expected_records
 
     def run(self, model, records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:

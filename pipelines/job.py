@@ -24,7 +24,8 @@ from winnow.pipelines.manifest import build_manifest
 from winnow.pipelines.mix import LEDGER as MIX_LEDGER
 from winnow.pipelines.mix import PLACED, MixRecords
 from winnow.pipelines.mix import SUMMARY as MIX_SUMMARY
-from winnow.pipelines.options import add_metrics, beam_options, run_pipeline
+from winnow.pipelines.options import add_metrics, beam_options, metrics_unavailable, run_pipeline
+from winnow.pipelines.passes import Pass, run_passes
 from winnow.pipelines.plan import JobPlan, plan_job
 from winnow.pipelines.publish import MANIFEST, OutputError, link_or_copy, output_lock, publish
 from winnow.pipelines.records import ledger_row
@@ -39,15 +40,21 @@ from winnow.pipelines.stage_cache import (
     write_files_meta,
 )
 from winnow.pipelines.stage_run import build_stage_graph, run_stage
-from winnow.pipelines.write import WriteLedger, WriteMixedShards, WriteShards
+from winnow.pipelines.write import ExtraColumnKinds, WriteLedger, WriteMixedShards, WriteShards
 
 __all__ = ["OutputError", "beam_options", "build_output_graph", "build_stage_graph", "plan_job", "run_job"]
 
 StageCallback = Callable[[str, StageEntry | None], None]
 
 
+def extra_kinds_pass() -> Pass:
+    """The schema of the shards' passed-through columns, over the records that reach the output."""
+    return Pass("extra_kinds", lambda records, constants: records | "ExtraKinds" >> beam.CombineGlobally(
+        ExtraColumnKinds()))
+
+
 def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: list[str],
-                       removed_paths: list[str]) -> None:
+                       removed_paths: list[str], extra: list[tuple[str, str]]) -> None:
     """The last graph: the final stage's records are mixed (or written in input order) into shards, and the
     ledger gets every record's one row. Its last step gathers the metadata of every written file, so every
     branch is upstream of it: Beam 2.77's DaskRunner computes only the last transform and what it depends on."""
@@ -59,10 +66,11 @@ def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: li
         mixed = kept | "Mix" >> MixRecords(config.mix)
         kept_rows = mixed[MIX_LEDGER]
         written.append(mixed[MIX_SUMMARY])
-        written.append(mixed[PLACED] | "Shards" >> WriteMixedShards(work, config.output.row_group_rows))
+        written.append(mixed[PLACED] | "Shards" >> WriteMixedShards(work, config.output.row_group_rows, extra))
     else:
         kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write", copies=1)
-        written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows))
+        written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows,
+                                                             extra))
     ledger = (removed, kept_rows) | "LedgerRows" >> beam.Flatten()
     written.append(ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows))
     _ = (
@@ -119,8 +127,10 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
         entries = _run_stages(plan, cache, options, force, cached, on_stage, metrics)
         started = time.perf_counter()
         removed = [path for entry in entries for path in entry.all_paths(REMOVED)]
+        kept = entries[-1].paths(RECORDS)
+        extra = run_passes(options, (extra_kinds_pass(),), kept, str(plan.work_dir), metrics)["extra_kinds"]
         add_metrics(metrics, run_pipeline(
-            options, lambda pipeline: build_output_graph(pipeline, plan, entries[-1].paths(RECORDS), removed)))
+            options, lambda pipeline: build_output_graph(pipeline, plan, kept, removed, extra)))
         files = read_files_meta(plan.work_dir / FILES_META)
         (plan.work_dir / FILES_META).unlink()
         for planned, entry in zip(plan.stages, entries, strict=True):
@@ -132,6 +142,8 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
         started = time.perf_counter()
         manifest = build_manifest(plan, options, files, entries)
         manifest["metrics"] = dict(sorted(metrics.items()))
+        if metrics_unavailable(options):
+            manifest["metrics_unavailable"] = metrics_unavailable(options)
         manifest["timings"] = {**plan.timings, "finalize_s": time.perf_counter() - started}
         manifest["timings"]["total_s"] = sum(manifest["timings"].values())
         (plan.work_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")

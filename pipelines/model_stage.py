@@ -23,6 +23,7 @@ import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.progress import Progress
+from winnow.selectors.embedding import worker_threads
 
 _SHARED = Shared()
 
@@ -59,11 +60,11 @@ class ModelHandler:
 
         return order_key(element)
 
-    def expected(self, *side_values: Any) -> int | None:
+    def expected(self) -> int | None:
         """The elements the stage will see in all, for progress (None: unknown)."""
         return None
 
-    def run(self, model: Callable[[], Any], elements: list[Any], *side_values: Any) -> Iterable[Any]:
+    def run(self, model: Callable[[], Any], elements: list[Any]) -> Iterable[Any]:
         """Outputs of one window; `model()` loads (once) and returns the model."""
         raise NotImplementedError
 
@@ -78,7 +79,7 @@ def acquire_model(handler: ModelHandler) -> _Held:
     def load() -> _Held:
         import torch
 
-        torch.set_num_threads(handler.torch_threads)
+        torch.set_num_threads(handler.torch_threads or worker_threads())
         return _Held(handler.load())
 
     return _SHARED.acquire(load, tag=f"{type(handler).__name__}:{handler.tag()}")
@@ -102,15 +103,15 @@ class RunModel(beam.DoFn):
             self.held = acquire_model(self.handler)
         return self.held.value
 
-    def process(self, window, *side_values) -> Iterator[Any]:
+    def process(self, window) -> Iterator[Any]:
         elements = sorted(window[1], key=self.handler.order)
         started = time.perf_counter()
-        outputs = list(self.handler.run(self._model, elements, *side_values))
+        outputs = list(self.handler.run(self._model, elements))
         self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
         self.elements.inc(len(elements))
         if self.progress is None:
             every = {} if self.progress_every_s is None else {"every_s": self.progress_every_s}
-            self.progress = Progress(self.handler.label, self.handler.expected(*side_values), self.handler.unit,
+            self.progress = Progress(self.handler.label, self.handler.expected(), self.handler.unit,
                                      **every)
         self.progress.advance(len(elements), self.handler.note())
         yield from outputs

@@ -28,10 +28,25 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
 
 
 def worker_processes(options: PipelineOptions) -> int:
+    """Worker processes on this machine that share its cores; 0 for a runner whose workers live elsewhere (a
+    Dask cluster), where each worker sizes itself."""
+    if is_dask(options):
+        return 0
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_processing":
         return direct.direct_num_workers or os.cpu_count() or 1
     return 1
+
+
+def is_dask(options: PipelineOptions) -> bool:
+    return str(options.get_all_options().get("runner") or "").endswith("DaskRunner")
+
+
+def metrics_unavailable(options: PipelineOptions) -> str | None:
+    """Why the manifest's `metrics` is empty for this runner, if it always is."""
+    if is_dask(options):
+        return "Beam 2.77's DaskRunner collects no metrics (DaskRunnerResult.metrics is not implemented)"
+    return None
 
 
 def beam_metrics(result) -> dict[str, Any]:

@@ -92,10 +92,10 @@ class WriteFileFn(beam.DoFn):
         self.row_group_rows = row_group_rows
         self.tally_key = tally_key
 
-    def process(self, element, *side_values) -> Iterator[dict[str, Any]]:
+    def process(self, element) -> Iterator[dict[str, Any]]:
         file_number, numbered = element
         rows = [row for _, row in sorted(numbered, key=lambda pair: pair[0])]
-        table = self.to_table(rows, *side_values)
+        table = self.to_table(rows)
         payload = table_bytes(table, self.row_group_rows)
         name = f"part-{file_number:05d}.parquet"
         write_bytes(FileSystems.join(self.directory, self.relative_dir, name), payload)
@@ -128,7 +128,6 @@ class WriteOrderedParquet(beam.PTransform):
         to_table: Callable[..., pa.Table],
         row_group_rows: int = 5_000,
         tally_key: Callable[[Any], str] = lambda row: row["source"],
-        side_inputs: tuple = (),
         sums: dict[str, Callable[[Any], int]] | None = None,
     ):
         super().__init__()
@@ -139,7 +138,6 @@ class WriteOrderedParquet(beam.PTransform):
         self.to_table = to_table
         self.row_group_rows = row_group_rows
         self.tally_key = tally_key
-        self.side_inputs = side_inputs
 
     def expand(self, numbered):
         rows_per_file = self.rows_per_file
@@ -153,7 +151,6 @@ class WriteOrderedParquet(beam.PTransform):
                     self.directory, self.relative_dir, self.to_table, self.row_group_rows, self.tally_key,
                     self.sums,
                 ),
-                *self.side_inputs,
             )
         )
         return metas

@@ -86,3 +86,9 @@ def gather(parts: dict[str, Any], label: str = "Gather"):
         | f"{label}List" >> beam.combiners.ToList()
         | f"{label}Dict" >> beam.Map(dict)
     )
+
+
+def smallest(pcollection, n: int, label: str, key=None):
+    """The `n` smallest elements as one sorted list. Not `beam.combiners.Top.Smallest`: its global form emits
+    from `finish_bundle`, whose output Beam 2.77's DaskRunner drops (it came out [] on a cluster)."""
+    return pcollection | label >> beam.CombineGlobally(beam.combiners.TopCombineFn(n, key=key, reverse=True))

@@ -33,7 +33,7 @@ import numpy as np
 
 from winnow.pipelines.config import PruneConfig
 from winnow.pipelines.ordered_io import write_bytes
-from winnow.pipelines.passes import Pass, gather
+from winnow.pipelines.passes import Pass, gather, smallest
 from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import ledger_row, order_key, seeded_hash, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
@@ -214,8 +214,8 @@ def fit_sample(records, config: PruneConfig, step: str = ""):
     sample = (
         records
         | f"{step}SampleKey" >> beam.Map(lambda r: (seeded_hash(seed, r["id"], "fit"), order_key(r), r["embedding"]))
-        | f"{step}Sample" >> beam.combiners.Top.Smallest(config.kmeans.fit_sample, key=lambda e: (e[0], e[1]))
     )
+    sample = smallest(sample, config.kmeans.fit_sample, f"{step}Sample", key=lambda e: (e[0], e[1]))
     count = records | f"{step}Count" >> beam.combiners.Count.Globally()
     return gather({"sample": sample, "count": count}, f"{step}FitSample")
 

@@ -11,6 +11,7 @@ Work is split per Parquet row group and per JSON Lines file.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +54,28 @@ def detect_format(path: str, configured: str) -> str:
     raise InputError(f"{path}: cannot tell the format from the name; set input.format to parquet or jsonl")
 
 
+def absolute_uri(path: str) -> str:
+    """A local path made absolute on the driver (workers elsewhere do not share its working directory); a URI
+    with a scheme (s3://, gs://, ...) as it is."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def error_text(error: BaseException) -> str:
+    """The underlying message of an I/O error: Beam's BeamIOError wraps the real one in `exception_details`."""
+    details = getattr(error, "exception_details", None)
+    if isinstance(details, dict) and details:
+        error = next(iter(details.values()))
+    return f"{type(error).__name__}: {_short(error)}" if str(error).strip() else type(error).__name__
+
+
 def expand_paths(pattern: str) -> list[str]:
+    pattern = absolute_uri(pattern)
     try:
         results = FileSystems.match([pattern])
     except Exception as error:  # noqa: BLE001 - Beam raises BeamIOError and others for bad patterns
-        raise InputError(f"{pattern}: cannot list input files ({type(error).__name__})") from None
+        raise InputError(f"{pattern}: cannot list input files ({error_text(error)})") from None
     paths = sorted(m.path for m in results[0].metadata_list)
     if not paths:
         raise InputError(f"{pattern}: no input files match")
@@ -226,6 +244,15 @@ def make_record(
     }
 
 
+def _open_on_worker(path: str):
+    """A planned input file, opened on a worker. A file that the driver listed but a worker cannot open (a
+    path that only the driver's machine has, missing credentials) stops the run: its rows are not damaged."""
+    try:
+        return FileSystems.open(path)
+    except Exception as error:  # noqa: BLE001 - each filesystem raises its own errors
+        raise InputError(f"{path}: a worker cannot open this input file ({error_text(error)})") from None
+
+
 class _ReadTaskFn(beam.DoFn):
     def __init__(self, config: InputConfig, total: int | None = None):
         self.config = config
@@ -245,8 +272,9 @@ class _ReadTaskFn(beam.DoFn):
         self.progress.advance(count)
 
     def _parquet(self, task: ReadTask) -> Iterator[dict[str, Any]]:
+        handle = _open_on_worker(task.path)
         try:
-            with FileSystems.open(task.path) as handle:
+            with handle:
                 table = pq.ParquetFile(handle).read_row_group(task.row_group)
         except Exception as error:  # noqa: BLE001 - a damaged row group: its rows are rejected, not lost
             problem = ("unreadable_row_group", f"row group {task.row_group}: {_short(error)}")
@@ -274,7 +302,7 @@ class _ReadTaskFn(beam.DoFn):
             yield make_record(values, task, task.first_row + offset, self.config)
 
     def _jsonl(self, task: ReadTask) -> Iterator[dict[str, Any]]:
-        with FileSystems.open(task.path) as handle:
+        with _open_on_worker(task.path) as handle:
             for row, line in enumerate(handle):
                 if not line.strip():
                     continue

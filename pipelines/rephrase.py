@@ -34,6 +34,7 @@ from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import ConfigError, RephraseConfig
 from winnow.pipelines.model_stage import ModelHandler, RunModel
+from winnow.pipelines.passes import Pass, smallest
 from winnow.pipelines.records import content_id, ledger_row, order_key, seeded_hash, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.rephrase import clean as cleaning
@@ -144,6 +145,32 @@ class _SegmentFn(beam.DoFn):
                 yield (style_index, record["file_index"], window), unit
 
 
+class _UnitCountFn(_SegmentFn):
+    """A chosen record -> (its choice key, how many units it makes): what the choice pass needs."""
+
+    def process(self, record: dict[str, Any]) -> Iterator[tuple[tuple[int, str], int]]:
+        pieces = segment.segment(record["text"], self.tokenizer, self.plan.max_segment_tokens)
+        yield _choice_key(record, self.plan.params.seed), len(pieces) * len(self.plan.styles)
+
+
+def choice_pass(records, plan: RephrasePlan):
+    """A pass's graph: {"bound": the largest choice key kept under `rephrase.max_records` (None: no cap or
+    nothing chosen), "units": how many (segment, style) units the chosen records make, for progress}."""
+    counted = records | "Choose" >> beam.Filter(_chosen, plan) | "CountUnits" >> beam.ParDo(_UnitCountFn(plan))
+    if plan.max_records is None:
+        return (
+            counted
+            | "Units" >> beam.Map(lambda pair: pair[1])
+            | "Total" >> beam.CombineGlobally(sum)
+            | "Choice" >> beam.Map(lambda units: {"bound": None, "units": units})
+        )
+    return (
+        smallest(counted, plan.max_records, "FirstChoices")
+        | "Choice" >> beam.Map(lambda first: {"bound": first[-1][0] if first else None,
+                                              "units": sum(units for _, units in first)})
+    )
+
+
 def window_key(plan: RephrasePlan, style: tuple[str, str, str], prompts_: list[str]) -> str:
     """The cache key of one window: what determines its raw outputs (cleaning runs again on reuse)."""
     digest = hashlib.sha256()
@@ -162,9 +189,10 @@ class RephraseHandler(ModelHandler):
 
     namespace, counter, label, unit = "winnow.rephrase", "units", "rephrase", "segments (style x segment)"
 
-    def __init__(self, plan: RephrasePlan):
+    def __init__(self, plan: RephrasePlan, total_units: int | None = None):
         super().__init__(plan.torch_threads)
         self.plan = plan
+        self.total_units = total_units
         self.generated = beam.metrics.Metrics.counter("winnow.rephrase", "segments_generated")
         self.reused = beam.metrics.Metrics.counter("winnow.rephrase", "segments_reused")
         self.tokens = beam.metrics.Metrics.counter("winnow.rephrase", "tokens_generated")
@@ -184,14 +212,14 @@ class RephraseHandler(ModelHandler):
     def order(self, unit):
         return order_key(unit["parent"]), unit["segment_index"]
 
-    def expected(self, total_units=None) -> int | None:
-        return total_units
+    def expected(self) -> int | None:
+        return self.total_units
 
     def note(self) -> str:
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         return f"{self._tokens_done / elapsed:.1f} generated tokens/s" + (" (cached)" if self._last_reused else "")
 
-    def run(self, model, units, total_units=None) -> Iterator[tuple[str, Any]]:
+    def run(self, model, units) -> Iterator[tuple[str, Any]]:
         if self._tokenizer is None:
             self._tokenizer = _Tokenizer(self.plan).get()
             self._started = time.perf_counter()
@@ -294,32 +322,23 @@ def _summary(parts, plan: RephrasePlan) -> dict[str, Any]:
 class RephraseRecords(beam.PTransform):
     """records -> {synthetic, ledger, plan} (see the module docstring)."""
 
-    def __init__(self, plan: RephrasePlan):
+    def __init__(self, plan: RephrasePlan, choice: dict[str, Any]):
         super().__init__()
         self.plan = plan
+        self.choice = choice
 
     def expand(self, records):
-        plan = self.plan
+        plan, bound = self.plan, self.choice["bound"]
         chosen = records | "Choose" >> beam.Filter(_chosen, plan)
         if plan.max_records is not None:
             seed = plan.params.seed
-            last = (
-                chosen
-                | "ChoiceKeys" >> beam.Map(_choice_key, seed)
-                | "FirstChoices" >> beam.combiners.Top.Smallest(plan.max_records)
-                | "LastChoice" >> beam.Map(lambda keys: keys[-1] if keys else None)
-            )
             chosen = chosen | "Cap" >> beam.Filter(
-                lambda r, bound: bound is not None and _choice_key(r, seed) <= tuple(bound),
-                beam.pvalue.AsSingleton(last),
-            )
+                lambda r: bound is not None and _choice_key(r, seed) <= bound)
         units = chosen | "Segment" >> beam.ParDo(_SegmentFn(plan))
-        total = units | "CountUnits" >> beam.combiners.Count.Globally()
         generated = split_routed(
             units
             | "Windows" >> beam.GroupByKey()
-            | "Generate" >> beam.ParDo(RunModel(RephraseHandler(plan), PROGRESS_EVERY_S),
-                                      beam.pvalue.AsSingleton(total)),
+            | "Generate" >> beam.ParDo(RunModel(RephraseHandler(plan, self.choice["units"]), PROGRESS_EVERY_S)),
             "Generated",
             (SYNTHETIC, LEDGER),
         )
@@ -347,7 +366,7 @@ class RephraseRecords(beam.PTransform):
 
 def _rephrase(plan: RephrasePlan):
     def build(pipeline, records, context: StepContext) -> StepOutput:
-        rephrased = records | "Rephrase" >> RephraseRecords(plan)
+        rephrased = records | "Rephrase" >> RephraseRecords(plan, context.constants["choice"])
         together = (records, rephrased[SYNTHETIC]) | "WithSynthetic" >> beam.Flatten()
         return StepOutput(together, [rephrased[LEDGER]], [rephrased[SUMMARY]])
     return build
@@ -356,7 +375,8 @@ def _rephrase(plan: RephrasePlan):
 def _steps(plan: RephrasePlan, config) -> list[Step]:
     settings = config_section(config, "rephrase", exclude=("torch_threads",))
     return [Step("rephrase", _rephrase(plan), {"rephrase": settings},
-                 {"model": plan.model_fingerprint, "backend": plan.backend, "device": plan.device})]
+                 {"model": plan.model_fingerprint, "backend": plan.backend, "device": plan.device},
+                 passes=(Pass("choice", lambda records, constants: choice_pass(records, plan)),))]
 
 
 def _manifest(context: ManifestContext) -> dict[str, Any]:

@@ -6,11 +6,12 @@ Two cached steps, so that a changed decision (`select.count`, `ratio`, `seed`, `
           records are scored in windows of `select.window` consecutive input rows by the method's models,
           loaded once per worker (model_stage.RunModel); out: records with `select_score`, for mona
           `sae_score` and their values of the prototype's features, and the prototype file
-  decide  (DecideRecords) the exact global top n without gathering the pool: a histogram of the top 16 bits of
-          each score's order-preserving 64-bit key finds the bucket holding the n-th score, a second histogram
-          the next 16 bits inside it, and only the records of that last bucket meet on one worker to place the
-          threshold. Ties are broken by a seeded hash of the id (selectors.task_selection.select_top is the
-          same order). Out:
+  decide  (DecideRecords) the exact global top n without gathering the pool: three passes (small pipelines
+          whose results the driver reads; winnow.pipelines.passes) count the pool with a histogram of the top 16
+          bits of each score's order-preserving 64-bit key, which finds the bucket holding the n-th score, then
+          a histogram of the next 16 bits inside it, then gather the keys of that last bucket; the driver places
+          the threshold and the decision pipeline gets it as a constant. Ties are broken by a seeded hash of the
+          id (selectors.task_selection.select_top is the same order). Out:
             kept     the top n records by score, with `select_score` (and `sae_score` for mona)
             ledger   `not_selected` rows (stage select) for the others, with their score and the threshold
             summary  method, pool, n, threshold, score quantiles, models and hashes, and for mona the
@@ -24,15 +25,23 @@ import hashlib
 import struct
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
 from winnow.pipelines.config import WinnowConfig
+from winnow.pipelines.passes import Pass, gather
 from winnow.pipelines.records import ledger_row, split_routed
-from winnow.pipelines.select_scores import METHODS, ScoreRecords, SelectPlan, plan_select, read_prototype
+from winnow.pipelines.select_scores import (
+    METHODS,
+    ScoreRecords,
+    SelectPlan,
+    plan_select,
+    read_prototype,
+    score_passes,
+)
 from winnow.pipelines.stage import PlanContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
 from winnow.selectors import task_selection
 
@@ -110,17 +119,83 @@ def _threshold(last: list, level) -> tuple | None:
 
 
 class _DecideFn(beam.DoFn):
-    def __init__(self, plan: SelectPlan):
+    def __init__(self, plan: SelectPlan, threshold: tuple | None, wanted: int):
         self.plan = plan
+        self.threshold = threshold
+        self.wanted = wanted
 
-    def process(self, record, threshold, wanted) -> Iterator[tuple[str, Any]]:
+    def process(self, record) -> Iterator[tuple[str, Any]]:
         key = rank_key(record, self.plan.seed)
         clean = {k: v for k, v in record.items() if k != "select_features"}
-        if threshold is not None and key >= tuple(threshold):
+        if self.threshold is not None and key >= self.threshold:
             yield KEPT, clean
             return
-        detail = f"score {record['select_score']:.6g} below the top {wanted} ({self.plan.method})"
+        detail = f"score {record['select_score']:.6g} below the top {self.wanted} ({self.plan.method})"
         yield LEDGER, ledger_row(clean, "not_selected", "select", f"below_threshold_{self.plan.method}", detail)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The decision's constants, placed on the driver from the passes' results."""
+
+    pool: int
+    wanted: int
+    level1: tuple[int, int] | None
+    level2: tuple[int, int] | None = None
+    key: tuple | None = None
+
+
+def _histogram_pass(records, plan: SelectPlan):
+    keys = records | "RankKeys" >> beam.Map(rank_key, plan.seed)
+    return gather({"pool": keys | "Pool" >> beam.combiners.Count.Globally(),
+                   "counts": keys | "Prefix48" >> beam.CombineGlobally(_PrefixCountFn(48))})
+
+
+def _level1(constants: dict[str, Any], plan: SelectPlan) -> Threshold:
+    pool = constants["histogram"]["pool"]
+    wanted = _wanted(pool, plan)
+    return Threshold(pool, wanted, boundary(constants["histogram"]["counts"], wanted))
+
+
+def _inner_pass(records, constants: dict[str, Any], plan: SelectPlan):
+    level1 = _level1(constants, plan).level1
+    return (
+        records
+        | "RankKeys" >> beam.Map(rank_key, plan.seed)
+        | "In48" >> beam.Filter(_in_bucket, level1, 48)
+        | "Prefix32" >> beam.CombineGlobally(_PrefixCountFn(32))
+    )
+
+
+def _level2(constants: dict[str, Any], plan: SelectPlan) -> Threshold:
+    first = _level1(constants, plan)
+    level2 = boundary(constants["inner"], first.level1[1]) if first.level1 else None
+    return replace(first, level2=level2)
+
+
+def _last_pass(records, constants: dict[str, Any], plan: SelectPlan):
+    first = _level2(constants, plan)
+    return (
+        records
+        | "RankKeys" >> beam.Map(rank_key, plan.seed)
+        | "In48" >> beam.Filter(_in_bucket, first.level1, 48)
+        | "In32" >> beam.Filter(_in_bucket, first.level2, 32)
+        | "LastBucket" >> beam.combiners.ToList()
+    )
+
+
+def place_threshold(constants: dict[str, Any], plan: SelectPlan) -> Threshold:
+    """The smallest selected rank key, from the three passes' results."""
+    second = _level2(constants, plan)
+    return replace(second, key=_threshold([tuple(k) for k in constants["last"]], second.level2))
+
+
+def decide_passes(plan: SelectPlan) -> tuple[Pass, ...]:
+    return (
+        Pass("histogram", lambda records, constants: _histogram_pass(records, plan)),
+        Pass("inner", lambda records, constants: _inner_pass(records, constants, plan)),
+        Pass("last", lambda records, constants: _last_pass(records, constants, plan)),
+    )
 
 
 def _feature_hits(record: dict[str, Any], reported: frozenset[int]) -> Iterator[tuple[int, tuple[float, str, str]]]:
@@ -164,46 +239,23 @@ class DecideRecords(beam.PTransform):
     """The decision of selection: scored records -> {kept, ledger, summary}: the exact top n by score (ties by
     a seeded hash), the rest `not_selected`; `prototype` (mona) names the features the summary reports."""
 
-    def __init__(self, plan: SelectPlan, prototype: np.ndarray | None):
+    def __init__(self, plan: SelectPlan, prototype: np.ndarray | None, threshold: Threshold):
         super().__init__()
         self.plan = plan
         self.prototype = prototype
+        self.threshold = threshold
 
     def expand(self, scored):
-        plan, prototype = self.plan, self.prototype
-        seed = plan.seed
-        keys = scored | "RankKeys" >> beam.Map(rank_key, seed)
-        pool = keys | "Pool" >> beam.combiners.Count.Globally()
-        wanted = pool | "Wanted" >> beam.Map(_wanted, plan)
-        level1 = (
-            keys | "Prefix48" >> beam.CombineGlobally(_PrefixCountFn(48))
-            | "Bucket48" >> beam.Map(boundary, beam.pvalue.AsSingleton(wanted))
-        )
-        inside1 = keys | "In48" >> beam.Filter(_in_bucket, beam.pvalue.AsSingleton(level1), 48)
-        level2 = (
-            inside1 | "Prefix32" >> beam.CombineGlobally(_PrefixCountFn(32))
-            | "Bucket32" >> beam.Map(lambda counts, up: boundary(counts, up[1]) if up else None,
-                                     beam.pvalue.AsSingleton(level1))
-        )
-        threshold = (
-            inside1
-            | "In32" >> beam.Filter(_in_bucket, beam.pvalue.AsSingleton(level2), 32)
-            | "LastBucket" >> beam.combiners.ToList()
-            | "Threshold" >> beam.Map(
-                lambda last, level: _threshold([tuple(k) for k in last], level), beam.pvalue.AsSingleton(level2))
-        )
+        plan, prototype, threshold = self.plan, self.prototype, self.threshold
         decided = split_routed(
-            scored
-            | "Decide" >> beam.ParDo(_DecideFn(plan), beam.pvalue.AsSingleton(threshold),
-                                     beam.pvalue.AsSingleton(wanted)),
+            scored | "Decide" >> beam.ParDo(_DecideFn(plan, threshold.key, threshold.wanted)),
             "Decided",
             (KEPT, LEDGER),
         )
+        placed = {"pool": threshold.pool, "wanted": threshold.wanted,
+                  "threshold_score": None if threshold.key is None else _score_of_key(threshold.key[0])}
         parts = [
-            pool | "PoolPart" >> beam.Map(lambda n: ("pool", n)),
-            wanted | "WantedPart" >> beam.Map(lambda n: ("wanted", n)),
-            threshold | "ThresholdPart" >> beam.Map(
-                lambda t: ("threshold_score", None if t is None else _score_of_key(t[0]))),
+            scored.pipeline | "Placed" >> beam.Create(sorted(placed.items())),
             scored
             | "Scores" >> beam.Map(lambda r: r["select_score"])
             | "Quantiles" >> beam.ApproximateQuantiles.Globally(21)
@@ -232,7 +284,8 @@ DECISION_KEYS = ("count", "ratio", "seed", "top_features", "feature_examples")
 
 def _scores(plan: SelectPlan):
     def build(pipeline, records, context: StepContext) -> StepOutput:
-        scored, written = records | "Select" >> ScoreRecords(plan, context.directory)
+        scored, written = records | "Select" >> ScoreRecords(plan, context.directory, context.constants["prototype"],
+                                                             context.constants.get("bm25"))
         return StepOutput(scored, [], written)
     return build
 
@@ -240,7 +293,8 @@ def _scores(plan: SelectPlan):
 def _decide(plan: SelectPlan):
     def build(pipeline, records, context: StepContext) -> StepOutput:
         prototype = read_prototype(context.previous.directory) if METHODS[plan.method].sparse_features else None
-        decided = records | "SelectDecide" >> DecideRecords(plan, prototype)
+        threshold = place_threshold(context.constants, plan)
+        decided = records | "SelectDecide" >> DecideRecords(plan, prototype, threshold)
         return StepOutput(decided[KEPT], [decided[LEDGER]], [decided[SUMMARY]])
     return build
 
@@ -253,8 +307,10 @@ def _steps(plan: SelectPlan, config: WinnowConfig) -> list[Step]:
     models = {"targets": _text_digest(plan.targets), "model": plan.model_fingerprint, "sae": plan.sae_fingerprint,
               "embed_model": plan.embed_model_fingerprint, "device": plan.device}
     return [
-        Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=METHODS[plan.method].reads_vectors),
-        Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}}),
+        Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=METHODS[plan.method].reads_vectors,
+             passes=score_passes(plan)),
+        Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}},
+             passes=decide_passes(plan)),
     ]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from winnow.pipelines.config import ConfigError, WinnowConfig
 from winnow.pipelines.model_stage import ModelHandler, RunModel, acquire_model
 from winnow.pipelines.ordered_io import write_bytes
+from winnow.pipelines.passes import Pass
 from winnow.pipelines.read import InputError, expand_paths, read_column
 from winnow.pipelines.validate import check_text
 from winnow.selectors import embedding, lm, task_selection
@@ -199,9 +200,11 @@ class SelectHandler(ModelHandler):
 
     namespace, counter, unit = "winnow.select", "records_scored", "records"
 
-    def __init__(self, plan: SelectPlan):
+    def __init__(self, plan: SelectPlan, prototype=None, stats=None):
         super().__init__(plan.torch_threads)
         self.plan = plan
+        self.prototype = prototype
+        self.stats = stats
         self.method = METHODS[plan.method]
         self.label = f"select:{plan.method}"
         self.score_values = beam.metrics.Metrics.distribution("winnow.select", "score_x1e6")
@@ -213,11 +216,11 @@ class SelectHandler(ModelHandler):
     def load(self):
         return self.method.load(self.plan)
 
-    def expected(self, *side_values) -> int | None:
+    def expected(self) -> int | None:
         return self.plan.expected_records
 
-    def run(self, model, records: list[dict[str, Any]], prototype, stats=None) -> Iterator[dict[str, Any]]:
-        scores, features = self.method.scores(model, self.plan, records, prototype, stats)
+    def run(self, model, records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        scores, features = self.method.scores(model, self.plan, records, self.prototype, self.stats)
         for index, (record, score) in enumerate(zip(records, scores.tolist(), strict=True)):
             self.score_values.update(int(score * 1e6))
             scored = {**record, "select_score": float(score),
@@ -286,36 +289,55 @@ def _write_prototype(prototype, directory: str) -> dict[str, Any]:
     return {"dir": "prototype", "file": PROTOTYPE, "rows": int(len(prototype)), "bytes": payload.tell()}
 
 
-class ScoreRecords(beam.PTransform):
-    """The scores of selection: records -> (records with `select_score`, `select_features` and for mona
-    `sae_score`; metadata of the prototype written to DIRECTORY, mona only)."""
+def prototype_pass(pipeline, plan: SelectPlan):
+    """A pass's graph: the targets -> the method's prototype (computed on a worker, with the method's models)."""
+    return pipeline | "Targets" >> beam.Create([None]) | "Prototype" >> beam.ParDo(_PrototypeFn(plan))
 
-    def __init__(self, plan: SelectPlan, directory: str):
+
+def bm25_pass(records, prototype):
+    """A pass's graph: the pool's BM25 statistics for the query `prototype`."""
+    return (
+        records
+        | "Bm25Documents" >> beam.Map(lambda r, q: task_selection.bm25_document(r["text"], q), prototype)
+        | "Bm25Stats" >> beam.CombineGlobally(_Bm25StatsFn())
+    )
+
+
+def score_passes(plan: SelectPlan) -> tuple[Pass, ...]:
+    passes = [Pass("prototype", lambda pipeline, constants: prototype_pass(pipeline, plan), reads_records=False)]
+    if METHODS[plan.method].pool_statistics:
+        passes.append(Pass("bm25", lambda records, constants: bm25_pass(records, constants["prototype"])))
+    return tuple(passes)
+
+
+class ScoreRecords(beam.PTransform):
+    """The scores of selection: records, the prototype and (BM25) the pool statistics from the passes ->
+    (records with `select_score`, `select_features` and for mona `sae_score`; metadata of the prototype written
+    to DIRECTORY, mona only)."""
+
+    def __init__(self, plan: SelectPlan, directory: str, prototype, stats=None):
         super().__init__()
         self.plan = plan
         self.directory = directory
+        self.prototype = prototype
+        self.stats = stats
 
     def expand(self, records):
         plan = self.plan
-        prototype = records.pipeline | "Targets" >> beam.Create([None]) | "Prototype" >> beam.ParDo(_PrototypeFn(plan))
-        extra = []
-        if METHODS[plan.method].pool_statistics:
-            extra.append(beam.pvalue.AsSingleton(
-                records
-                | "Bm25Documents" >> beam.Map(lambda r, q: task_selection.bm25_document(r["text"], q),
-                                              beam.pvalue.AsSingleton(prototype))
-                | "Bm25Stats" >> beam.CombineGlobally(_Bm25StatsFn())
-            ))
         window = plan.window
         scored = (
             records
             | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // window), r))
             | "Windows" >> beam.GroupByKey()
-            | "Score" >> beam.ParDo(RunModel(SelectHandler(plan)), beam.pvalue.AsSingleton(prototype), *extra)
+            | "Score" >> beam.ParDo(RunModel(SelectHandler(plan, self.prototype, self.stats)))
         )
         written = []
         if METHODS[plan.method].sparse_features:
-            written.append(prototype | "WritePrototype" >> beam.Map(_write_prototype, self.directory))
+            written.append(
+                records.pipeline
+                | "PrototypeFile" >> beam.Create([None])
+                | "WritePrototype" >> beam.Map(lambda _, p, d: _write_prototype(p, d), self.prototype,
+                                               self.directory))
         return scored, written
 
 

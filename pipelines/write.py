@@ -11,6 +11,7 @@ shard reads the same way.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -117,16 +118,17 @@ def ledger_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 class WriteShards(beam.PTransform):
-    """kept records -> OUT/shards/part-NNNNN.parquet in input order; returns the files' metadata."""
+    """kept records -> OUT/shards/part-NNNNN.parquet in input order; returns the files' metadata. `extra` is
+    the passed-through columns' schema (ExtraColumnKinds over the kept records, computed by a pass)."""
 
-    def __init__(self, directory: str, shard_rows: int, row_group_rows: int):
+    def __init__(self, directory: str, shard_rows: int, row_group_rows: int, extra: list[tuple[str, str]]):
         super().__init__()
         self.directory = directory
         self.shard_rows = shard_rows
         self.row_group_rows = row_group_rows
+        self.extra = extra
 
     def expand(self, records):
-        extra = records | "ExtraKinds" >> beam.CombineGlobally(ExtraColumnKinds())
         return (
             records
             | "Order" >> AssignPositions(order_key)
@@ -135,9 +137,8 @@ class WriteShards(beam.PTransform):
                 self.directory,
                 "shards",
                 self.shard_rows,
-                shard_table,
+                functools.partial(shard_table, extra=self.extra),
                 self.row_group_rows,
-                side_inputs=(beam.pvalue.AsSingleton(extra),),
             )
         )
 
@@ -145,27 +146,23 @@ class WriteShards(beam.PTransform):
 class WriteMixedShards(beam.PTransform):
     """(shard, (shuffle_key, record)) -> OUT/shards/part-NNNNN.parquet, rows in shuffle-key order."""
 
-    def __init__(self, directory: str, row_group_rows: int):
+    def __init__(self, directory: str, row_group_rows: int, extra: list[tuple[str, str]]):
         super().__init__()
         self.directory = directory
         self.row_group_rows = row_group_rows
+        self.extra = extra
 
     def expand(self, placed):
-        extra = (
-            placed
-            | "Records" >> beam.Map(lambda pair: pair[1][1])
-            | "ExtraKinds" >> beam.CombineGlobally(ExtraColumnKinds())
-        )
         return (
             placed
             | "GroupShard" >> beam.GroupByKey()
             | "Write"
             >> beam.ParDo(
                 WriteFileFn(
-                    self.directory, "shards", shard_table, self.row_group_rows, lambda row: row["source"],
+                    self.directory, "shards", functools.partial(shard_table, extra=self.extra),
+                    self.row_group_rows, lambda row: row["source"],
                     {"tokens": lambda row: token_count(row["text"])},
                 ),
-                beam.pvalue.AsSingleton(extra),
             )
         )
 

@@ -68,10 +68,23 @@ def choose_device(device: str) -> str:
 
 
 def threads_per_worker(requested: int, workers: int) -> int:
-    """Torch threads for one worker process: as asked, else the cores shared out among the workers."""
+    """Torch threads for one worker process: as asked, else the cores shared out among the workers; 0 when the
+    driver cannot know the workers (a Dask cluster): the worker decides (`worker_threads`)."""
     if requested > 0:
         return requested
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    if workers <= 0:
+        return 0
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def worker_threads() -> int:
+    """Torch threads decided on the worker: a Dask worker's own thread count, else every core."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return os.cpu_count() or 1
 
 
 def load_model(path: Path | str, device: str = "cpu", max_seq_length: int | None = None):

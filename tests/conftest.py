@@ -83,3 +83,21 @@ def tiny_sae(smollm, sample_texts, tmp_path_factory):
     settings = sae_lib.SaeTrainingSettings(d_sae=256, k=8, steps=30, batch_tokens=256)
     trained = sae_lib.train_sae(acts, settings, {"winnow_layer": SAE_LAYER})
     return sae_lib.save_sae(trained, tmp_path_factory.mktemp("sae") / "sae")
+
+
+def outputs_equal(first: Path, second: Path) -> None:
+    """Shards, ledger and embeddings byte for byte, and the same counts."""
+    for part in ("shards", "ledger", "embeddings"):
+        files = sorted(p.name for p in (first / part).glob("*.parquet"))
+        assert files == sorted(p.name for p in (second / part).glob("*.parquet")), part
+        for name in files:
+            assert (first / part / name).read_bytes() == (second / part / name).read_bytes(), f"{part}/{name}"
+    assert read_output(first)["manifest"]["counts"] == read_output(second)["manifest"]["counts"]
+
+
+def targets_file(directory: Path) -> Path:
+    """Three real documentation paragraphs of the sample as select targets (JSON Lines)."""
+    path = directory / "targets.jsonl"
+    texts = pq.read_table(SAMPLE / "docs_paragraphs.parquet").column("text").to_pylist()[200:203]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
