@@ -29,6 +29,7 @@ from winnow.pipelines.passes import Pass, run_passes
 from winnow.pipelines.plan import JobPlan, plan_job
 from winnow.pipelines.publish import MANIFEST, OutputError, link_or_copy, output_lock, publish
 from winnow.pipelines.records import ledger_row
+from winnow.pipelines.selfcheck import SelfCheckError, check_stages, failed_stages
 from winnow.pipelines.stage_cache import (
     FILES_META,
     RECORDS,
@@ -146,6 +147,13 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
             manifest["metrics_unavailable"] = metrics_unavailable(options)
         manifest["timings"] = {**plan.timings, "finalize_s": time.perf_counter() - started}
         manifest["timings"]["total_s"] = sum(manifest["timings"].values())
+        problems = check_stages(manifest, plan.work_dir)
+        if problems:
+            failed = failed_stages(problems)
+            for entry in entries:
+                if entry.name in failed:
+                    shutil.rmtree(entry.directory, ignore_errors=True)  # never reused by a later run
+            raise SelfCheckError("; ".join(problems) + " (the output was not published)")
         (plan.work_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         if plan.config.output.report:
             from winnow.pipelines.report import build_report

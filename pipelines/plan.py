@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apache_beam.io.filesystems import FileSystems
+
 from winnow.pipelines.config import WinnowConfig
 from winnow.pipelines.options import beam_options, worker_processes
-from winnow.pipelines.publish import check_output
+from winnow.pipelines.publish import OutputError, check_output
 from winnow.pipelines.read import ReadTask, expected_rows, plan_reads
 from winnow.pipelines.stage import PlanContext, Stage, Step
 from winnow.pipelines.stage_cache import code_hash, library_versions, stage_key
@@ -75,6 +77,11 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
     ConfigError, ModelNotFound."""
     started = time.perf_counter()
     stages = job_stages(config)
+    if "://" in config.output.path:
+        raise OutputError(
+            f"output.path {config.output.path}: object-store outputs are not supported yet (the stage cache, the "
+            "lock and the publishing rename need a POSIX filesystem); write to a local or shared mount and copy")
+    FileSystems.set_options(beam_options(beam_args))  # credentials and endpoints for listing s3:// or gs:// input
     paths, tasks = plan_reads(config.input)
     output = Path(config.output.path).expanduser().resolve()
     check_output(output)

@@ -238,7 +238,9 @@ def _write_centroids(centroids: np.ndarray, directory: str) -> dict[str, Any]:
     payload = io.BytesIO()
     np.save(payload, np.asarray(centroids, dtype=np.float32))
     write_bytes(f"{directory}/{CENTROIDS}", payload.getvalue())
-    return {"dir": "centroids", "file": CENTROIDS, "rows": int(len(centroids)), "bytes": payload.tell()}
+    dimension = int(centroids.shape[1]) if centroids.ndim == 2 else 0
+    return {"dir": "centroids", "file": CENTROIDS, "rows": int(len(centroids)), "dimension": dimension,
+            "bytes": payload.tell()}
 
 
 def read_centroids(directory: Path | str) -> np.ndarray:
@@ -369,8 +371,43 @@ def _steps(plan, config) -> list[Step]:
 
 
 def _manifest(context: ManifestContext) -> dict[str, Any]:
-    return {"prune": {**summary_meta(context.files, SUMMARY_DIR),
-                      "settings": context.job.config.prune.model_dump()}}
+    centroids = [f for f in context.files if f["dir"] == "centroids"]
+    section = {**summary_meta(context.files, SUMMARY_DIR), "settings": context.job.config.prune.model_dump()}
+    if centroids:
+        section["centroids"] = {"k": centroids[0]["rows"], "dimension": centroids[0].get("dimension")}
+    return {"prune": section}
+
+
+def _check(context) -> list[str]:
+    """The summary against the ledger: deduplicated == records - survivors, pruned == survivors - quotas, each
+    quota within its cluster, k clusters of centroids with the embeddings' dimension."""
+    summary, rows = context.manifest["prune"], context.rows
+    if "clusters" not in summary:
+        return []
+    problems = []
+    records, survivors, clusters = summary["records"], summary["survivors"], summary["clusters"]
+    quotas = sum(c["quota"] for c in clusters)
+    if records - survivors != rows[("deduplicated", "semdedup")]:
+        problems.append(f"{records} records and {survivors} survivors, but the ledger has "
+                        f"{rows[('deduplicated', 'semdedup')]} deduplicated rows")
+    if survivors - quotas != rows[("pruned", "prune")]:
+        problems.append(f"{survivors} survivors and quotas summing to {quotas}, but the ledger has "
+                        f"{rows[('pruned', 'prune')]} pruned rows")
+    if sum(c["survivors"] for c in clusters) != survivors:
+        problems.append(f"cluster survivors sum to {sum(c['survivors'] for c in clusters)}, not {survivors}")
+    over = [c["cluster"] for c in clusters if c["quota"] > c["survivors"]]
+    if over:
+        problems.append(f"cluster {over[0]} has a quota above its survivors")
+    if records and (summary["k"] < 1 or len(clusters) != summary["k"]):
+        problems.append(f"k {summary['k']} with {len(clusters)} clusters listed")
+    centroids = summary.get("centroids")
+    if records and centroids is not None:
+        dimension = context.embedding_dimension()
+        if centroids["k"] < 1 or not centroids["dimension"] or \
+                (dimension is not None and centroids["dimension"] != dimension):
+            problems.append(f"centroids {centroids['k']} x {centroids['dimension']}, embeddings of dimension "
+                            f"{dimension}")
+    return problems
 
 
 STAGE = Stage(
@@ -385,4 +422,5 @@ STAGE = Stage(
     manifest=_manifest,
     report="winnow.pipelines.report:prune_section",
     ledger_stages=("semdedup", "prune"),
+    check=_check,
 )

@@ -20,6 +20,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from winnow.pipelines.config import InputConfig
 from winnow.pipelines.progress import Progress
@@ -254,12 +255,15 @@ def _open_on_worker(path: str):
 
 
 class _ReadTaskFn(beam.DoFn):
-    def __init__(self, config: InputConfig, total: int | None = None):
+    def __init__(self, config: InputConfig, total: int | None = None, beam_args: tuple[str, ...] = ()):
         self.config = config
         self.total = total
+        self.beam_args = beam_args
         self.rows = beam.metrics.Metrics.counter("winnow.read", "rows")
 
     def setup(self):
+        if self.beam_args:  # a worker process of its own gets the filesystems' credentials and endpoints here
+            FileSystems.set_options(PipelineOptions(list(self.beam_args)))
         self.progress = Progress("read", self.total)
 
     def process(self, task: ReadTask) -> Iterator[dict[str, Any]]:
@@ -324,19 +328,25 @@ class _ReadTaskFn(beam.DoFn):
 
 
 def read_column(file: str, column: str, what: str) -> list[Any]:
-    """All values of one column of a Parquet or JSON Lines file, read on the driver (select targets, SAE
-    training texts); `what` names the file's role in the errors, which name the file."""
+    """All values of one column of a Parquet or JSON Lines file on any Beam filesystem, read on the driver
+    (select targets, SAE training texts); `what` names the file's role in the errors, which name the file."""
+    file = absolute_uri(file)
+    try:
+        with FileSystems.open(file) as handle:
+            payload = handle.read()
+    except Exception as error:  # noqa: BLE001 - each filesystem raises its own errors
+        raise InputError(f"{file}: cannot read {what} ({error_text(error)})") from None
     try:
         if file.lower().endswith((".parquet", ".pq")):
-            if column not in pq.read_schema(file).names:
+            table = pq.read_table(pa.BufferReader(payload))
+            if column not in table.column_names:
                 raise InputError(f"{file}: {what} has no column {column!r}")
-            return pq.read_table(file, columns=[column]).column(column).to_pylist()
-        with open(file, encoding="utf-8") as handle:
-            return [json.loads(line).get(column) for line in handle if line.strip()]
+            return table.column(column).to_pylist()
+        return [json.loads(line).get(column) for line in payload.decode("utf-8").splitlines() if line.strip()]
     except InputError:
         raise
     except (OSError, ValueError, AttributeError) as error:
-        raise InputError(f"{file}: cannot read {what} ({type(error).__name__})") from None
+        raise InputError(f"{file}: cannot read {what} ({error_text(error)})") from None
 
 
 def expected_rows(tasks: list[ReadTask]) -> int | None:
@@ -349,15 +359,16 @@ def expected_rows(tasks: list[ReadTask]) -> int | None:
 class ReadRecords(beam.PTransform):
     """Planned read tasks -> records, in parallel over row groups and files."""
 
-    def __init__(self, config: InputConfig, tasks: list[ReadTask]):
+    def __init__(self, config: InputConfig, tasks: list[ReadTask], beam_args: list[str] | None = None):
         super().__init__()
         self.config = config
         self.tasks = tasks
+        self.beam_args = tuple(beam_args or ())
 
     def expand(self, pbegin):
         return (
             pbegin
             | "Tasks" >> beam.Create(self.tasks)
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadTaskFn(self.config, expected_rows(self.tasks)))
+            | "Read" >> beam.ParDo(_ReadTaskFn(self.config, expected_rows(self.tasks), self.beam_args))
         )

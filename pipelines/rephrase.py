@@ -396,6 +396,27 @@ def _forget_windows(plan: RephrasePlan) -> RephrasePlan:
     return plan
 
 
+def _check(context) -> list[str]:
+    """The summary against the ledger: chosen within max_records, accepted and rejected generations equal to
+    the synthetic ledger rows."""
+    summary = context.manifest["rephrase"]
+    if "styles_summary" not in summary:
+        return []
+    problems = []
+    chosen, bound = summary["records_chosen"], summary.get("max_records")
+    if bound is not None and chosen > bound:
+        problems.append(f"{chosen} records chosen, max_records is {bound}")
+    accepted = sum(style["accepted"] for style in summary["styles_summary"].values())
+    rejected = sum(sum(style["rejected"].values()) for style in summary["styles_summary"].values())
+    synthetic = sum(rows for (fate, _), rows in context.synthetic.items() if fate != "rejected")
+    if accepted != synthetic:
+        problems.append(f"{accepted} rephrasings accepted, the ledger has {synthetic} synthetic rows")
+    if rejected != context.synthetic[("rejected", "rephrase")]:
+        problems.append(f"{rejected} rephrasings rejected, the ledger has "
+                        f"{context.synthetic[('rejected', 'rephrase')]}")
+    return problems
+
+
 STAGE = Stage(
     name="rephrase",
     module=__name__,
@@ -408,4 +429,5 @@ STAGE = Stage(
     report="winnow.pipelines.report:rephrase_section",
     ledger_stages=("rephrase",),
     on_force=_forget_windows,
+    check=_check,
 )

@@ -328,6 +328,24 @@ def _plan(context: PlanContext) -> SelectPlan:
                    expected_records=context.expected_records)
 
 
+def _check(context) -> list[str]:
+    """The summary against the ledger: pool - selected records are `not_selected` by select, and selected is
+    the configured count or ratio of the pool."""
+    summary = context.manifest["select"]
+    if "pool" not in summary:
+        return []
+    pool, selected = summary["pool"], summary["selected"]
+    problems = []
+    not_selected = context.rows[("not_selected", "select")]
+    if pool - selected != not_selected:
+        problems.append(f"selected {selected} of a pool of {pool}, but the ledger has {not_selected} "
+                        f"not_selected rows (select)")
+    wanted = task_selection.selection_size(pool, summary.get("ratio"), summary.get("count"))
+    if selected != wanted:
+        problems.append(f"selected {selected}, the config asks for {wanted} of {pool}")
+    return problems
+
+
 STAGE = Stage(
     name="select",
     module=__name__,
@@ -340,6 +358,7 @@ STAGE = Stage(
     manifest=lambda context: {"select": summary_meta(context.files, SUMMARY_DIR)},
     report="winnow.pipelines.report:select_section",
     ledger_stages=("select",),
+    check=_check,
 )
 
 

@@ -12,6 +12,7 @@ A stage (validate, quality, embed, prune, select, rephrase) is one `Stage` objec
   report            its section of the HTML report
   ledger_stages     the ledger `stage` values it writes, in funnel order
   output_dirs       folders of files its steps write that belong in OUT (embeddings)
+  check             what its manifest summary must satisfy given the ledger's counts (winnow.pipelines.selfcheck)
 
 A value computed from the whole of a step's input (a count, a fit sample, a threshold) is never a Beam side
 input: the step declares `passes` (winnow.pipelines.passes), small pipelines run first whose results its graph
@@ -129,3 +130,4 @@ class Stage:
     ledger_stages: tuple[str, ...] = ()
     output_dirs: tuple[str, ...] = ()
     on_force: Callable[[Any], Any] | None = None
+    check: Callable[[Any], list[str]] | None = None  # selfcheck.CheckContext -> problems with its summary

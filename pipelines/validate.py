@@ -177,7 +177,7 @@ def _manifest(context) -> dict[str, Any]:
 
 def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
     config = context.job.config
-    records = pipeline | "Read" >> ReadRecords(config.input, context.job.tasks)
+    records = pipeline | "Read" >> ReadRecords(config.input, context.job.tasks, context.job.beam_args)
     checked = records | "Validate" >> ValidateRecords(
         config.validate_.max_text_bytes, config.validate_.control_characters)
     return StepOutput(checked[VALID], [checked[REJECTED]], [checked[SUMMARY]])

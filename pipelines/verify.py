@@ -4,7 +4,9 @@ Checks that every file the manifest lists (shards, ledger, embeddings) exists wi
 size and row count; that the ledger has one row per input record (no input position twice, no id twice except
 rejected duplicate ids, which repeat the id they duplicate) and unique synthetic ids; and that the counts
 reconcile: ledger rows per fate equal the manifest's counts, and the copies the ledger records equal the rows
-in the shards. Returns the list of problems, each one line naming the file or the count.
+in the shards; and that each stage's summary agrees with the ledger (selfcheck: selected == pool -
+not_selected, quotas == kept per cluster, ...). Returns the list of problems, each one line naming the file
+or the count.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from winnow.pipelines.selfcheck import check_stages, rows_by_fate_stage
+
 MANIFEST = "manifest.json"
-LEDGER_COLUMNS = ("id", "fate", "reason", "input_file", "input_row", "copies", "parent_id")
+LEDGER_COLUMNS = ("id", "fate", "stage", "reason", "input_file", "input_row", "copies", "parent_id")
 
 
 def _sha256(path: Path) -> str:
@@ -90,6 +94,12 @@ def verify(output: str | Path) -> list[str]:
     if by_fate != counts.get("by_fate"):
         problems.append(f"ledger: fates {dict(sorted(by_fate.items()))} differ from the manifest's "
                         f"{counts.get('by_fate')}")
+    rows = Counter((row["fate"], row["stage"]) for row in inputs)
+    made = Counter((row["fate"], row["stage"]) for row in synthetic)
+    listed, listed_made = rows_by_fate_stage(counts)
+    if rows != listed or made != listed_made:
+        problems.append("ledger: rows by fate and stage differ from the manifest's counts.by_stage_reason")
+    problems += check_stages(manifest, output, rows, made)
     copies = sum(row["copies"] or 0 for row in ledger)
     shard_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
     if len(shards) == len(manifest.get("shards", [])) and copies != shard_rows:

@@ -58,7 +58,8 @@ def same_as_in_process(input_path, tmp_path: Path, beam_args: list[str], **secti
 def _comparable(section: dict) -> dict:
     """A stage summary without what differs between runners by design (reuse flags, torch threads: 0 on Dask,
     where each worker sizes itself)."""
-    return json.loads(json.dumps({k: v for k, v in section.items() if k not in ("stage_reused", "torch_threads")}, default=str))
+    kept = {k: v for k, v in section.items() if k not in ("stage_reused", "torch_threads")}
+    return json.loads(json.dumps(kept, default=str))
 
 
 def combined(tmp_path: Path) -> dict:
