@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select test test-fast lint bench-embed bench-mix bench-cache bench-prune bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-mix bench-runners bench-cache bench-prune bench-select bench-rephrase eval-mix \
 	eval-quality eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -41,6 +41,16 @@ run-select: setup $(SAE_SAMPLE)
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The whole runner matrix: every stage on a local Dask cluster and on the portable runner against in-process.
+test-distributed: setup
+	$(BIN)/python -m pytest -q -m distributed tests/test_distributed.py $(PYTEST_ARGS)
+
+# The default job on a local Dask cluster: a scheduler and two single-threaded workers, started and stopped.
+run-dask: setup
+	$(BIN)/python -m winnow.pipelines.dask_cluster --workers 2 --threads 1 -- \
+		$(BIN)/winnow run configs/default.yaml --set output.path=out/dask $(ARGS) -- \
+		--runner=DaskRunner --dask_client_address={address}
+
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
@@ -55,6 +65,9 @@ clean:
 
 eval-mix: setup
 	$(BIN)/python eval/eval_mix.py $(ARGS)
+
+bench-runners: setup
+	$(BIN)/python bench/bench_runners.py $(ARGS)
 
 bench-mix: setup
 	$(BIN)/python bench/bench_mix.py $(ARGS)

@@ -81,7 +81,11 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
         raise OutputError(
             f"output.path {config.output.path}: object-store outputs are not supported yet (the stage cache, the "
             "lock and the publishing rename need a POSIX filesystem); write to a local or shared mount and copy")
-    FileSystems.set_options(beam_options(beam_args))  # credentials and endpoints for listing s3:// or gs:// input
+    options = beam_options(beam_args)
+    if str(options.get_all_options().get("runner") or "").endswith("DataflowRunner"):
+        raise OutputError("--runner=DataflowRunner: not supported yet; the stage cache and the output need a "
+                          "filesystem that the workers share (see the README's Runners section)")
+    FileSystems.set_options(options)  # credentials and endpoints for listing s3:// or gs:// input
     paths, tasks = plan_reads(config.input)
     output = Path(config.output.path).expanduser().resolve()
     check_output(output)

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from winnow.selectors.threads import one_thread
+
 REFERENCE_NITER = 100
 REFERENCE_SEED = 1234
 
@@ -39,7 +41,8 @@ def fit_centroids(
         sample.shape[1], k, niter=niter, spherical=True, seed=seed, gpu=use_gpu() if gpu is None else gpu,
         verbose=False, min_points_per_centroid=1,
     )
-    kmeans.train(sample)
+    with one_thread():
+        kmeans.train(sample)
     centroids = kmeans.centroids.astype(np.float32)
     norms = np.linalg.norm(centroids, axis=1, keepdims=True)
     return centroids / np.where(norms > 0, norms, 1)
@@ -52,5 +55,6 @@ def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    similarity, labels = index.search(vectors, 1)
+    with one_thread():
+        similarity, labels = index.search(vectors, 1)
     return labels[:, 0].astype(np.int64), (1.0 - similarity[:, 0]).astype(np.float32)

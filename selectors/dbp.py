@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from winnow.selectors.threads import one_thread
+
 
 def budget(keep_fraction: float, total: int) -> int:
     """Records kept: round(keep_fraction * total) (the reference's --prune-ratio is this kept fraction)."""
@@ -34,7 +36,8 @@ def inter_distance(centroids: np.ndarray, neighbours: int = 20) -> np.ndarray:
     k = len(centroids)
     if k < 2:
         return np.full(k, np.nan)
-    distances = 1.0 - centroids @ centroids.T
+    with one_thread():
+        distances = 1.0 - centroids @ centroids.T
     np.fill_diagonal(distances, np.inf)
     nearest = np.sort(distances, axis=1)[:, : min(neighbours, k - 1)]
     return nearest.mean(axis=1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from winnow.selectors.threads import one_thread
+
 _BLOCK_FLOATS = 1 << 24
 
 
@@ -43,7 +45,8 @@ def semdedup(
         block = max(1, min(count, _BLOCK_FLOATS // max(count, 1)))
     for start in range(1, count, block):
         stop = min(count, start + block)
-        similarity = rows[:stop] @ rows[start:stop].T
+        with one_thread():
+            similarity = rows[:stop] @ rows[start:stop].T
         earlier = np.arange(stop)[:, None] < np.arange(start, stop)[None, :]
         similarity = np.where(earlier, similarity, -np.inf)
         best_index[start:stop] = similarity.argmax(axis=0)
@@ -74,7 +77,8 @@ def near_pairs(
     first, second, values = [], [], []
     for start in range(0, count, block):
         stop = min(count, start + block)
-        similarity = rows[start:stop] @ rows.T
+        with one_thread():
+            similarity = rows[start:stop] @ rows.T
         passes = similarity > threshold if strict else similarity >= threshold
         passes &= np.arange(start, stop)[:, None] < np.arange(count)[None, :]
         i, j = np.nonzero(passes)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from winnow.selectors.sae import SparseCodes
+from winnow.selectors.threads import one_thread
 
 
 def generalised_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,7 +72,8 @@ def embedding_prototype(target_vectors: np.ndarray) -> np.ndarray:
 
 def cosine_scores(vectors: np.ndarray, proto: np.ndarray) -> np.ndarray:
     """Cosine of unit row vectors to a unit prototype."""
-    return np.asarray(vectors, dtype=np.float32) @ np.asarray(proto, dtype=np.float32)
+    with one_thread():
+        return np.asarray(vectors, dtype=np.float32) @ np.asarray(proto, dtype=np.float32)
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)

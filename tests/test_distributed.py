@@ -125,3 +125,19 @@ def test_matrix(case, runner, request, sample_slice, tmp_path):
         assert manifest["select"]["selected"] == 40
     if "rephrase" in sections:
         assert manifest["rephrase"]["records_chosen"] == 2
+
+
+def test_a_dask_worker_gives_torch_its_own_thread_count(dask_address, tmp_path):
+    """Auto torch threads are left to the worker (0 from the driver); a Dask worker answers its --nthreads."""
+    import apache_beam as beam
+
+    from winnow.pipelines.options import beam_options, run_pipeline, worker_processes
+    from winnow.selectors.embedding import threads_per_worker, worker_threads
+
+    options = beam_options(["--runner=DaskRunner", f"--dask_client_address={dask_address}"])
+    assert worker_processes(options) == 0 and threads_per_worker(0, 0) == 0 and threads_per_worker(3, 0) == 3
+    seen = tmp_path / "threads.json"
+    run_pipeline(options, lambda pipeline: (
+        pipeline | beam.Create([0, 1, 2, 3]) | beam.Map(lambda _: worker_threads())
+        | beam.combiners.ToList() | beam.Map(lambda found: seen.write_text(json.dumps(sorted(found))))))
+    assert json.loads(seen.read_text()) == [1, 1, 1, 1]

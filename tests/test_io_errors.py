@@ -29,6 +29,12 @@ def test_an_object_store_output_is_refused_before_anything_runs(sample_slice):
         plan_job(config, [])
 
 
+def test_dataflow_is_refused_before_anything_runs(sample_slice, tmp_path):
+    config = build_config(job_config(sample_slice / "*", tmp_path / "out"))
+    with pytest.raises(OutputError, match="^--runner=DataflowRunner: not supported yet"):
+        plan_job(config, ["--runner=DataflowRunner"])
+
+
 @pytest.mark.slow
 def test_a_file_that_vanishes_after_planning_stops_the_run_naming_it(sample_slice, tmp_path):
     plan = plan_job(build_config(job_config(sample_slice / "*", tmp_path / "out")), [])
