@@ -43,7 +43,7 @@ test: setup
 
 # The whole runner matrix: every stage on a local Dask cluster and on the portable runner against in-process.
 test-distributed: setup
-	$(BIN)/python -m pytest -q -m distributed tests/test_distributed.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m distributed tests/test_distributed.py tests/test_object_storage.py $(PYTEST_ARGS)
 
 # The default job on a local Dask cluster: a scheduler and two single-threaded workers, started and stopped.
 run-dask: setup

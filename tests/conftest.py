@@ -101,3 +101,14 @@ def targets_file(directory: Path) -> Path:
     texts = pq.read_table(SAMPLE / "docs_paragraphs.parquet").column("text").to_pylist()[200:203]
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     return path
+
+
+@pytest.fixture(scope="session")
+def dask_address(tmp_path_factory):
+    """A Dask cluster of separate processes on 127.0.0.1 (a scheduler and two single-threaded workers, each in
+    its own working directory), shared by the tests that run on it."""
+    pytest.importorskip("distributed")
+    from winnow.pipelines.dask_cluster import local_cluster
+
+    with local_cluster(workers=2, threads=1, directory=tmp_path_factory.mktemp("dask")) as address:
+        yield address

@@ -17,7 +17,6 @@ import pytest
 from conftest import SAE_LAYER, job_config, outputs_equal, targets_file
 
 from winnow.pipelines.config import build_config
-from winnow.pipelines.dask_cluster import local_cluster
 from winnow.pipelines.job import plan_job, run_job
 
 pytestmark = pytest.mark.slow
@@ -25,13 +24,6 @@ pytestmark = pytest.mark.slow
 EMBED = {"enabled": True, "window": 64}
 MIX = {"enabled": True, "shards": 3}
 PORTABLE = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]
-
-
-@pytest.fixture(scope="module")
-def dask_address(tmp_path_factory):
-    pytest.importorskip("distributed")
-    with local_cluster(workers=2, threads=1, directory=tmp_path_factory.mktemp("dask")) as address:
-        yield address
 
 
 def runner_args(runner: str, address: str | None) -> list[str]:

@@ -68,8 +68,9 @@ def upload(url: str, bucket: str, files: dict[str, object]) -> None:
         client.upload_file(str(path), bucket, key)
 
 
-@pytest.mark.parametrize("runner", ["in-process", "multi_processing"])
-def test_input_and_targets_on_s3_give_the_local_output(runner, s3_server, sample_slice, tmp_path):
+@pytest.mark.parametrize("runner", ["in-process", pytest.param("multi_processing", marks=pytest.mark.distributed),
+                                    pytest.param("dask", marks=pytest.mark.distributed)])
+def test_input_and_targets_on_s3_give_the_local_output(runner, s3_server, sample_slice, tmp_path, request):
     url, s3_args = s3_server
     bucket = f"corpus-{runner.replace('_', '-')}"
     targets = targets_file(tmp_path)
@@ -81,8 +82,10 @@ def test_input_and_targets_on_s3_give_the_local_output(runner, s3_server, sample
                         select={**select, "targets": f"s3://{bucket}/targets.jsonl"},
                         mix={"enabled": True, "shards": 2})
     run_job(plan_job(build_config(local), []))
-    extra = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"] if runner != "in-process" else []
-    manifest = run_job(plan_job(build_config(remote), [*s3_args, *extra]))
+    extra = {"in-process": [], "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]}
+    if runner == "dask":
+        extra["dask"] = ["--runner=DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_address')}"]
+    manifest = run_job(plan_job(build_config(remote), [*s3_args, *extra[runner]]))
     assert manifest["select"]["selected"] == 40
     same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", f"s3://{bucket}/in/")
 
