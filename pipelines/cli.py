@@ -151,7 +151,8 @@ def verify_command(args: argparse.Namespace) -> int:
     if problems:
         print(f"winnow verify: {args.output}: {len(problems)} problem(s)", file=sys.stderr)
         return EXIT_FAILED
-    print(f"winnow verify: {args.output}: every listed file matches its checksum and row count; counts reconcile")
+    print(f"winnow verify: {args.output}: every listed file matches its checksum and row count; counts reconcile "
+          "and every stage summary agrees with the ledger")
     return EXIT_OK
 
 
