@@ -98,10 +98,12 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                 _link_tree(found, step_dir)
                 info = StageCache.read_step(step_dir)
                 step_files, step_metrics, reused = info["files"], info.get("metrics", {}), True
+                passes_seconds = 0.0
             else:
                 step_dir.mkdir(parents=True, exist_ok=True)
                 step_metrics = {}
                 constants = run_passes(options, planned_step.step.passes, inputs, str(step_dir), step_metrics)
+                passes_seconds = time.perf_counter() - step_started
                 add_metrics(step_metrics, run_pipeline(
                     options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs, c=constants:
                     build_stage_graph(pipeline, planned, u, str(d), i, job, p, c)))
@@ -123,7 +125,8 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
             if not reused:
                 add_metrics(metrics, step_metrics)
             steps.append({"step": planned_step.name, "key": planned_step.key, "reused": reused,
-                          "seconds": round(0.0 if reused else seconds, 3)})
+                          "seconds": round(0.0 if reused else seconds, 3),
+                          "passes_seconds": round(passes_seconds, 3)})
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
