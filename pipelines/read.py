@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import apache_beam as beam
@@ -36,12 +36,13 @@ class InputError(ValueError):
 class ReadTask:
     """One unit of reading: a Parquet row group or a whole JSON Lines file."""
 
-    path: str
+    path: str  # absolute, for opening on any worker
     file_index: int
     fmt: str
     row_group: int | None = None
     first_row: int = 0
     rows: int | None = None  # known for Parquet row groups (from the footer), not for JSON Lines
+    name: str = ""  # as the user's pattern names it (relative stays relative): the records' `input_file`
 
 
 def detect_format(path: str, configured: str) -> str:
@@ -149,15 +150,25 @@ def _short(error: Exception) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
+def input_name(path: str, pattern: str) -> str:
+    """How outputs name an input file: relative to the working directory when the pattern was relative, so that
+    shards, ledger and cache keys do not depend on where the checkout lies; else the absolute path or URI."""
+    if "://" in pattern or os.path.isabs(os.path.expanduser(pattern)):
+        return path
+    return os.path.relpath(path)
+
+
 def plan_reads(config: InputConfig) -> tuple[list[str], list[ReadTask]]:
-    """Expand the glob and check every file; returns the sorted paths and the read tasks."""
+    """Expand the glob and check every file; returns the sorted file names (see `input_name`) and the read
+    tasks, which open the absolute paths."""
     paths = expand_paths(config.path)
+    names = [input_name(path, config.path) for path in paths]
     tasks: list[ReadTask] = []
-    for index, path in enumerate(paths):
+    for index, (path, name) in enumerate(zip(paths, names, strict=True)):
         fmt = detect_format(path, config.format)
         plan = _plan_parquet if fmt == "parquet" else _plan_jsonl
-        tasks.extend(plan(path, index, config))
-    return paths, tasks
+        tasks.extend(replace(task, name=name) for task in plan(path, index, config))
+    return names, tasks
 
 
 def _encodable(text: str) -> bool:
@@ -238,7 +249,7 @@ def make_record(
         "text": text,
         "source": config.default_source if source is None else str(source),
         "extra": extra,
-        "input_file": task.path,
+        "input_file": task.name or task.path,
         "input_row": row,
         "file_index": task.file_index,
         "problem": problem,
