@@ -50,9 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(sae_commands.add_parser("train", help="train a TopK SAE on a corpus' activations"))
     check = commands.add_parser("verify", help="check an output directory against its manifest")
-    check.add_argument("output", help="a winnow output directory")
+    check.add_argument("output", help="a winnow output: a directory or an object-store URI (s3://..., gs://...; "
+                       "the filesystem's Beam options after --)")
     report = commands.add_parser("report", help="write the HTML run report into OUT/report/")
-    report.add_argument("output", help="a winnow output directory")
+    report.add_argument("output", help="a winnow output: a directory or an object-store URI (Beam options after --)")
     return parser
 
 
@@ -130,20 +131,24 @@ def sae_train_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def report_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def report_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from winnow.pipelines.report import build_report
+    from winnow.pipelines.storage import exists, join, resolve, share_filesystem_options
 
-    if not (Path(args.output) / "manifest.json").is_file():
+    share_filesystem_options(list(beam_args))
+    args.output = resolve(args.output)
+    if not exists(join(args.output, "manifest.json")):
         print(f"winnow: error: {args.output}: no manifest.json (not a finished winnow output)", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"winnow report: {build_report(args.output)}")
     return EXIT_OK
 
 
-def verify_command(args: argparse.Namespace) -> int:
+def verify_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from winnow.pipelines.storage import share_filesystem_options
     from winnow.pipelines.verify import verify
+
+    share_filesystem_options(list(beam_args))
 
     problems = verify(args.output)
     for problem in problems:
@@ -165,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sae":
         return sae_train_command(args)
     if args.command == "verify":
-        return verify_command(args)
+        return verify_command(args, beam_args)
     if args.command == "report":
-        return report_command(args)
+        return report_command(args, beam_args)
     return EXIT_FAILED
 
 

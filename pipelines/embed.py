@@ -11,7 +11,7 @@ When the previous run's embeddings exist for the same model, texts whose hash is
 
 from __future__ import annotations
 
-import json
+import posixpath
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,12 +20,14 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystem import BeamIOError
 
 from winnow.pipelines.config import EmbedConfig
 from winnow.pipelines.model_stage import ModelHandler, RunModel
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
 from winnow.pipelines.records import order_key, split_routed
 from winnow.pipelines.stage import ManifestContext, PlanContext, Stage, Step, StepContext, StepOutput, config_section
+from winnow.pipelines.storage import join, list_files, open_file, read_json
 from winnow.selectors import embedding
 
 EMBEDDINGS_DIR = "embeddings"
@@ -44,11 +46,11 @@ class EmbedPlan:
     batch_size: int
     window: int
     max_seq_length: int | None
-    reuse_from: str | None = None
+    reuse_from: tuple[str, ...] | None = None
     expected_records: int | None = None
 
     @classmethod
-    def from_config(cls, config: EmbedConfig, workers: int, reuse_from: str | None = None) -> EmbedPlan:
+    def from_config(cls, config: EmbedConfig, workers: int, reuse_from: tuple[str, ...] | None = None) -> EmbedPlan:
         path = embedding.resolve_model_path(config.model)
         return cls(
             model=config.model,
@@ -104,10 +106,17 @@ def embeddings_table(records: list[dict[str, Any]]) -> pa.Table:
 
 
 def read_embeddings(directory: str | Path) -> tuple[list[str], np.ndarray]:
-    """Ids and the (n, dim) float32 matrix of an output's embeddings, in input order."""
+    """Ids and the (n, dim) float32 matrix of an output's embeddings, in input order (files as its manifest
+    lists them)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(Path(directory) / EMBEDDINGS_DIR))
+    directory = str(directory)
+    files = read_json(join(directory, "manifest.json"))["embeddings"]["files"]
+    tables = []
+    for entry in files:
+        with open_file(join(directory, entry["file"])) as handle:
+            tables.append(pq.read_table(handle))
+    table = pa.concat_tables(tables)
     column = table.column("embedding").combine_chunks()
     matrix = column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
     return table.column("id").to_pylist(), matrix
@@ -130,6 +139,15 @@ class _ReuseFn(beam.DoFn):
                 yield TO_EMBED, record
 
 
+def _previous_vectors(path: str) -> Iterator[tuple[str, list[float]]]:
+    """(text_hash, vector) of each row of a previous output's embeddings file, on any filesystem."""
+    import pyarrow.parquet as pq
+
+    with open_file(path) as handle:
+        table = pq.read_table(handle, columns=["text_hash", "embedding"])
+    yield from zip(table.column("text_hash").to_pylist(), table.column("embedding").to_pylist(), strict=True)
+
+
 class EmbedRecords(beam.PTransform):
     """valid records -> records with `embedding`."""
 
@@ -143,8 +161,9 @@ class EmbedRecords(beam.PTransform):
         if self.plan.reuse_from:
             previous = (
                 records.pipeline
-                | "ReadPrevious" >> beam.io.ReadFromParquet(self.plan.reuse_from, columns=["text_hash", "embedding"])
-                | "KeyPrevious" >> beam.Map(lambda row: (row["text_hash"], row["embedding"]))
+                | "PreviousFiles" >> beam.Create(list(self.plan.reuse_from))
+                | "SpreadPrevious" >> beam.Reshuffle()
+                | "ReadPrevious" >> beam.FlatMap(_previous_vectors)
             )
             split = split_routed(
                 {"records": records | "KeyByHash" >> beam.Map(lambda r: (r["text_hash"], r)), "previous": previous}
@@ -166,18 +185,21 @@ class EmbedRecords(beam.PTransform):
         return (reused, embedded) | "AllEmbedded" >> beam.Flatten()
 
 
-def _previous_embeddings(output: Path, fingerprint: str) -> str | None:
-    """The previous output's embeddings files, when they were made by the same model and are all there."""
+def _previous_embeddings(output: str, fingerprint: str) -> tuple[str, ...] | None:
+    """The previous output's embeddings files, when they were made by the same model and are all there (paths
+    from its manifest: on an object store they sit under that run's prefix)."""
     try:
-        manifest = json.loads((output / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_json(join(output, "manifest.json"))
+    except (OSError, ValueError, BeamIOError):
         return None
     previous = manifest.get("embeddings") or {}
     if previous.get("fingerprint") != fingerprint or not previous.get("files"):
         return None
-    if not all((output / entry["file"]).exists() for entry in previous["files"]):
+    paths = tuple(join(output, entry["file"]) for entry in previous["files"])
+    present = list_files(join(output, posixpath.dirname(previous["files"][0]["file"])))
+    if not all(path in present for path in paths):
         return None
-    return str(output / EMBEDDINGS_DIR / "*.parquet")
+    return paths
 
 
 def _plan(context: PlanContext) -> EmbedPlan:

@@ -4,18 +4,19 @@ the output, published atomically.
     read -> validate -> [quality] -> [embed] -> [prune] -> [select] -> [rephrase] -> [mix] -> shards
 (the order of the config's `pipeline` list; see stages.py). Every stage is cached (stage_run.py); the mix and
 the output writing form the last pipeline, always run: they are the run's product. The job writes into a hidden
-sibling of output.path and renames it into place only after the manifest is written, so a crashed run never
-leaves a directory that looks complete.
+sibling of output.path and renames it into place only after the manifest is written (on an object store: under
+a prefix of the run's own, with the manifest written last; see publish.py), so a crashed run never leaves an
+output that looks complete.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -27,7 +28,7 @@ from winnow.pipelines.mix import SUMMARY as MIX_SUMMARY
 from winnow.pipelines.options import add_metrics, beam_options, metrics_unavailable, run_pipeline
 from winnow.pipelines.passes import Pass, run_passes
 from winnow.pipelines.plan import JobPlan, plan_job
-from winnow.pipelines.publish import MANIFEST, OutputError, link_or_copy, output_lock, publish
+from winnow.pipelines.publish import OutputError, output_lock, publish
 from winnow.pipelines.records import ledger_row
 from winnow.pipelines.selfcheck import SelfCheckError, check_stages, failed_stages
 from winnow.pipelines.stage_cache import (
@@ -41,6 +42,16 @@ from winnow.pipelines.stage_cache import (
     write_files_meta,
 )
 from winnow.pipelines.stage_run import build_stage_graph, run_stage
+from winnow.pipelines.storage import (
+    copy_file,
+    delete_file,
+    delete_tree,
+    is_remote,
+    join,
+    share_filesystem_options,
+    sibling,
+    split,
+)
 from winnow.pipelines.write import ExtraColumnKinds, WriteLedger, WriteMixedShards, WriteShards
 
 __all__ = ["OutputError", "beam_options", "build_output_graph", "build_stage_graph", "plan_job", "run_job"]
@@ -59,7 +70,7 @@ def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: li
     """The last graph: the final stage's records are mixed (or written in input order) into shards, and the
     ledger gets every record's one row. Its last step gathers the metadata of every written file, so every
     branch is upstream of it: Beam 2.77's DaskRunner computes only the last transform and what it depends on."""
-    config, work = plan.config, str(plan.work_dir)
+    config, work = plan.config, plan.work_dir
     written = []
     kept = pipeline | "ReadKept" >> ReadCache(records_paths, ("embedding",))
     removed = pipeline | "ReadRemoved" >> ReadCache(removed_paths)
@@ -78,7 +89,7 @@ def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: li
         written
         | "AllFiles" >> beam.Flatten()
         | "FileList" >> beam.combiners.ToList()
-        | "WriteFileList" >> beam.Map(write_files_meta, str(plan.work_dir / FILES_META))
+        | "WriteFileList" >> beam.Map(write_files_meta, join(plan.work_dir, FILES_META))
     )
 
 
@@ -113,8 +124,9 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
     per step, and are cached. `on_stage(name, entry)` is called before a stage runs (entry None) and after it
     is reused or computed."""
     options = beam_options(plan.beam_args)
+    share_filesystem_options(plan.beam_args)
     cached = plan.config.output.cache
-    scratch = plan.output.parent / f".{plan.output.name}.stages-{uuid.uuid4().hex[:12]}"
+    scratch = sibling(plan.output, f".{split(plan.output)[1]}.stages-{uuid.uuid4().hex[:12]}")
     cache = StageCache(plan.cache_dir if cached else scratch)
     if force:
         for planned in plan.stages:
@@ -122,53 +134,64 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
                 planned.plan = planned.stage.on_force(planned.plan)
                 planned.steps = [replace(step, step=new) for step, new in
                                  zip(planned.steps, planned.stage.steps(planned.plan, plan.config), strict=True)]
-    plan.work_dir.mkdir(parents=True)
+    work = plan.work_dir
+    if not is_remote(work):
+        Path(work).mkdir(parents=True)
     try:
         metrics: dict[str, Any] = {}
         entries = _run_stages(plan, cache, options, force, cached, on_stage, metrics)
         started = time.perf_counter()
         removed = [path for entry in entries for path in entry.all_paths(REMOVED)]
         kept = entries[-1].paths(RECORDS)
-        extra = run_passes(options, (extra_kinds_pass(),), kept, str(plan.work_dir), metrics)["extra_kinds"]
+        extra = run_passes(options, (extra_kinds_pass(),), kept, work, metrics)["extra_kinds"]
         add_metrics(metrics, run_pipeline(
             options, lambda pipeline: build_output_graph(pipeline, plan, kept, removed, extra)))
-        files = read_files_meta(plan.work_dir / FILES_META)
-        (plan.work_dir / FILES_META).unlink()
+        files = read_files_meta(join(work, FILES_META))
+        delete_file(join(work, FILES_META))
         for planned, entry in zip(plan.stages, entries, strict=True):
             for meta in entry.metas():
                 files.append(meta)
                 if meta["dir"] in planned.stage.output_dirs:
-                    link_or_copy(entry.directory / meta["file"], plan.work_dir / meta["file"])
+                    copy_file(join(entry.directory, meta["file"]), join(work, meta["file"]))
         plan.timings["output_s"] = time.perf_counter() - started
         started = time.perf_counter()
+        root = work
+        if is_remote(plan.output):  # the manifest lists files relative to OUT: this run's are under its prefix
+            prefix = split(work)[1] + "/"
+            files = [{**f, "file": prefix + f["file"]} if "file" in f else f for f in files]
+            root = plan.output
         manifest = build_manifest(plan, options, files, entries)
         manifest["metrics"] = dict(sorted(metrics.items()))
         if metrics_unavailable(options):
             manifest["metrics_unavailable"] = metrics_unavailable(options)
         manifest["timings"] = {**plan.timings, "finalize_s": time.perf_counter() - started}
         manifest["timings"]["total_s"] = sum(manifest["timings"].values())
-        problems = check_stages(manifest, plan.work_dir)
+        problems = check_stages(manifest, root)
         if problems:
             failed = failed_stages(problems)
             for entry in entries:
                 if entry.name in failed:
-                    shutil.rmtree(entry.directory, ignore_errors=True)  # never reused by a later run
+                    cache.discard(entry.directory)  # never reused by a later run
             raise SelfCheckError("; ".join(problems) + " (the output was not published)")
-        (plan.work_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         if plan.config.output.report:
-            from winnow.pipelines.report import build_report
+            from winnow.pipelines.report import REPORT_DIR, build_report
 
-            build_report(plan.work_dir, plan.work_dir / "report" / "index.html", display=str(plan.output))
+            report = f"{split(work)[1]}/{REPORT_DIR}/index.html" if is_remote(plan.output) else \
+                f"{REPORT_DIR}/index.html"
+            build_report(root, join(root, report), display=plan.output, manifest=manifest)
+            if is_remote(plan.output):
+                manifest["report"] = report
+        payload = (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode()
     except BaseException:
-        shutil.rmtree(plan.work_dir, ignore_errors=True)
+        delete_tree(work)
         if not cached:
-            shutil.rmtree(cache.root, ignore_errors=True)
+            delete_tree(cache.root)
         raise
-    publish(plan.work_dir, plan.output)
+    publish(work, plan.output, payload)
     if cached:
         cache.keep_only(entries)
     else:
-        shutil.rmtree(cache.root, ignore_errors=True)
+        delete_tree(cache.root)
     return manifest
 
 

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from winnow.pipelines import storage
+
 OrderKey = tuple[int, ...]
 
 
@@ -77,8 +79,7 @@ def table_bytes(table: pa.Table, row_group_rows: int) -> bytes:
 
 
 def write_bytes(path: str, payload: bytes) -> None:
-    with FileSystems.create(path) as handle:
-        handle.write(payload)
+    storage.write_bytes(path, payload)
 
 
 class WriteFileFn(beam.DoFn):

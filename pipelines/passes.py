@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from winnow.pipelines.options import add_metrics, run_pipeline
 from winnow.pipelines.stage_cache import ReadCache
+from winnow.pipelines.storage import delete_file, join, read_bytes, write_bytes
 
 PassBuild = Callable[[Any, dict[str, Any]], Any]
 
@@ -40,14 +40,12 @@ class Pass:
 def _write_value(values: list[Any], path: str, name: str) -> None:
     if len(values) != 1:
         raise RuntimeError(f"internal error: pass {name} produced {len(values)} values, not one")
-    with FileSystems.create(path) as handle:
-        handle.write(pickle.dumps(values[0]))
+    write_bytes(path, pickle.dumps(values[0]))
 
 
 def _read_value(path: str) -> Any:
-    with FileSystems.open(path) as handle:
-        value = pickle.loads(handle.read())
-    FileSystems.delete([path])
+    value = pickle.loads(read_bytes(path))
+    delete_file(path)
     return value
 
 
@@ -69,7 +67,7 @@ def run_passes(options, passes: tuple[Pass, ...], inputs: list[str], directory: 
     of the ones before it."""
     constants: dict[str, Any] = {}
     for definition in passes:
-        path = FileSystems.join(directory, f"_pass-{definition.name}.pickle")
+        path = join(directory, f"_pass-{definition.name}.pickle")
         add_metrics(metrics, run_pipeline(
             options, lambda pipeline, d=definition, p=path: build_pass_graph(pipeline, d, inputs, p, dict(constants))))
         constants[definition.name] = _read_value(path)

@@ -6,18 +6,19 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from winnow.pipelines.config import WinnowConfig
 from winnow.pipelines.options import beam_options, worker_processes
-from winnow.pipelines.publish import OutputError, check_output
-from winnow.pipelines.read import ReadTask, expected_rows, plan_reads
+from winnow.pipelines.publish import RUN_PREFIX, OutputError, check_output
+from winnow.pipelines.read import InputError, ReadTask, error_text, expected_rows, plan_reads
 from winnow.pipelines.stage import PlanContext, Stage, Step
 from winnow.pipelines.stage_cache import code_hash, library_versions, stage_key
 from winnow.pipelines.stages import job_stages
+from winnow.pipelines.storage import is_remote, join, missing_credentials, resolve, sibling, split
 
 STEP_RUNNER = "winnow.pipelines.stage_run"  # wraps every step in cache reading and writing: part of its code
 
@@ -55,15 +56,17 @@ class PlannedStage:
 
 @dataclass
 class JobPlan:
-    """Everything decided on the driver before the first pipeline is built."""
+    """Everything decided on the driver before the first pipeline is built. Paths are URIs (local ones
+    absolute): `work_dir` is where this run writes its output (a hidden sibling of `output` on a local
+    filesystem, `output/run-ID` on an object store, see publish.py)."""
 
     config: WinnowConfig
     input_paths: list[str]
     tasks: list[ReadTask]
-    output: Path
-    work_dir: Path
+    output: str
+    work_dir: str
     beam_args: list[str]
-    cache_dir: Path
+    cache_dir: str
     stages: list[PlannedStage] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -77,18 +80,25 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
     ConfigError, ModelNotFound."""
     started = time.perf_counter()
     stages = job_stages(config)
-    if "://" in config.output.path:
-        raise OutputError(
-            f"output.path {config.output.path}: object-store outputs are not supported yet (the stage cache, the "
-            "lock and the publishing rename need a POSIX filesystem); write to a local or shared mount and copy")
     options = beam_options(beam_args)
-    if str(options.get_all_options().get("runner") or "").endswith("DataflowRunner"):
-        raise OutputError("--runner=DataflowRunner: not supported yet; the stage cache and the output need a "
-                          "filesystem that the workers share (see the README's Runners section)")
-    FileSystems.set_options(options)  # credentials and endpoints for listing s3:// or gs:// input
+    FileSystems.set_options(options)  # credentials and endpoints for s3:// or gs:// input, output and cache
+    output = resolve(config.output.path)
+    if is_remote(output) and not split(output)[1]:
+        raise OutputError(f"output.path {config.output.path}: name a folder inside the bucket, not its root (the "
+                          "stage cache and the lock go beside it)")
+    if str(options.get_all_options().get("runner") or "").endswith("DataflowRunner") and not is_remote(output):
+        raise OutputError(f"output.path {output}: DataflowRunner's workers cannot write the driver's disk; give "
+                          "an object-store output.path (gs://...), where the stage cache goes too")
+    for role, uri, error in (("input.path", config.input.path, InputError), ("output.path", output, OutputError),
+                             ("select.targets", config.select.targets or "", InputError)):
+        problem = missing_credentials(uri, options)
+        if problem:
+            raise error(f"{role} {uri}: {problem}")
     paths, tasks = plan_reads(config.input)
-    output = Path(config.output.path).expanduser().resolve()
-    check_output(output)
+    try:
+        check_output(output)
+    except BeamIOError as error:
+        raise OutputError(f"{output}: cannot list the output ({error_text(error)})") from None
     workers = worker_processes(beam_options(beam_args))
     context = PlanContext(config, workers, output, paths, expected_rows(tasks), {})
     planned = []
@@ -96,10 +106,10 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
         plan = stage.plan(context)
         context.plans[stage.name] = plan
         planned.append(PlannedStage(stage, plan, [PlannedStep(step, "", {}) for step in stage.steps(plan, config)]))
-    job = JobPlan(
-        config, paths, tasks, output, output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}",
-        list(beam_args), output.parent / f".{output.name}.cache", planned,
-    )
+    run_id = uuid.uuid4().hex[:12]
+    name = split(output)[1]
+    work_dir = join(output, f"{RUN_PREFIX}{run_id}") if is_remote(output) else sibling(output, f".{name}.tmp-{run_id}")
+    job = JobPlan(config, paths, tasks, output, work_dir, list(beam_args), sibling(output, f".{name}.cache"), planned)
     for stage in planned:
         stage.job = job
     key_steps(planned)

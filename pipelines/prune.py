@@ -25,7 +25,6 @@ import io
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -37,6 +36,7 @@ from winnow.pipelines.passes import Pass, gather, smallest
 from winnow.pipelines.progress import Progress
 from winnow.pipelines.records import ledger_row, order_key, seeded_hash, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
+from winnow.pipelines.storage import join, read_bytes
 from winnow.selectors import clustering
 from winnow.selectors.pruning import (
     PruneSettings,
@@ -243,8 +243,8 @@ def _write_centroids(centroids: np.ndarray, directory: str) -> dict[str, Any]:
             "bytes": payload.tell()}
 
 
-def read_centroids(directory: Path | str) -> np.ndarray:
-    return np.load(Path(directory) / CENTROIDS)
+def read_centroids(directory: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(join(directory, CENTROIDS))))
 
 
 class ClusterRecords(beam.PTransform):

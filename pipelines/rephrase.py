@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.utils.shared import Shared
 
 from winnow.pipelines.config import ConfigError, RephraseConfig
@@ -37,6 +34,7 @@ from winnow.pipelines.model_stage import ModelHandler, RunModel
 from winnow.pipelines.passes import Pass, smallest
 from winnow.pipelines.records import content_id, ledger_row, order_key, seeded_hash, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
+from winnow.pipelines.storage import delete_tree, join, read_json, sibling, split, write_bytes
 from winnow.rephrase import clean as cleaning
 from winnow.rephrase import generate, prompts, segment
 from winnow.selectors import embedding, lm
@@ -71,7 +69,7 @@ class RephrasePlan:
         return entry
 
 
-def plan_rephrase(config: RephraseConfig, output: Path, workers: int) -> RephrasePlan:
+def plan_rephrase(config: RephraseConfig, output: str, workers: int) -> RephrasePlan:
     styles = prompts.resolve_styles(config.styles, config.custom_styles)
     path = lm.resolve_lm_path(config.model)
     device = embedding.choose_device(config.device)
@@ -92,7 +90,7 @@ def plan_rephrase(config: RephraseConfig, output: Path, workers: int) -> Rephras
             top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
         ),
         window=config.window,
-        cache_dir=str(output.parent / f".{output.name}.rephrase-cache") if config.cache else None,
+        cache_dir=sibling(str(output), f".{split(str(output))[1]}.rephrase-cache") if config.cache else None,
     )
 
 
@@ -271,20 +269,15 @@ class RephraseHandler(ModelHandler):
     def _cached(self, key: str) -> list[dict[str, Any]] | None:
         if not self.plan.cache_dir:
             return None
-        path = Path(self.plan.cache_dir) / f"{key}.json"
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+            return read_json(join(self.plan.cache_dir, f"{key}.json"))
+        except (OSError, ValueError, BeamIOError):
             return None
 
     def _store(self, key: str, outputs: list[dict[str, Any]]) -> None:
         if not self.plan.cache_dir:
             return
-        directory = Path(self.plan.cache_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = directory / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        staging.write_text(json.dumps(outputs))
-        os.replace(staging, directory / f"{key}.json")
+        write_bytes(join(self.plan.cache_dir, f"{key}.json"), json.dumps(outputs).encode())
 
 
 def _summary(parts, plan: RephrasePlan) -> dict[str, Any]:
@@ -392,7 +385,7 @@ def _manifest(context: ManifestContext) -> dict[str, Any]:
 def _forget_windows(plan: RephrasePlan) -> RephrasePlan:
     """--force: the window cache goes too, so every generation is made again."""
     if plan.cache_dir:
-        shutil.rmtree(plan.cache_dir, ignore_errors=True)
+        delete_tree(plan.cache_dir)
     return plan
 
 

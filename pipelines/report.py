@@ -23,6 +23,7 @@ from winnow.pipelines.report_html import esc as _esc
 from winnow.pipelines.report_html import figure as _figure
 from winnow.pipelines.report_html import svg as _svg
 from winnow.pipelines.report_html import table as _table
+from winnow.pipelines.storage import join, open_file, read_json, write_bytes
 
 REPORT_DIR = "report"
 EXAMPLES = 4
@@ -47,11 +48,12 @@ class _Texts:
         if file not in self.files:
             try:
                 if file.lower().endswith((".parquet", ".pq")):
-                    self.files[file] = pq.read_table(file, columns=[self.column]).column(self.column).to_pylist()
+                    self.files[file] = _read_parquet(file, [self.column]).column(self.column).to_pylist()
                 else:
-                    with open(file, encoding="utf-8", errors="replace") as handle:
-                        self.files[file] = [_json_text(line, self.column) for line in handle]
-            except (OSError, ValueError):
+                    with open_file(file) as handle:
+                        lines = handle.read().decode("utf-8", errors="replace").split("\n")
+                    self.files[file] = [_json_text(line, self.column) for line in lines]
+            except Exception:  # noqa: BLE001 - an input gone or unreachable: the report shows no text
                 self.files[file] = []
         rows = self.files[file]
         value = rows[row] if 0 <= row < len(rows) else None
@@ -273,12 +275,18 @@ vertical-align:top;text-align:left}th{background:#f2f2f2}svg{max-width:100%;heig
 #4477aa;padding-bottom:.2em;margin-top:2em}nav a{margin-right:1em}"""
 
 
-def _read_ledger(files: list[Path], columns: list[str]):
+def _read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    with open_file(path) as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def _read_ledger(files: list[str], columns: list[str]):
     """The ledger's columns the report uses; columns an older ledger lacks come back as nulls."""
     if not files:
         return pa.table({name: pa.array([], pa.string()) for name in columns})
-    names = pq.read_schema(files[0]).names
-    table = pq.read_table(files, columns=[c for c in columns if c in names])
+    with open_file(files[0]) as handle:
+        names = pq.read_schema(handle).names
+    table = pa.concat_tables([_read_parquet(path, [c for c in columns if c in names]) for path in files])
     for name in columns:
         if name not in table.column_names:
             kind = pa.float64() if name == "select_score" else pa.string()
@@ -291,12 +299,15 @@ def _section_builder(reference: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_report(output: str | Path, target: str | Path | None = None, display: str | None = None) -> Path:
-    """Write the report of the output directory `output` into `target` (default OUT/report/index.html);
-    `display` names the output in the page (the job builds the report before renaming its work directory)."""
-    output = Path(output)
-    manifest = json.loads((output / "manifest.json").read_text())
-    ledger_files = sorted((output / "ledger").glob("*.parquet"))
+def build_report(output: str | Path, target: str | None = None, display: str | None = None,
+                 manifest: dict[str, Any] | None = None) -> str:
+    """Write the report of the output `output` (a directory or object prefix) into `target` (default
+    OUT/report/index.html, or where the manifest's `report` says); `display` names the output in the page.
+    Files are found through the manifest (the job passes the one it is about to publish)."""
+    output = str(output)
+    if manifest is None:
+        manifest = read_json(join(output, "manifest.json"))
+    ledger_files = [join(output, entry["file"]) for entry in manifest.get("ledger", [])]
     columns = ["id", "fate", "reason", "detail", "input_file", "input_row", "duplicate_of", "select_score",
                "parent_id"]
     ledger = _read_ledger(ledger_files, columns)
@@ -305,10 +316,11 @@ def build_report(output: str | Path, target: str | Path | None = None, display: 
         # only the synthetic rows, a few per style: the examples shown beside their originals
         import pyarrow.compute as pc
 
-        for path in sorted((output / "shards").glob("*.parquet")):
-            if not {"parent_id", "style"} <= set(pq.read_schema(path).names):
-                continue
-            table = pq.read_table(path, columns=["text", "parent_id", "style"])
+        for path in [join(output, entry["file"]) for entry in manifest.get("shards", [])]:
+            with open_file(path) as handle:
+                if not {"parent_id", "style"} <= set(pq.read_schema(handle).names):
+                    continue
+            table = _read_parquet(path, ["text", "parent_id", "style"])
             shards.extend(table.filter(pc.is_valid(table["parent_id"])).slice(0, 50).to_pylist())
     texts = _Texts(manifest["config"])
     sections = [("funnel", funnel_section(manifest))]
@@ -334,7 +346,6 @@ def build_report(output: str | Path, target: str | Path | None = None, display: 
         f"{_esc(manifest['config_hash'][:12])} &middot; {_esc(manifest['runner'])}</p><nav>{nav}</nav>"
         + "".join(body for _, body in sections) + "</body></html>"
     )
-    path = Path(target) if target else output / REPORT_DIR / "index.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    path = str(target) if target else join(output, manifest.get("report", f"{REPORT_DIR}/index.html"))
+    write_bytes(path, page.encode("utf-8"))
     return path

@@ -19,6 +19,7 @@ from winnow.pipelines.model_stage import ModelHandler, RunModel, acquire_model
 from winnow.pipelines.ordered_io import write_bytes
 from winnow.pipelines.passes import Pass
 from winnow.pipelines.read import InputError, expand_paths, read_column
+from winnow.pipelines.storage import join, read_bytes
 from winnow.pipelines.validate import check_text
 from winnow.selectors import embedding, lm, task_selection
 from winnow.selectors import sae as sae_lib
@@ -341,7 +342,7 @@ class ScoreRecords(beam.PTransform):
         return scored, written
 
 
-def read_prototype(directory: Path | str) -> np.ndarray:
-    return np.load(Path(directory) / PROTOTYPE)
+def read_prototype(directory: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(join(directory, PROTOTYPE))))
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+
+from winnow.pipelines.storage import join, open_file
 
 
 class SelfCheckError(RuntimeError):
@@ -31,13 +32,14 @@ class CheckContext:
     manifest: dict[str, Any]
     rows: Counter
     synthetic: Counter
-    output: Path
+    output: str
 
     def embedding_dimension(self) -> int | None:
         files = (self.manifest.get("embeddings") or {}).get("files") or []
         if not files:
             return None
-        return pq.read_schema(self.output / files[0]["file"]).field("embedding").type.list_size
+        with open_file(join(self.output, files[0]["file"])) as handle:
+            return pq.read_schema(handle).field("embedding").type.list_size
 
 
 def rows_by_fate_stage(counts: dict[str, Any]) -> tuple[Counter, Counter]:
@@ -66,7 +68,7 @@ def _all_unreadable(counts: dict[str, Any]) -> list[str]:
     return []
 
 
-def check_stages(manifest: dict[str, Any], output: Path, rows: Counter | None = None,
+def check_stages(manifest: dict[str, Any], output: str, rows: Counter | None = None,
                  synthetic: Counter | None = None) -> list[str]:
     """Every stage's check whose section the manifest has; the problems, one line each, each naming its stage
     (`self-check STAGE: ...`)."""
@@ -74,7 +76,7 @@ def check_stages(manifest: dict[str, Any], output: Path, rows: Counter | None = 
 
     if rows is None or synthetic is None:
         rows, synthetic = rows_by_fate_stage(manifest.get("counts", {}))
-    context = CheckContext(manifest, rows, synthetic, Path(output))
+    context = CheckContext(manifest, rows, synthetic, str(output))
     problems = [f"self-check read: {problem}" for problem in _all_unreadable(manifest.get("counts", {}))]
     for stage in STAGES:
         if stage.check is not None and stage.section and isinstance(manifest.get(stage.section), dict):

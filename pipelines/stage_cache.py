@@ -13,8 +13,9 @@ the fingerprints of its models. So a changed input file (size or modification ti
 code invalidates that step and every later one, and nothing earlier.
 
 A stage is written into a temporary directory and renamed into place only when it finished and `stage.json` is
-written; a run killed mid-stage leaves no directory that lookup accepts, and the next run recomputes that stage
-only. Cache entries not used by the latest successful run are removed, so the cache holds one run's stages.
+written (on an object store, which has no rename, into the entry's own emptied prefix with `stage.json` written
+last as its marker); a run killed mid-stage leaves no entry that lookup accepts, and the next run recomputes
+that stage only. Cache entries not used by the latest successful run are removed, so the cache holds one run's stages.
 """
 
 from __future__ import annotations
@@ -36,9 +37,23 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from winnow.pipelines.ordered_io import table_bytes, write_bytes
+from winnow.pipelines.ordered_io import table_bytes
+from winnow.pipelines.storage import (
+    delete_file,
+    delete_files,
+    delete_tree,
+    is_remote,
+    join,
+    list_files,
+    matching,
+    open_file,
+    read_json,
+    split,
+    write_bytes,
+)
 
 STAGE_FILE = "stage.json"
 FILES_META = "_files.json"  # what a pipeline wrote: its last step gathers every file's metadata here
@@ -128,8 +143,8 @@ def write_files_meta(files: list[dict[str, Any]], path: str) -> None:
     write_bytes(path, json.dumps(sorted(files, key=lambda f: (f["dir"], f.get("file", ""))), indent=1).encode())
 
 
-def read_files_meta(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())
+def read_files_meta(path: str) -> list[dict[str, Any]]:
+    return read_json(path)
 
 
 def stage_key(material: dict[str, Any]) -> str:
@@ -160,7 +175,7 @@ class _WriteCacheFileFn(beam.DoFn):
         )
         payload = table_bytes(table, 1_000)
         relative = f"{self.name}/part-{file_index:05d}-{block:05d}.parquet"
-        write_bytes(FileSystems.join(self.directory, relative), payload)
+        write_bytes(join(self.directory, relative), payload)
         yield {"dir": self.name, "file": relative, "rows": len(ordered), "bytes": len(payload)}
 
 
@@ -183,7 +198,7 @@ class WriteCache(beam.PTransform):
 
 
 def read_cache_file(path: str, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-    with FileSystems.open(path) as handle:
+    with open_file(path) as handle:
         column = pq.read_table(handle, columns=["record"]).column("record")
     for chunk in column.chunks:
         for value in chunk:
@@ -218,7 +233,7 @@ class StageEntry:
 
     name: str
     key: str
-    directory: Path
+    directory: str
     files: list[dict[str, Any]]
     records: int
     removed: int
@@ -230,11 +245,11 @@ class StageEntry:
 
     def paths(self, kind: str) -> list[str]:
         """The files of a kind written by the stage's last step (its records go on to the next stage)."""
-        return [str(self.directory / f["file"]) for f in self.files if f["dir"] == kind and "step" not in f]
+        return [join(self.directory, f["file"]) for f in self.files if f["dir"] == kind and "step" not in f]
 
     def all_paths(self, kind: str) -> list[str]:
         """The files of a kind written by any step (the removed rows of every step reach the ledger)."""
-        return [str(self.directory / f["file"]) for f in self.files if f["dir"] == kind]
+        return [join(self.directory, f["file"]) for f in self.files if f["dir"] == kind]
 
     def metas(self) -> list[dict[str, Any]]:
         """Metadata of the files other than the cached records and ledger rows (summaries, embeddings)."""
@@ -251,76 +266,82 @@ class StageEntry:
 
 
 class StageCache:
-    """The directory of stage entries beside the output."""
+    """The directory (or object prefix) of stage entries beside the output.
 
-    def __init__(self, root: Path):
-        self.root = root
+    On a local filesystem a stage is written into a temporary directory that is renamed into place once its
+    `stage.json` is written. An object store has no rename: the entry's prefix is emptied first (its marker
+    first of all), the stage is written into it, and `stage.json`, written last, is the commit point; files
+    that no `stage.json` lists are never read. One writer at a time (the output's lock) keeps that safe."""
 
-    def directory(self, name: str, key: str) -> Path:
-        return self.root / f"{name}-{key}"
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+        self.remote = is_remote(self.root)
+
+    def directory(self, name: str, key: str) -> str:
+        return join(self.root, f"{name}-{key}")
 
     def lookup(self, name: str, key: str) -> StageEntry | None:
         """The finished entry for (stage, key), or None when there is none or a file is missing or resized."""
         directory = self.directory(name, key)
         try:
-            info = json.loads((directory / STAGE_FILE).read_text())
-        except (OSError, ValueError):
+            info = read_json(join(directory, STAGE_FILE))
+        except (OSError, ValueError, BeamIOError):
             return None
         if info.get("key") != key or info.get("format") != CACHE_FORMAT:
             return None
-        for entry in info["files"]:
-            if "file" not in entry:
-                continue  # a plan's metadata, not a file
-            path = directory / entry["file"]
-            if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
-                return None
+        if not _files_present(directory, info["files"]):
+            return None
         return StageEntry(
             name, key, directory, info["files"], info["records"], info["removed"], info["seconds"], reused=True,
             material=info.get("material", {}), metrics=info.get("metrics", {}),
             steps=[{**step, "reused": True} for step in info.get("steps", [])],
         )
 
-    def find_step(self, stage: str, step: str, key: str) -> Path | None:
+    def find_step(self, stage: str, step: str, key: str) -> str | None:
         """A finished earlier step (not the last) of this stage with this key, in any entry of the stage: its
         scores, reusable when only a later step's settings changed."""
-        if not self.root.is_dir():
-            return None
-        for marker in sorted(self.root.glob(f"{stage}-*/{step}/{STEP_FILE}")):
+        for marker in matching(join(self.root, f"{stage}-*", step, STEP_FILE)):
             try:
-                info = json.loads(marker.read_text())
-            except (OSError, ValueError):
+                info = read_json(marker)
+            except (OSError, ValueError, BeamIOError):
                 continue
             if info.get("key") != key or info.get("format") != CACHE_FORMAT:
                 continue
-            directory = marker.parent
-            if all((directory / f["file"]).is_file() for f in info["files"] if "file" in f):
+            directory = split(marker)[0]
+            if _files_present(directory, info["files"]):
                 return directory
         return None
 
     @staticmethod
-    def commit_step(directory: Path, key: str, files: list[dict[str, Any]], seconds: float,
+    def commit_step(directory: str, key: str, files: list[dict[str, Any]], seconds: float,
                     material: dict[str, Any], metrics: dict[str, Any]) -> None:
         """Mark an earlier step of a stage finished (its directory stays inside the stage's)."""
         info = {"format": CACHE_FORMAT, "key": key, "seconds": seconds, "material": material, "metrics": metrics,
                 "records": sum(f["rows"] for f in files if f["dir"] == RECORDS),
                 "files": sorted(files, key=lambda f: (f["dir"], f.get("file", "")))}
-        (directory / STEP_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
+        write_bytes(join(directory, STEP_FILE), (json.dumps(info, indent=1, default=str) + "\n").encode())
 
     @staticmethod
-    def read_step(directory: Path) -> dict[str, Any]:
-        return json.loads((directory / STEP_FILE).read_text())
+    def read_step(directory: str) -> dict[str, Any]:
+        return read_json(join(directory, STEP_FILE))
 
-    def begin(self, name: str, key: str) -> Path:
-        """A fresh temporary directory to write the stage into."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        temporary = self.root / f".{name}-{key}.tmp-{uuid.uuid4().hex[:12]}"
+    def begin(self, name: str, key: str) -> str:
+        """Where to write the stage: a fresh temporary directory, or on an object store the entry's own prefix,
+        emptied (marker first, so that no half-replaced entry can pass for a finished one)."""
+        if self.remote:
+            directory = self.directory(name, key)
+            delete_file(join(directory, STAGE_FILE))
+            delete_tree(directory)
+            return directory
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        temporary = Path(self.root) / f".{name}-{key}.tmp-{uuid.uuid4().hex[:12]}"
         temporary.mkdir()
-        return temporary
+        return str(temporary)
 
-    def commit(self, name: str, key: str, temporary: Path, files: list[dict[str, Any]], seconds: float,
+    def commit(self, name: str, key: str, temporary: str, files: list[dict[str, Any]], seconds: float,
                material: dict[str, Any], metrics: dict[str, Any], steps: list[dict[str, Any]] | None = None
                ) -> StageEntry:
-        """Write stage.json into the finished temporary directory and rename it into place."""
+        """Write stage.json into the finished stage's directory, last; a local one is then renamed into place."""
         records = sum(f["rows"] for f in files if f["dir"] == RECORDS and "step" not in f)
         removed = sum(f["rows"] for f in files if f["dir"] == REMOVED)
         steps = steps or []
@@ -330,25 +351,49 @@ class StageCache:
             "metrics": metrics, "files": sorted(files, key=lambda f: (f["dir"], f.get("file", ""))),
             "steps": [{k: v for k, v in step.items() if k != "reused"} for step in steps],
         }
-        (temporary / STAGE_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
+        write_bytes(join(temporary, STAGE_FILE), (json.dumps(info, indent=1, default=str) + "\n").encode())
         final = self.directory(name, key)
-        if final.exists():
-            stale = self.root / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
-            final.rename(stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        temporary.rename(final)
+        if not self.remote:
+            final_path = Path(final)
+            if final_path.exists():
+                stale = Path(self.root) / f".{final_path.name}.old-{uuid.uuid4().hex[:12]}"
+                final_path.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            Path(temporary).rename(final_path)
         return StageEntry(name, key, final, info["files"], records, removed, seconds, material=material,
                           metrics=metrics, steps=steps)
 
+    def discard(self, directory: str) -> None:
+        """Remove a stage's directory (a failed or unfinished one), its marker first."""
+        delete_file(join(directory, STAGE_FILE))
+        delete_tree(directory)
+
     def keep_only(self, entries: list[StageEntry]) -> None:
         """Remove every entry (and leftover temporary directory) that the given run did not use."""
-        keep = {entry.directory.name for entry in entries}
-        if not self.root.is_dir():
+        keep = {split(entry.directory)[1] for entry in entries}
+        if not self.remote:
+            if not Path(self.root).is_dir():
+                return
+            for path in Path(self.root).iterdir():
+                if path.name in keep:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
             return
-        for path in self.root.iterdir():
-            if path.name in keep:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        prefix = self.root.rstrip("/") + "/"
+        stale = [path for path in list_files(self.root) if path[len(prefix):].split("/", 1)[0] not in keep]
+        delete_files(sorted(stale))
+
+
+def _files_present(directory: str, files: list[dict[str, Any]]) -> bool:
+    """Every listed file is there with its recorded size (one listing, not a request per file)."""
+    sizes = list_files(directory)
+    for entry in files:
+        if "file" not in entry:
+            continue  # a plan's metadata, not a file
+        size = sizes.get(join(directory, entry["file"]))
+        if size is None or ("bytes" in entry and size != entry["bytes"]):
+            return False
+    return True

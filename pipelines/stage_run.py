@@ -4,13 +4,12 @@ runs the step's graph and writes its records, removed rows and file list to the 
 A stage of several steps (scores, then a decision) is cached as one entry `.OUT.cache/STAGE-KEY/`: the last
 step's files at its top, each earlier step's in a folder named after the step with its own `step.json`. When
 the stage's key has no entry, an earlier step whose key is unchanged is taken from the stage's previous entry
-(hard links) instead of being computed again: that is what makes a changed threshold cost only the decision.
+(hard links, or copies on an object store) instead of being computed again: that is what makes a changed
+threshold cost only the decision.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from winnow.pipelines.stage_cache import (
     read_files_meta,
     write_files_meta,
 )
+from winnow.pipelines.storage import copy_tree, delete_file, is_remote, join
 
 
 def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], directory: str, step: int = 0,
@@ -60,19 +60,8 @@ def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], dir
         written
         | "AllFiles" >> beam.Flatten()
         | "FileList" >> beam.combiners.ToList()
-        | "WriteFileList" >> beam.Map(write_files_meta, str(Path(directory) / FILES_META))
+        | "WriteFileList" >> beam.Map(write_files_meta, join(directory, FILES_META))
     )
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    for path in source.rglob("*"):
-        if path.is_file():
-            destination = target / path.relative_to(source)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, destination)
-            except OSError:
-                shutil.copyfile(path, destination)
 
 
 def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, options, reuse_steps: bool
@@ -91,24 +80,25 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
         last = len(planned.steps) - 1
         for index, planned_step in enumerate(planned.steps):
             step_started = time.perf_counter()
-            step_dir = directory if index == last else directory / planned_step.name
+            step_dir = directory if index == last else join(directory, planned_step.name)
             found = cache.find_step(planned.name, planned_step.name, planned_step.key) \
                 if reuse_steps and index < last else None
             if found is not None:
-                _link_tree(found, step_dir)
+                copy_tree(found, step_dir)
                 info = StageCache.read_step(step_dir)
                 step_files, step_metrics, reused = info["files"], info.get("metrics", {}), True
                 passes_seconds = 0.0
             else:
-                step_dir.mkdir(parents=True, exist_ok=True)
+                if not is_remote(step_dir):
+                    Path(step_dir).mkdir(parents=True, exist_ok=True)
                 step_metrics = {}
-                constants = run_passes(options, planned_step.step.passes, inputs, str(step_dir), step_metrics)
+                constants = run_passes(options, planned_step.step.passes, inputs, step_dir, step_metrics)
                 passes_seconds = time.perf_counter() - step_started
                 add_metrics(step_metrics, run_pipeline(
                     options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs, c=constants:
-                    build_stage_graph(pipeline, planned, u, str(d), i, job, p, c)))
-                step_files = read_files_meta(step_dir / FILES_META)
-                (step_dir / FILES_META).unlink()
+                    build_stage_graph(pipeline, planned, u, d, i, job, p, c)))
+                step_files = read_files_meta(join(step_dir, FILES_META))
+                delete_file(join(step_dir, FILES_META))
                 reused = False
             seconds = time.perf_counter() - step_started
             if index < last:
@@ -128,7 +118,7 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                           "seconds": round(0.0 if reused else seconds, 3),
                           "passes_seconds": round(passes_seconds, 3)})
     except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
+        cache.discard(directory)
         raise
     return cache.commit(planned.name, planned.key, directory, files, time.perf_counter() - started,
                         planned.steps[-1].material, metrics, steps)

@@ -13,68 +13,76 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from winnow.pipelines.read import error_text
 from winnow.pipelines.selfcheck import check_stages, rows_by_fate_stage
+from winnow.pipelines.storage import exists, join, list_files, read_bytes, resolve
 
 MANIFEST = "manifest.json"
 LEDGER_COLUMNS = ("id", "fate", "stage", "reason", "input_file", "input_row", "copies", "parent_id")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_files(output: Path, section: str, entries: list[dict[str, Any]], problems: list[str]) -> list[Path]:
+def _check_files(output: str, section: str, entries: list[dict[str, Any]], problems: list[str],
+                 columns: tuple[str, ...] = ()) -> list[pa.Table]:
+    """Each listed file's size, SHA-256 and rows (one read of its bytes, one file at a time); for those that
+    match, a table of `columns` (only its row count when none). A Parquet file in a listed file's folder that
+    the manifest does not list is reported too."""
     present = []
+    folders = sorted({posixpath.dirname(entry["file"]) for entry in entries}) or [section]
+    sizes: dict[str, int] = {}
+    for folder in folders:
+        sizes.update(list_files(join(output, folder)))
     for entry in entries:
-        path = output / entry["file"]
-        if not path.is_file():
+        path = join(output, entry["file"])
+        if path not in sizes:
             problems.append(f"{entry['file']}: listed in the manifest ({section}) but missing")
             continue
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        payload = read_bytes(path) if sizes[path] == entry["bytes"] else b""
+        if len(payload) != entry["bytes"] or hashlib.sha256(payload).hexdigest() != entry["sha256"]:
             problems.append(f"{entry['file']}: content differs from the manifest (SHA-256 or size)")
             continue
-        rows = pq.ParquetFile(path).metadata.num_rows
+        parquet = pq.ParquetFile(pa.BufferReader(payload))
+        rows = parquet.metadata.num_rows
         if rows != entry["rows"]:
             problems.append(f"{entry['file']}: {rows} rows, the manifest says {entry['rows']}")
             continue
-        present.append(path)
-    directory = section
-    listed = {entry["file"] for entry in entries}
-    for extra in sorted((output / directory).glob("*.parquet")) if (output / directory).is_dir() else []:
-        if f"{directory}/{extra.name}" not in listed:
-            problems.append(f"{directory}/{extra.name}: not listed in the manifest")
+        names = parquet.schema_arrow.names
+        present.append(parquet.read([c for c in columns if c in names]) if columns else pa.table({"_": pa.nulls(rows)}))
+    listed = {join(output, entry["file"]) for entry in entries}
+    prefix = output.rstrip("/") + "/"
+    for extra in sorted(path for path in sizes if path.endswith(".parquet") and path not in listed):
+        problems.append(f"{extra[len(prefix):]}: not listed in the manifest")
     return present
 
 
-def verify(output: str | Path) -> list[str]:
-    output = Path(output)
+def verify(output: str) -> list[str]:
+    output = resolve(output)
     try:
-        manifest = json.loads((output / MANIFEST).read_text())
-    except OSError:
-        return [f"{output}: no {MANIFEST} (not a finished winnow output)"]
+        if not exists(join(output, MANIFEST)):
+            return [f"{output}: no {MANIFEST} (not a finished winnow output)"]
+        payload = read_bytes(join(output, MANIFEST))
+    except Exception as error:  # noqa: BLE001 - each filesystem raises its own errors
+        return [f"{join(output, MANIFEST)}: cannot be read ({error_text(error)})"]
+    try:
+        manifest = json.loads(payload)
     except ValueError:
-        return [f"{output / MANIFEST}: not valid JSON"]
+        return [f"{join(output, MANIFEST)}: not valid JSON"]
     problems: list[str] = []
     shards = _check_files(output, "shards", manifest.get("shards", []), problems)
-    ledger_files = _check_files(output, "ledger", manifest.get("ledger", []), problems)
+    ledger_files = _check_files(output, "ledger", manifest.get("ledger", []), problems, LEDGER_COLUMNS)
     if manifest.get("embeddings"):
         _check_files(output, "embeddings", manifest["embeddings"].get("files", []), problems)
     if len(ledger_files) != len(manifest.get("ledger", [])):
         return problems  # counts cannot be reconciled without the whole ledger
     ledger = []
-    for path in ledger_files:
-        table = pq.read_table(path)
-        rows = table.select([c for c in LEDGER_COLUMNS if c in table.column_names]).to_pylist()
+    for table in ledger_files:
+        rows = table.to_pylist()
         ledger.extend({"parent_id": None, **row} for row in rows)
     inputs = [row for row in ledger if not row["parent_id"]]
     synthetic = [row for row in ledger if row["parent_id"]]
@@ -101,7 +109,7 @@ def verify(output: str | Path) -> list[str]:
         problems.append("ledger: rows by fate and stage differ from the manifest's counts.by_stage_reason")
     problems += check_stages(manifest, output, rows, made)
     copies = sum(row["copies"] or 0 for row in ledger)
-    shard_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
+    shard_rows = sum(table.num_rows for table in shards)
     if len(shards) == len(manifest.get("shards", [])) and copies != shard_rows:
         problems.append(f"ledger: records {copies} copies in the shards, the shards hold {shard_rows} rows")
     return problems

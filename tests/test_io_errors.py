@@ -1,7 +1,9 @@
 """Errors that say what is wrong: a file a worker cannot open stops the run naming it and the underlying
-message (its rows are not 'damaged'), and an object-store output is refused before anything runs."""
+message (its rows are not 'damaged'); outputs that cannot work are refused before anything runs."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from conftest import job_config
@@ -23,15 +25,39 @@ def test_no_match_names_the_absolute_pattern(tmp_path, monkeypatch):
         expand_paths("missing/*.parquet")
 
 
-def test_an_object_store_output_is_refused_before_anything_runs(sample_slice):
-    config = build_config(job_config(sample_slice / "*", "s3://bucket/out"))
-    with pytest.raises(OutputError, match="^output.path s3://bucket/out: object-store outputs are not supported"):
+@pytest.mark.parametrize("root", ["s3://bucket", "s3://bucket/"])
+def test_a_bucket_root_output_is_refused_before_anything_runs(sample_slice, root):
+    config = build_config(job_config(sample_slice / "*", root))
+    with pytest.raises(OutputError, match=f"^output.path {root}: name a folder inside the bucket, not its root"):
         plan_job(config, [])
 
 
-def test_dataflow_is_refused_before_anything_runs(sample_slice, tmp_path):
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_s3_without_credentials_stops_at_planning_naming_the_path(sample_slice, tmp_path, no_aws_credentials, where):
+    """Beam's S3 client retries a request without credentials for minutes (a listing took 470 s here); the
+    planner says what is missing at once."""
+    pytest.importorskip("boto3")
+    source, output = (("s3://bucket/in/*.parquet", tmp_path / "out") if where == "input"
+                      else (sample_slice / "*", "s3://bucket/out"))
+    error = InputError if where == "input" else OutputError
+    role = "input.path s3://bucket/in/*.parquet" if where == "input" else "output.path s3://bucket/out"
+    with pytest.raises(error, match=f"^{re.escape(role)}: no S3 credentials: give --s3_access_key_id"):
+        plan_job(build_config(job_config(source, output)), [])
+
+
+def test_dataflow_with_a_local_output_is_refused_before_anything_runs(sample_slice, tmp_path):
     config = build_config(job_config(sample_slice / "*", tmp_path / "out"))
-    with pytest.raises(OutputError, match="^--runner=DataflowRunner: not supported yet"):
+    with pytest.raises(OutputError, match=f"^output.path {tmp_path}/out: DataflowRunner's workers cannot write the "
+                                          "driver's disk; give an object-store output.path"):
         plan_job(config, ["--runner=DataflowRunner"])
 
 

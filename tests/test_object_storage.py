@@ -1,11 +1,14 @@
-"""Input and select targets on object storage, against a real S3-compatible server: moto's standalone server
-(PyPI moto[server], test-only) started by the test on 127.0.0.1. Beam's S3 filesystem lists and reads them with
-the options given after `--`, on the driver and in every read worker; the output equals the run over the same
-files on local disk. (An object-store output is refused: tests/test_io_errors.py.)"""
+"""Input, select targets, output and stage cache on object storage, against a real S3-compatible server: moto's
+standalone server (PyPI moto[server], test-only) started by the test on 127.0.0.1. Beam's S3 filesystem lists,
+reads and writes them with the options given after `--`, on the driver and in every worker; the output equals
+the run over the same files on local disk, `winnow verify s3://...` passes, and a run killed mid-stage resumes
+from the stage cache on S3."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +20,8 @@ from conftest import job_config, targets_file
 
 from winnow.pipelines.config import build_config
 from winnow.pipelines.job import plan_job, run_job
+from winnow.pipelines.storage import share_filesystem_options
+from winnow.pipelines.verify import verify
 
 pytestmark = pytest.mark.slow
 boto3 = pytest.importorskip("boto3")
@@ -60,17 +65,43 @@ def same_but_paths(local, remote, local_prefix: str, remote_prefix: str) -> None
             assert pq.read_table(remote / part / name).to_pylist() == expected, f"{part}/{name}"
 
 
+def client(url: str):
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
+                        region_name="us-east-1")
+
+
 def upload(url: str, bucket: str, files: dict[str, object]) -> None:
-    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket=bucket)
+    s3 = client(url)
+    s3.create_bucket(Bucket=bucket)
     for key, path in files.items():
-        client.upload_file(str(path), bucket, key)
+        s3.upload_file(str(path), bucket, key)
+
+
+def keys(url: str, bucket: str, prefix: str) -> list[str]:
+    pages = client(url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def download_output(url: str, bucket: str, prefix: str, target) -> dict:
+    """An object-store output's manifest, and the files it lists (shards, ledger, embeddings) downloaded into
+    `target` under their paths without the run's prefix: comparable with a local output."""
+    s3 = client(url)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
+    listed = [*manifest["shards"], *manifest["ledger"], *((manifest.get("embeddings") or {}).get("files", []))]
+    for entry in listed:
+        local = target / entry["file"].split("/", 1)[1]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, f"{prefix}/{entry['file']}", str(local))
+    return manifest
 
 
 @pytest.mark.parametrize("runner", ["in-process", pytest.param("multi_processing", marks=pytest.mark.distributed),
                                     pytest.param("dask", marks=pytest.mark.distributed)])
-def test_input_and_targets_on_s3_give_the_local_output(runner, s3_server, sample_slice, tmp_path, request):
+def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_server, sample_slice, tmp_path,
+                                                                     request):
+    """Everything on S3: the output equals the local run's, it is committed by its manifest (the run's files
+    under one `run-ID/` prefix, nothing else), it verifies, and a second run reuses every stage from the S3
+    cache and replaces the first run's prefix."""
     url, s3_args = s3_server
     bucket = f"corpus-{runner.replace('_', '-')}"
     targets = targets_file(tmp_path)
@@ -78,16 +109,32 @@ def test_input_and_targets_on_s3_give_the_local_output(runner, s3_server, sample
     select = {"enabled": True, "method": "bm25", "count": 40}
     local = job_config(sample_slice / "*", tmp_path / "local", select={**select, "targets": str(targets)},
                        mix={"enabled": True, "shards": 2})
-    remote = job_config(f"s3://{bucket}/in/*.parquet", tmp_path / "remote",
+    remote = job_config(f"s3://{bucket}/in/*.parquet", f"s3://{bucket}/out",
                         select={**select, "targets": f"s3://{bucket}/targets.jsonl"},
                         mix={"enabled": True, "shards": 2})
     run_job(plan_job(build_config(local), []))
     extra = {"in-process": [], "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]}
     if runner == "dask":
         extra["dask"] = ["--runner=DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_address')}"]
-    manifest = run_job(plan_job(build_config(remote), [*s3_args, *extra[runner]]))
-    assert manifest["select"]["selected"] == 40
+    args = [*s3_args, *extra[runner]]
+    first = run_job(plan_job(build_config(remote), args))
+    assert first["select"]["selected"] == 40
+    manifest = download_output(url, bucket, "out", tmp_path / "remote")
     same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", f"s3://{bucket}/in/")
+    runs = {key.split("/")[1] for key in keys(url, bucket, "out/") if key != "out/manifest.json"}
+    assert len(runs) == 1 and runs.pop().startswith("run-"), "one run's prefix beside the manifest"
+    assert all(entry["file"].startswith(manifest["shards"][0]["file"].split("/")[0] + "/")
+               for entry in manifest["ledger"])
+    share_filesystem_options(s3_args)
+    assert verify(f"s3://{bucket}/out") == []
+
+    second = run_job(plan_job(build_config(remote), args))
+    assert [entry["reused"] for entry in second["stages"]] == [True] * len(second["stages"])
+    assert [s["file"] for s in second["shards"]] != [s["file"] for s in first["shards"]], "a new run prefix"
+    runs = {key.split("/")[1] for key in keys(url, bucket, "out/") if key != "out/manifest.json"}
+    assert runs == {second["shards"][0]["file"].split("/")[0]}, "the first run's prefix is gone"
+    assert {key.split("/")[1].rsplit("-", 1)[0] for key in keys(url, bucket, ".out.cache/")} == {"validate", "select"}
+    assert keys(url, bucket, ".out.lock") == [], "the lock is released"
 
 
 def test_a_missing_object_is_named_with_the_underlying_message(s3_server, sample_slice, tmp_path):
@@ -98,3 +145,65 @@ def test_a_missing_object_is_named_with_the_underlying_message(s3_server, sample
     with pytest.raises(InputError, match=r"^s3://no-such-bucket/in/\*\.parquet: (no input files match|cannot list "
                                          r"input files \(.+\))$"):
         plan_job(config, s3_args)
+
+
+def _wait_for(predicate, seconds: float, job: subprocess.Popen) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline and job.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_run_killed_mid_stage_resumes_from_the_cache_on_s3(s3_server, sample_slice, tmp_path):
+    """SIGKILL while the embed stage runs on S3, then the same command: the lock left behind is taken over,
+    validate comes from the S3 cache, embed and prune are computed, the output equals an uninterrupted local
+    run's, `winnow verify s3://...` passes, and a shard changed behind the manifest's back is caught."""
+    url, s3_args = s3_server
+    bucket = "resume"
+    upload(url, bucket, {f"in/{p.name}": p for p in sample_slice.glob("*.parquet")})
+    sections = {"embed": {"enabled": True}, "prune": {"enabled": True, "keep_fraction": 0.6},
+                "mix": {"enabled": True, "shards": 2}}
+    config = job_config(f"s3://{bucket}/in/*.parquet", f"s3://{bucket}/out", **sections)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "winnow.pipelines", "run", str(path), "--", *s3_args]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert _wait_for(lambda: any(k.endswith("/stage.json") for k in keys(url, bucket, ".out.cache/validate-")),
+                         300, job), "the validate stage finished"
+        time.sleep(1.0)
+        assert job.poll() is None, "the job is still embedding when it is killed"
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert keys(url, bucket, "out/manifest.json") == [], "a killed run publishes nothing"
+    assert keys(url, bucket, ".out.lock") == [".out.lock"], "the killed run's lock is left behind"
+    assert not [k for k in keys(url, bucket, ".out.cache/embed-") if k.endswith("/stage.json")]
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "winnow: validate: reused from the cache" in resumed.stdout
+    assert "winnow: embed: computed" in resumed.stdout and "winnow: prune: computed" in resumed.stdout
+    markers = [k for k in keys(url, bucket, ".out.cache/") if k.endswith("/stage.json")]
+    assert sorted(k.split("/")[1].split("-")[0] for k in markers) == ["embed", "prune", "validate"]
+
+    local = job_config(sample_slice / "*", tmp_path / "local", **sections)
+    run_job(plan_job(build_config({**local, "output": {**local["output"], "cache": False}}), []))
+    download_output(url, bucket, "out", tmp_path / "remote")
+    same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", f"s3://{bucket}/in/")
+    for name in sorted(p.name for p in (tmp_path / "local" / "embeddings").glob("*.parquet")):
+        assert (tmp_path / "remote" / "embeddings" / name).read_bytes() == \
+            (tmp_path / "local" / "embeddings" / name).read_bytes()
+
+    verified = subprocess.run([sys.executable, "-m", "winnow.pipelines", "verify", f"s3://{bucket}/out", "--",
+                               *s3_args], capture_output=True, text=True, timeout=300)
+    assert verified.returncode == 0, verified.stderr
+    shard = next(k for k in keys(url, bucket, "out/run-") if "/shards/" in k)
+    client(url).put_object(Bucket=bucket, Key=shard, Body=b"not the shard")
+    broken = subprocess.run([sys.executable, "-m", "winnow.pipelines", "verify", f"s3://{bucket}/out", "--",
+                             *s3_args], capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 1
+    assert f"winnow verify: {shard.removeprefix('out/')}: content differs from the manifest (SHA-256 or size)" \
+        in broken.stderr

@@ -1,0 +1,209 @@
+"""Paths are URIs: every read, write, listing, copy and delete of winnow's own files goes through Beam's
+FileSystems, so the output, the stage cache and the rephrase window cache may live on any filesystem Beam has
+(local, `s3://`, `gs://`). Local paths keep what only a local filesystem gives: hard links and an atomic rename.
+
+Beam hands a filesystem its options (credentials, endpoint) when a pipeline is built, in the driver only; a
+worker process of multi_processing or of a Dask cluster never gets them. The driver therefore shares the Beam
+arguments (`share_filesystem_options`): in an environment variable that worker subprocesses inherit, and on a
+Dask cluster through a worker plugin; every helper here sets them in its process before its first use."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, S3Options
+from distributed.diagnostics.plugin import WorkerPlugin
+
+_DELETE_BATCH = 500
+OPTIONS_ENV = "WINNOW_BEAM_ARGS"  # JSON list of the job's Beam arguments, for worker processes
+_configured: list[str] | None = None
+
+
+def share_filesystem_options(beam_args: list[str]) -> None:
+    """On the driver: set the filesystems' options here and pass them to the worker processes."""
+    global _configured
+    args = list(beam_args)
+    FileSystems.set_options(PipelineOptions(args))
+    os.environ[OPTIONS_ENV] = json.dumps(args)
+    _configured = args
+    options = PipelineOptions(args).get_all_options()
+    if str(options.get("runner") or "").endswith("DaskRunner") and options.get("dask_client_address"):
+        _share_with_dask(options["dask_client_address"], args)
+
+
+def worker_filesystems() -> None:
+    """In any process: the job's filesystem options, from the driver's environment, once."""
+    global _configured
+    shared = os.environ.get(OPTIONS_ENV)
+    if shared is None or _configured is not None:
+        return
+    _configured = json.loads(shared)
+    FileSystems.set_options(PipelineOptions(_configured))
+
+
+def _share_with_dask(address: str, args: list[str]) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        client.register_plugin(FileSystemOptionsPlugin(args), name="winnow-filesystem-options")
+
+
+class FileSystemOptionsPlugin(WorkerPlugin):
+    """A Dask worker plugin: the job's Beam arguments in the worker's environment and filesystems (for workers
+    that join later too)."""
+
+    def __init__(self, args: list[str]):
+        self.args = args
+
+    def setup(self, worker) -> None:
+        global _configured
+        os.environ[OPTIONS_ENV] = json.dumps(self.args)
+        _configured = None
+        worker_filesystems()
+_PLAIN = CompressionTypes.UNCOMPRESSED  # never guess a compression from a name: files are read as written
+
+
+def is_remote(uri: str) -> bool:
+    """True for an object store (any scheme but the local filesystem)."""
+    return FileSystems.get_scheme(str(uri)) not in (None, "file")
+
+
+def resolve(path: str | Path) -> str:
+    """A local path made absolute (workers may run elsewhere); a URI without its trailing slash."""
+    text = str(path)
+    if is_remote(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
+def join(base: str | Path, *parts: str) -> str:
+    return FileSystems.join(str(base), *parts)
+
+
+def split(uri: str) -> tuple[str, str]:
+    """(parent, last component) of a path or URI."""
+    return FileSystems.split(str(uri).rstrip("/"))
+
+
+def sibling(uri: str, name: str) -> str:
+    """NAME beside URI (`.out.cache` beside `out`), on the same filesystem."""
+    return join(split(uri)[0], name)
+
+
+def exists(uri: str) -> bool:
+    worker_filesystems()
+    return FileSystems.exists(str(uri))
+
+
+def read_bytes(uri: str) -> bytes:
+    worker_filesystems()
+    with FileSystems.open(str(uri), compression_type=_PLAIN) as handle:
+        return handle.read()
+
+
+def open_file(uri: str):
+    """A binary read handle (for readers that stream, such as Parquet)."""
+    worker_filesystems()
+    return FileSystems.open(str(uri), compression_type=_PLAIN)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_bytes(uri: str, payload: bytes) -> None:
+    """Write a whole file. On an object store one PUT is atomic; a local file is written beside and renamed,
+    so a reader (or a killed run) never sees half of it."""
+    uri = str(uri)
+    worker_filesystems()
+    if is_remote(uri):
+        with FileSystems.create(uri, compression_type=_PLAIN) as handle:
+            handle.write(payload)
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.write_bytes(payload)
+    os.replace(staging, target)
+
+
+def write_json(uri: str, value: Any) -> None:
+    write_bytes(uri, (json.dumps(value, indent=1, ensure_ascii=False, default=str) + "\n").encode())
+
+
+def list_files(prefix: str) -> dict[str, int]:
+    """{path: bytes} of every file under a directory or object prefix, at any depth."""
+    worker_filesystems()
+    prefix = str(prefix).rstrip("/")
+    if not is_remote(prefix) and not Path(prefix).is_dir():
+        return {}
+    found = FileSystems.match([join(prefix, "**")])[0].metadata_list
+    return {item.path: item.size_in_bytes for item in found}
+
+
+def matching(pattern: str) -> list[str]:
+    """The paths a glob matches (none is not an error)."""
+    worker_filesystems()
+    return sorted(item.path for item in FileSystems.match([str(pattern)])[0].metadata_list)
+
+
+def delete_files(paths: list[str]) -> None:
+    worker_filesystems()
+    for start in range(0, len(paths), _DELETE_BATCH):
+        FileSystems.delete(paths[start:start + _DELETE_BATCH])
+
+
+def delete_tree(prefix: str) -> None:
+    """Remove a directory or every object under a prefix; what is already gone is no error."""
+    prefix = str(prefix).rstrip("/")
+    if not is_remote(prefix):
+        shutil.rmtree(prefix, ignore_errors=True)
+        return
+    delete_files(sorted(list_files(prefix)))
+
+
+def delete_file(uri: str) -> None:
+    if exists(uri):
+        FileSystems.delete([str(uri)])
+
+
+def copy_file(source: str, target: str) -> None:
+    """A hard link where both are local (no bytes copied), else a copy (server-side on an object store)."""
+    source, target = str(source), str(target)
+    worker_filesystems()
+    if is_remote(source) or is_remote(target):
+        FileSystems.copy([source], [target])
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def copy_tree(source: str, target: str) -> None:
+    source = str(source).rstrip("/")
+    for path in sorted(list_files(source)):
+        copy_file(path, join(target, path[len(source) + 1:]))
+
+
+def missing_credentials(uri: str, options: PipelineOptions) -> str | None:
+    """Why an `s3://` URI cannot be reached, found at once: without credentials Beam's S3 client retries every
+    request for minutes before it says so. None when credentials are given or boto3 finds some."""
+    if FileSystems.get_scheme(str(uri)) != "s3" or options.view_as(S3Options).s3_access_key_id:
+        return None
+    try:
+        import boto3
+    except ImportError:
+        return "boto3 is not installed (pip install 'winnow[aws]')"
+    if boto3.Session().get_credentials() is None:
+        return ("no S3 credentials: give --s3_access_key_id and --s3_secret_access_key after --, or the AWS_* "
+                "environment variables or ~/.aws/credentials")
+    return None
