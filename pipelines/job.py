@@ -95,6 +95,7 @@ def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: li
 
 def run_job(plan: JobPlan, force: bool = False, on_stage: StageCallback | None = None) -> dict[str, Any]:
     """Run the planned job and publish OUT, holding the output's lock; returns the manifest (see `_run_job`)."""
+    share_filesystem_options(plan.beam_args)
     with output_lock(plan.output):
         return _run_job(plan, force, on_stage)
 
@@ -124,7 +125,6 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
     per step, and are cached. `on_stage(name, entry)` is called before a stage runs (entry None) and after it
     is reused or computed."""
     options = beam_options(plan.beam_args)
-    share_filesystem_options(plan.beam_args)
     cached = plan.config.output.cache
     scratch = sibling(plan.output, f".{split(plan.output)[1]}.stages-{uuid.uuid4().hex[:12]}")
     cache = StageCache(plan.cache_dir if cached else scratch)

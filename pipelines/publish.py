@@ -19,9 +19,9 @@ from pathlib import Path
 from apache_beam.io.filesystem import BeamIOError
 
 from winnow.pipelines.storage import (
+    create_if_absent,
     delete_file,
     delete_files,
-    exists,
     is_remote,
     join,
     list_files,
@@ -92,10 +92,10 @@ def _process_alive(pid: int) -> bool:
 @contextmanager
 def output_lock(output: str):
     """One run at a time per output: `.NAME.lock` beside it holds the running job's host and pid. A lock left
-    by a killed run (its process gone) is taken over; a live one stops this run with one line. On a local
-    filesystem the lock is created atomically (O_EXCL). Beam's object-store filesystems offer no conditional
-    create, so there the lock is checked, then written: two runs started at the same moment can both pass.
-    Keep one writer per object-store output."""
+    by a killed run (its process gone) is taken over; a live one stops this run with one line. The lock is
+    created atomically on a local filesystem (O_EXCL) and on S3 (a conditional PUT); on other object stores
+    (gs://) it is checked, then written, so two runs started at the same moment can both pass there: keep one
+    writer per output."""
     lock = sibling(output, f".{split(output)[1]}.lock")
     me = {"host": platform.node(), "pid": os.getpid()}
     for _ in range(2):
@@ -121,16 +121,4 @@ def output_lock(output: str):
 
 def _create_lock(lock: str, holder: dict) -> bool:
     """Create the lock holding `holder`; False when it exists."""
-    if is_remote(lock):
-        if exists(lock):
-            return False
-        write_bytes(lock, json.dumps(holder).encode())
-        return True
-    Path(lock).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    with os.fdopen(handle, "w") as file:
-        json.dump(holder, file)
-    return True
+    return create_if_absent(lock, json.dumps(holder).encode())

@@ -9,6 +9,7 @@ Dask cluster through a worker plugin; every helper here sets them in its process
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -33,9 +34,12 @@ def share_filesystem_options(beam_args: list[str]) -> None:
     FileSystems.set_options(PipelineOptions(args))
     os.environ[OPTIONS_ENV] = json.dumps(args)
     _configured = args
-    options = PipelineOptions(args).get_all_options()
-    if str(options.get("runner") or "").endswith("DaskRunner") and options.get("dask_client_address"):
-        _share_with_dask(options["dask_client_address"], args)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--runner")
+    parser.add_argument("--dask_client_address")
+    known, _ = parser.parse_known_args(args)
+    if str(known.runner or "").endswith("DaskRunner") and known.dask_client_address:
+        _share_with_dask(known.dask_client_address, args)
 
 
 def worker_filesystems() -> None:
@@ -132,6 +136,41 @@ def write_bytes(uri: str, payload: bytes) -> None:
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging.write_bytes(payload)
     os.replace(staging, target)
+
+
+def create_if_absent(uri: str, payload: bytes) -> bool:
+    """Create a file only if none is there, atomically where the filesystem can: O_EXCL on a local disk, a
+    conditional PUT (`If-None-Match: *`) on S3. Elsewhere (gs://) it is checked, then written: two writers at
+    the same moment can both succeed. False when the file exists."""
+    uri = str(uri)
+    worker_filesystems()
+    scheme = FileSystems.get_scheme(uri)
+    if scheme == "s3":
+        from apache_beam.io.aws.clients.s3.boto3_client import Client
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        try:
+            Client(PipelineOptions(_configured or [])).client.put_object(
+                Bucket=bucket, Key=key, Body=payload, IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    if is_remote(uri):
+        if exists(uri):
+            return False
+        write_bytes(uri, payload)
+        return True
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = os.open(uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(handle, "wb") as file:
+        file.write(payload)
+    return True
 
 
 def write_json(uri: str, value: Any) -> None:

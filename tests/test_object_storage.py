@@ -137,6 +137,20 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
     assert keys(url, bucket, ".out.lock") == [], "the lock is released"
 
 
+def test_the_lock_is_a_conditional_create_on_s3_and_on_disk(s3_server, tmp_path):
+    from winnow.pipelines.storage import create_if_absent
+
+    url, s3_args = s3_server
+    upload(url, "locks", {})
+    share_filesystem_options(s3_args)
+    assert create_if_absent("s3://locks/.out.lock", b"first") is True
+    assert create_if_absent("s3://locks/.out.lock", b"second") is False, "a second create fails"
+    assert client(url).get_object(Bucket="locks", Key=".out.lock")["Body"].read() == b"first"
+    assert create_if_absent(str(tmp_path / ".out.lock"), b"first") is True
+    assert create_if_absent(str(tmp_path / ".out.lock"), b"second") is False
+    assert (tmp_path / ".out.lock").read_bytes() == b"first"
+
+
 def test_a_missing_object_is_named_with_the_underlying_message(s3_server, sample_slice, tmp_path):
     from winnow.pipelines.read import InputError
 
