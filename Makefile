@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-mix bench-runners bench-cache bench-prune bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-mix bench-scale bench-runners bench-cache bench-prune bench-select bench-rephrase eval-mix \
 	eval-quality eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -71,6 +71,9 @@ bench-runners: setup
 
 bench-mix: setup
 	$(BIN)/python bench/bench_mix.py $(ARGS)
+
+bench-scale: setup
+	$(BIN)/python bench/bench_scale.py $(ARGS)
 
 bench-cache: setup $(SAE_SAMPLE)
 	$(BIN)/python bench/bench_cache.py $(ARGS)
