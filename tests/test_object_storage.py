@@ -214,6 +214,13 @@ def test_a_run_killed_mid_stage_resumes_from_the_cache_on_s3(s3_server, sample_s
     verified = subprocess.run([sys.executable, "-m", "winnow.pipelines", "verify", f"s3://{bucket}/out", "--",
                                *s3_args], capture_output=True, text=True, timeout=300)
     assert verified.returncode == 0, verified.stderr
+    reported = subprocess.run([sys.executable, "-m", "winnow.pipelines", "report", f"s3://{bucket}/out", "--",
+                               *s3_args], capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    manifest = json.loads(client(url).get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    assert reported.stdout.strip() == f"winnow report: s3://{bucket}/out/{manifest['report']}"
+    page = client(url).get_object(Bucket=bucket, Key=f"out/{manifest['report']}")["Body"].read().decode()
+    assert "id='prune'" in page and "id='mix'" in page
     shard = next(k for k in keys(url, bucket, "out/run-") if "/shards/" in k)
     client(url).put_object(Bucket=bucket, Key=shard, Body=b"not the shard")
     broken = subprocess.run([sys.executable, "-m", "winnow.pipelines", "verify", f"s3://{bucket}/out", "--",
