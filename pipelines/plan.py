@@ -18,7 +18,7 @@ from winnow.pipelines.read import InputError, ReadTask, error_text, expected_row
 from winnow.pipelines.stage import PlanContext, Stage, Step
 from winnow.pipelines.stage_cache import code_hash, library_versions, stage_key
 from winnow.pipelines.stages import job_stages
-from winnow.pipelines.storage import is_remote, join, missing_credentials, resolve, sibling, split
+from winnow.pipelines.storage import is_remote, join, resolve, s3_problem, sibling, split
 
 STEP_RUNNER = "winnow.pipelines.stage_run"  # wraps every step in cache reading and writing: part of its code
 
@@ -91,7 +91,7 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
                           "an object-store output.path (gs://...), where the stage cache goes too")
     for role, uri, error in (("input.path", config.input.path, InputError), ("output.path", output, OutputError),
                              ("select.targets", config.select.targets or "", InputError)):
-        problem = missing_credentials(uri, options)
+        problem = s3_problem(uri, options) if uri else None
         if problem:
             raise error(f"{role} {uri}: {problem}")
     paths, tasks = plan_reads(config.input)

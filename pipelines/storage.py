@@ -233,16 +233,39 @@ def copy_tree(source: str, target: str) -> None:
         copy_file(path, join(target, path[len(source) + 1:]))
 
 
-def missing_credentials(uri: str, options: PipelineOptions) -> str | None:
-    """Why an `s3://` URI cannot be reached, found at once: without credentials Beam's S3 client retries every
-    request for minutes before it says so. None when credentials are given or boto3 finds some."""
-    if FileSystems.get_scheme(str(uri)) != "s3" or options.view_as(S3Options).s3_access_key_id:
+def s3_problem(uri: str, options: PipelineOptions) -> str | None:
+    """Why an `s3://` URI's bucket cannot be used, found at once with one request and no retries: Beam's S3
+    client retries every failed request (no credentials, an endpoint that does not answer, a missing bucket)
+    for minutes before it says so. None when the bucket answers, or for another scheme."""
+    if FileSystems.get_scheme(str(uri)) != "s3":
         return None
     try:
         import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
     except ImportError:
         return "boto3 is not installed (pip install 'winnow[aws]')"
-    if boto3.Session().get_credentials() is None:
+    s3 = options.view_as(S3Options)
+    if not s3.s3_access_key_id and boto3.Session().get_credentials() is None:
         return ("no S3 credentials: give --s3_access_key_id and --s3_secret_access_key after --, or the AWS_* "
                 "environment variables or ~/.aws/credentials")
+    client = boto3.session.Session().client(
+        "s3", region_name=s3.s3_region_name, endpoint_url=s3.s3_endpoint_url, use_ssl=not s3.s3_disable_ssl,
+        verify=s3.s3_verify, aws_access_key_id=s3.s3_access_key_id, aws_secret_access_key=s3.s3_secret_access_key,
+        aws_session_token=s3.s3_session_token,
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=30))
+    bucket = str(uri)[len("s3://"):].split("/", 1)[0]
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            return f"bucket {bucket} does not exist"
+        if code in ("403", "AccessDenied", "Forbidden"):
+            return f"access to bucket {bucket} is denied (HTTP 403)"
+        return f"bucket {bucket}: {code} ({error})"
+    except NoCredentialsError:
+        return "no S3 credentials"
+    except BotoCoreError as error:
+        return f"cannot reach S3 ({type(error).__name__}: {error})"
     return None

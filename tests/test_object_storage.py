@@ -151,14 +151,30 @@ def test_the_lock_is_a_conditional_create_on_s3_and_on_disk(s3_server, tmp_path)
     assert (tmp_path / ".out.lock").read_bytes() == b"first"
 
 
-def test_a_missing_object_is_named_with_the_underlying_message(s3_server, sample_slice, tmp_path):
+def test_a_missing_bucket_or_an_endpoint_that_does_not_answer_stops_at_planning(s3_server, sample_slice, tmp_path):
+    """One request without retries names the problem at once (Beam's own client retries for minutes)."""
+    from winnow.pipelines.publish import OutputError
     from winnow.pipelines.read import InputError
 
-    _, s3_args = s3_server
-    config = build_config(job_config("s3://no-such-bucket/in/*.parquet", tmp_path / "out"))
-    with pytest.raises(InputError, match=r"^s3://no-such-bucket/in/\*\.parquet: (no input files match|cannot list "
-                                         r"input files \(.+\))$"):
-        plan_job(config, s3_args)
+    url, s3_args = s3_server
+    missing = build_config(job_config("s3://no-such-bucket/in/*.parquet", tmp_path / "out"))
+    with pytest.raises(InputError, match=r"^input.path s3://no-such-bucket/in/\*\.parquet: bucket no-such-bucket "
+                                         r"does not exist$"):
+        plan_job(missing, s3_args)
+    output = build_config(job_config(sample_slice / "*", "s3://no-such-bucket/out"))
+    with pytest.raises(OutputError, match=r"^output.path s3://no-such-bucket/out: bucket no-such-bucket does not "
+                                          r"exist$"):
+        plan_job(output, s3_args)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    elsewhere = [arg if not arg.startswith("--s3_endpoint_url") else f"--s3_endpoint_url=http://127.0.0.1:{closed}"
+                 for arg in s3_args]
+    started = time.monotonic()
+    with pytest.raises(OutputError, match=r"^output.path s3://no-such-bucket/out: cannot reach S3 "
+                                          r"\(EndpointConnectionError: .*127\.0\.0\.1:\d+"):
+        plan_job(output, elsewhere)
+    assert time.monotonic() - started < 60, "no minutes of retries"
 
 
 def _wait_for(predicate, seconds: float, job: subprocess.Popen) -> bool:
