@@ -11,6 +11,7 @@ output that looks complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -20,24 +21,30 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from winnow.pipelines.manifest import build_manifest
+from winnow.pipelines.mix import FRAGMENTS as MIX_FRAGMENTS
 from winnow.pipelines.mix import LEDGER as MIX_LEDGER
-from winnow.pipelines.mix import PLACED, MixRecords
-from winnow.pipelines.mix import SUMMARY as MIX_SUMMARY
+from winnow.pipelines.mix import SHARDS as MIX_SHARDS
+from winnow.pipelines.mix import MixFiles, counts_pass
+from winnow.pipelines.mix import plan as mix_plan
 from winnow.pipelines.options import add_metrics, beam_options, metrics_unavailable, run_pipeline
+from winnow.pipelines.ordered_io import WriteOrderedFiles
 from winnow.pipelines.passes import Pass, run_passes
 from winnow.pipelines.plan import JobPlan, plan_job
 from winnow.pipelines.publish import OutputError, output_lock, publish
-from winnow.pipelines.records import ledger_row
+from winnow.pipelines.records import LEDGER_SCHEMA
 from winnow.pipelines.selfcheck import SelfCheckError, check_stages, failed_stages
 from winnow.pipelines.stage_cache import (
     FILES_META,
     RECORDS,
     REMOVED,
-    ReadCache,
     StageCache,
     StageEntry,
+    read_cache_file,
     read_files_meta,
     write_files_meta,
 )
@@ -48,43 +55,108 @@ from winnow.pipelines.storage import (
     delete_tree,
     is_remote,
     join,
+    open_file,
     share_filesystem_options,
     sibling,
     split,
 )
-from winnow.pipelines.write import ExtraColumnKinds, WriteLedger, WriteMixedShards, WriteShards
+from winnow.pipelines.write import (
+    LEDGER_KEYS,
+    extra_schema,
+    file_extra_kinds,
+    ledger_rows_table,
+    ledger_tally,
+    merge_kinds,
+    rows_table,
+    shard_output,
+    value_tally,
+)
 
 __all__ = ["OutputError", "beam_options", "build_output_graph", "build_stage_graph", "plan_job", "run_job"]
 
 StageCallback = Callable[[str, StageEntry | None], None]
+REMOVED_ROWS, KEPT, LEDGER_FRAGMENT = "removed", "kept", "ledger"
 
 
-def extra_kinds_pass() -> Pass:
-    """The schema of the shards' passed-through columns, over the records that reach the output."""
-    return Pass("extra_kinds", lambda records, constants: records | "ExtraKinds" >> beam.CombineGlobally(
-        ExtraColumnKinds()))
+def extra_kinds_pass(paths: list[str]) -> Pass:
+    """The schema of the shards' passed-through columns, over the cache files of the records that reach the
+    output (a typed block's column types answer for all its rows)."""
+    def build(pipeline, constants):
+        return (
+            pipeline
+            | "Files" >> beam.Create(paths)
+            | "Spread" >> beam.Reshuffle()
+            | "Kinds" >> beam.Map(file_extra_kinds)
+            | "All" >> beam.combiners.ToList()
+            | "Schema" >> beam.Map(lambda parts: extra_schema(merge_kinds(parts)))
+        )
+
+    return Pass("extra_kinds", build, reads_records=False)
+
+
+def _order_keys(path: str, kind: str) -> pa.Table:
+    with open_file(path) as handle:
+        return pq.read_table(handle, columns=["file_index", "input_row"])
+
+
+def _ledger_rows(path: str, kind: str) -> pa.Table:
+    """A source of ledger rows as a ledger table with its order keys: a stage's removed rows (pickled), the
+    mix's ledger fragments, or (without the mix) the kept records, each of which is written once."""
+    if kind == LEDGER_FRAGMENT:
+        with open_file(path) as handle:
+            return pq.read_table(handle)
+    if kind == KEPT:
+        return ledger_rows_table(rows_table(path, []), "write", None, None, 1)
+    rows = list(read_cache_file(path))
+    table = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+    for name in LEDGER_KEYS:
+        table = table.append_column(name, pa.array([row.get(name, 0) for row in rows], pa.int64()))
+    return table
+
+
+def _ledger_output(rows: pa.Table) -> pa.Table:
+    return rows.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
+
+
+def _copies(rows: pa.Table) -> int:
+    return int(pc.sum(rows.column("copies")).as_py() or 0)
+
+
+def _source_tally(rows: pa.Table) -> dict[str, int]:
+    return value_tally(rows.column("source"))
 
 
 def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: list[str],
-                       removed_paths: list[str], extra: list[tuple[str, str]]) -> None:
+                       removed_paths: list[str], extra: list[tuple[str, str]],
+                       placement: dict[str, Any] | None = None, mix_summary: dict[str, Any] | None = None) -> None:
     """The last graph: the final stage's records are mixed (or written in input order) into shards, and the
-    ledger gets every record's one row. Its last step gathers the metadata of every written file, so every
-    branch is upstream of it: Beam 2.77's DaskRunner computes only the last transform and what it depends on."""
+    ledger gets every record's one row. Records move as Arrow tables between files (mix.py, ordered_io.py);
+    the graph carries file names and metadata. Its last step gathers the metadata of every written file, so
+    every branch is upstream of it: Beam 2.77's DaskRunner computes only the last transform and what it
+    depends on."""
     config, work = plan.config, plan.work_dir
+    output = config.output
     written = []
-    kept = pipeline | "ReadKept" >> ReadCache(records_paths, ("embedding",))
-    removed = pipeline | "ReadRemoved" >> ReadCache(removed_paths)
+    removed = pipeline | "Removed" >> beam.Create([(path, REMOVED_ROWS) for path in removed_paths])
     if config.mix.enabled:
-        mixed = kept | "Mix" >> MixRecords(config.mix)
-        kept_rows = mixed[MIX_LEDGER]
-        written.append(mixed[MIX_SUMMARY])
-        written.append(mixed[PLACED] | "Shards" >> WriteMixedShards(work, config.output.row_group_rows, extra))
+        mixed = pipeline | "Mix" >> MixFiles(config.mix, work, records_paths, extra, placement or {},
+                                             output.row_group_rows)
+        written.append(mixed[MIX_SHARDS])
+        written.append(pipeline | "MixSummary" >> beam.Create([mix_summary]))
+        kept = mixed[MIX_LEDGER] | "Fragments" >> beam.Map(lambda path: (path, LEDGER_FRAGMENT))
     else:
-        kept_rows = kept | "KeptLedger" >> beam.Map(ledger_row, "kept", "write", copies=1)
-        written.append(kept | "Shards" >> WriteShards(work, config.output.shard_rows, config.output.row_group_rows,
-                                                             extra))
-    ledger = (removed, kept_rows) | "LedgerRows" >> beam.Flatten()
-    written.append(ledger | "Ledger" >> WriteLedger(work, config.output.ledger_rows, config.output.row_group_rows))
+        written.append(
+            pipeline
+            | "Kept" >> beam.Create([(path, KEPT) for path in records_paths])
+            | "Shards" >> WriteOrderedFiles(
+                work, "shards", output.shard_rows, _order_keys, lambda path, kind: rows_table(path, extra),
+                functools.partial(shard_output, extra=extra), output.row_group_rows, _source_tally))
+        kept = pipeline | "KeptRows" >> beam.Create([(path, KEPT) for path in records_paths])
+    written.append(
+        (removed, kept)
+        | "LedgerSources" >> beam.Flatten()
+        | "Ledger" >> WriteOrderedFiles(work, "ledger", output.ledger_rows, _order_keys, _ledger_rows,
+                                        _ledger_output, output.row_group_rows, ledger_tally, {"copies": _copies}))
     _ = (
         written
         | "AllFiles" >> beam.Flatten()
@@ -143,11 +215,17 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
         started = time.perf_counter()
         removed = [path for entry in entries for path in entry.all_paths(REMOVED)]
         kept = entries[-1].paths(RECORDS)
-        extra = run_passes(options, (extra_kinds_pass(),), kept, work, metrics)["extra_kinds"]
+        passes = (extra_kinds_pass(kept), counts_pass(plan.config.mix, kept)) if plan.config.mix.enabled \
+            else (extra_kinds_pass(kept),)
+        constants = run_passes(options, passes, kept, work, metrics)
+        extra = constants["extra_kinds"]
+        summary, placement = mix_plan(plan.config.mix, constants["mix_counts"]) if plan.config.mix.enabled \
+            else (None, None)
         add_metrics(metrics, run_pipeline(
-            options, lambda pipeline: build_output_graph(pipeline, plan, kept, removed, extra)))
+            options, lambda pipeline: build_output_graph(pipeline, plan, kept, removed, extra, placement, summary)))
         files = read_files_meta(join(work, FILES_META))
         delete_file(join(work, FILES_META))
+        delete_tree(join(work, MIX_FRAGMENTS))
         for planned, entry in zip(plan.stages, entries, strict=True):
             for meta in entry.metas():
                 files.append(meta)

@@ -1,17 +1,22 @@
 """Mix stage: temperature sampling with a schedule, written as shards in training order.
 
-Input: the records that reach mixing. Outputs (routed pairs, see records.split_routed):
-  placed   (shard, (shuffle_key, record with `epoch`)), one per copy of a record in the output
-  ledger   one ledger row per input record: `kept` with its number of copies, or `not_selected` (stage mix,
-           reason not_sampled) when the mixture leaves it out
-  plan     one dict: sources, sizes, the allocation and the schedule's expectation, for the manifest
+Input: the cache files of the records that reach mixing. Output: the shards (`shards/part-NNNNN.parquet`, one
+row per copy of a record, in a seeded shuffle), the ledger rows of every input record (`kept` with its number of
+copies, or `not_selected`, stage mix, reason not_sampled, when the mixture leaves it out) and a summary for the
+manifest (sources, sizes, the allocation and the schedule's expectation).
 
-Distributed as the graph's other steps are: records are grouped into blocks of (source, high bits of a seeded
-hash of the id); the block sizes (at most 2^14 per source) are gathered in one small step that computes the
-allocation (selectors.mixing) and each block's offset in its source's seeded order; a CoGroupByKey hands
-each block its offset and its source's allocation. A record of rank r in a source of n documents fills that
-source's slots r, r + n, r + 2n, ... (all documents once before any repeat), and slot j goes to the shard
-whose share of the source covers j. Inside a shard rows are ordered by a seeded hash (a shuffle).
+A record of rank r in its source of n documents (its place in the source's order by a seeded hash of the id)
+fills that source's slots r, r + n, r + 2n, ... (all documents once before any repeat), and slot j goes to the
+shard whose share of the source covers j; inside a shard rows are ordered by a seeded hash (a shuffle).
+
+Records move as Arrow tables through files, never through a GroupByKey:
+1. a pass counts each source's records, tokens and synthetic records per block of the hash's top BLOCK_BITS
+   bits (small), from which the driver computes the allocation (selectors.mixing) and each block's offset;
+2. each cache file writes its rows into one fragment per hash partition (a range of blocks);
+3. each partition is read alone, sorted by (source, hash, id), ranked from its offsets, and its copies are
+   written into one fragment per shard, its ledger rows into one fragment;
+4. each shard is its fragments, sorted by the shuffle key.
+Only file names cross the two GroupByKeys; memory is a cache file, a partition or a shard.
 """
 
 from __future__ import annotations
@@ -21,141 +26,273 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from winnow.pipelines.config import MixConfig
-from winnow.pipelines.records import ledger_row, seeded_hash, split_routed, token_count
+from winnow.pipelines.ordered_io import table_bytes, write_table_file
+from winnow.pipelines.passes import Pass
+from winnow.pipelines.records import seeded_hash, split_routed, token_counts
+from winnow.pipelines.storage import join, open_file, write_bytes
+from winnow.pipelines.write import ledger_rows_table, rows_table, shard_output, value_tally
 from winnow.selectors import mixing
 
 STAGE = "mix"
-PLACED, LEDGER, SUMMARY = "placed", "ledger", "summary"
+SHARDS, LEDGER, SUMMARY = "shards", "ledger", "summary"
 BLOCK_BITS = 14
 SYNTHETIC, REAL = "synthetic", "real"
+PARTITION_ROWS = 200_000
+FRAGMENTS = "_mix"
 
 
-class _PlanFn(beam.DoFn):
-    """All block sizes -> the allocation, each block's place in its source, and the plan for the manifest."""
+def id_hashes(seed: int, ids: list[str]) -> np.ndarray:
+    return np.fromiter((seeded_hash(seed, value) for value in ids), dtype=np.uint64, count=len(ids))
 
-    def __init__(self, config: MixConfig):
-        self.config = config
 
-    def process(self, element) -> Iterator[tuple[str, Any]]:
-        blocks = sorted(element[1])
-        sizes: dict[str, int] = {}
-        tokens: dict[str, int] = {}
-        group_of: dict[str, str] = {}
-        for (source, _), rows, block_tokens, synthetic in blocks:
-            sizes[source] = sizes.get(source, 0) + rows
-            tokens[source] = tokens.get(source, 0) + block_tokens
-            group_of[source] = SYNTHETIC if synthetic else REAL
-        share = self.config.synthetic_share
-        grouping = {}
-        if share is not None and SYNTHETIC in group_of.values():
-            grouping = {"group_of_source": group_of, "group_shares": {REAL: 1.0 - share, SYNTHETIC: share}}
-        schedule = [mixing.SchedulePoint(p.at, p.tau) for p in self.config.schedule]
-        weights = tokens if self.config.size_by == "tokens" else None
-        if self.config.total_tokens:
-            mean_tokens = {source: tokens[source] / sizes[source] for source in sizes}
-            total = mixing.records_for_tokens(
-                self.config.total_tokens, sizes, mean_tokens, schedule, self.config.schedule_kind, weights, **grouping
-            )
-        else:
-            total = self.config.total_records or sum(sizes.values())
-        if total == 0:
-            yield SUMMARY, {"dir": "_mix_summary", "sources": [], "shards": 0}
-            return
-        shards = min(self.config.shards, total)
-        plan = mixing.plan_mix(
-            sizes, schedule, total, shards, self.config.schedule_kind, self.config.max_epochs, weights, **grouping
+def _hashed_rows(path: str, seed: int, extra: list[tuple[str, str]]) -> pa.Table:
+    rows = rows_table(path, extra)
+    hashes = id_hashes(seed, rows.column("id").to_pylist())
+    rows = rows.append_column("hash", pa.array(hashes, pa.uint64()))
+    return rows.append_column("tokens", token_counts(rows.column("text")).cast(pa.int64()))
+
+
+def _file_counts(path: str, seed: int) -> dict[str, Any]:
+    """One cache file -> {source: (blocks, rows per block, tokens per block, synthetic rows per block)}."""
+    rows = _hashed_rows(path, seed, [])
+    blocks = (rows.column("hash").to_numpy() >> np.uint64(64 - BLOCK_BITS)).astype(np.int64)
+    sources = rows.column("source").to_numpy(zero_copy_only=False)
+    tokens = rows.column("tokens").to_numpy()
+    synthetic = pc.fill_null(pc.not_equal(rows.column("parent_id"), ""), False).to_numpy(zero_copy_only=False)
+    counts = {}
+    for source in np.unique(sources).tolist():
+        mine = sources == source
+        found, inverse = np.unique(blocks[mine], return_inverse=True)
+        counts[source] = (found, np.bincount(inverse), np.bincount(inverse, weights=tokens[mine]).astype(np.int64),
+                          np.bincount(inverse, weights=synthetic[mine]).astype(np.int64))
+    return counts
+
+
+def _merge_counts(parts) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per-file counts -> per source: (blocks, rows, tokens, synthetic rows), blocks ascending."""
+    gathered: dict[str, list] = {}
+    for part in parts:
+        for source, arrays in part.items():
+            gathered.setdefault(source, []).append(arrays)
+    merged = {}
+    for source in sorted(gathered):
+        blocks = np.concatenate([a[0] for a in gathered[source]])
+        found, inverse = np.unique(blocks, return_inverse=True)
+        merged[source] = (found, *(np.bincount(inverse, weights=np.concatenate([a[i] for a in gathered[source]]),
+                                               minlength=len(found)).astype(np.int64) for i in (1, 2, 3)))
+    return merged
+
+
+def counts_pass(config: MixConfig, paths: list[str]) -> Pass:
+    """Per source and hash block: records, tokens, synthetic records, over the final records' cache files."""
+    seed = config.seed
+
+    def build(pipeline, constants):
+        return (
+            pipeline
+            | "Files" >> beam.Create(paths)
+            | "Spread" >> beam.Reshuffle()
+            | "Counts" >> beam.Map(_file_counts, seed)
+            | "Merge" >> beam.combiners.ToList()
+            | "Merged" >> beam.Map(_merge_counts)
         )
-        column = {source: index for index, source in enumerate(plan.sources)}
-        offsets: dict[str, int] = {}
-        for block, rows, _, _ in blocks:
-            source = block[0]
-            index = column[source]
-            yield "block", (block, (offsets.get(source, 0), plan.sizes[index], plan.counts[:, index].tolist()))
-            offsets[source] = offsets.get(source, 0) + rows
-        yield SUMMARY, {
-            "dir": "_mix_summary",
-            "sources": plan.sources,
-            "sizes": plan.sizes,
-            "tokens": [tokens[s] for s in plan.sources],
-            "shards": shards,
-            "total": total,
-            "counts": plan.counts.tolist(),
-            "expected": plan.expected.tolist(),
-            "schedule_expected": plan.schedule_expected.tolist(),
-            "shard_taus": plan.shard_taus,
-            "groups": grouping.get("group_of_source"),
-            "group_shares": grouping.get("group_shares"),
+
+    return Pass("mix_counts", build, reads_records=False)
+
+
+def plan(config: MixConfig, counts: dict[str, tuple[np.ndarray, ...]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The allocation from the per-block counts: (summary for the manifest, placement constants)."""
+    sizes = {source: int(found[1].sum()) for source, found in counts.items()}
+    tokens = {source: int(found[2].sum()) for source, found in counts.items()}
+    # as the block-by-block plan always did: the group of a source is that of its last block
+    group_of = {source: SYNTHETIC if found[3][-1] > 0 else REAL for source, found in counts.items()}
+    share = config.synthetic_share
+    grouping = {}
+    if share is not None and SYNTHETIC in group_of.values():
+        grouping = {"group_of_source": group_of, "group_shares": {REAL: 1.0 - share, SYNTHETIC: share}}
+    schedule = [mixing.SchedulePoint(p.at, p.tau) for p in config.schedule]
+    weights = tokens if config.size_by == "tokens" else None
+    if config.total_tokens:
+        mean_tokens = {source: tokens[source] / sizes[source] for source in sizes}
+        total = mixing.records_for_tokens(
+            config.total_tokens, sizes, mean_tokens, schedule, config.schedule_kind, weights, **grouping
+        )
+    else:
+        total = config.total_records or sum(sizes.values())
+    if total == 0:
+        return {"dir": "_mix_summary", "sources": [], "shards": 0}, {}
+    shards = min(config.shards, total)
+    mix = mixing.plan_mix(sizes, schedule, total, shards, config.schedule_kind, config.max_epochs, weights,
+                          **grouping)
+    all_rows = sum(sizes.values())
+    partition_bits = min(BLOCK_BITS, max(0, int(np.ceil(np.log2(max(1.0, all_rows / PARTITION_ROWS))))))
+    placement = {"partition_bits": partition_bits, "shards": shards, "sources": {}}
+    for index, source in enumerate(mix.sources):
+        found = counts[source]
+        partitions = found[0] >> (BLOCK_BITS - partition_bits)
+        before = np.zeros(1 << partition_bits, dtype=np.int64)
+        np.add.at(before, partitions, found[1])
+        placement["sources"][source] = {
+            "size": mix.sizes[index],
+            "cumulative": np.cumsum(mix.counts[:, index]).astype(np.int64),
+            "offsets": np.concatenate([[0], np.cumsum(before)[:-1]]).astype(np.int64),
         }
+    summary = {
+        "dir": "_mix_summary",
+        "sources": mix.sources,
+        "sizes": mix.sizes,
+        "tokens": [tokens[s] for s in mix.sources],
+        "shards": shards,
+        "total": total,
+        "counts": mix.counts.tolist(),
+        "expected": mix.expected.tolist(),
+        "schedule_expected": mix.schedule_expected.tolist(),
+        "shard_taus": mix.shard_taus,
+        "groups": grouping.get("group_of_source"),
+        "group_shares": grouping.get("group_shares"),
+    }
+    return summary, placement
+
+
+def _read(path: str) -> pa.Table:
+    with open_file(path) as handle:
+        return pq.read_table(handle)
+
+
+def _write(path: str, table: pa.Table) -> None:
+    write_bytes(path, table_bytes(table, 65_536))
+
+
+class _PartitionFn(beam.DoFn):
+    """(index, cache file) -> its rows written as one fragment per hash partition; (partition, fragment)."""
+
+    def __init__(self, work: str, seed: int, extra, partition_bits: int):
+        self.work = work
+        self.seed = seed
+        self.extra = extra
+        self.partition_bits = partition_bits
+
+    def process(self, element) -> Iterator[tuple[int, str]]:
+        index, path = element
+        rows = _hashed_rows(path, self.seed, self.extra)
+        partitions = (rows.column("hash").to_numpy() >> np.uint64(64 - self.partition_bits)).astype(np.int64) \
+            if self.partition_bits else np.zeros(rows.num_rows, dtype=np.int64)
+        for partition in np.unique(partitions).tolist():
+            fragment = join(self.work, FRAGMENTS, f"partition-{partition:05d}", f"part-{index:05d}.parquet")
+            _write(fragment, rows.filter(pa.array(partitions == partition)))
+            yield partition, fragment
 
 
 class _PlaceFn(beam.DoFn):
-    """A block and its source's allocation -> the copies of its records in shards, and their ledger rows."""
+    """A hash partition -> its records ranked in their sources, their copies written into one fragment per
+    shard, their ledger rows into one fragment; routed (SHARDS, (shard, fragment)) and (LEDGER, fragment)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, work: str, seed: int, placement: dict[str, Any]):
+        self.work = work
         self.seed = seed
+        self.placement = placement
         self.placed = beam.metrics.Metrics.counter("winnow.mix", "copies_placed")
         self.left_out = beam.metrics.Metrics.counter("winnow.mix", "records_not_sampled")
 
     def process(self, element) -> Iterator[tuple[str, Any]]:
-        _, joined = element
-        infos = list(joined["info"])
-        members = [record for group in joined["members"] for record in group]
-        if len(infos) != 1:
-            raise RuntimeError(f"internal error: block {element[0]} has {len(infos)} allocations")
-        offset, size, shard_counts = infos[0]
-        cumulative = np.cumsum(shard_counts)
-        slots_total = int(cumulative[-1])
-        ordered = sorted(members, key=lambda r: (seeded_hash(self.seed, r["id"]), r["id"]))
-        for index, record in enumerate(ordered):
-            rank = offset + index
-            slots = np.arange(rank, slots_total, size)
-            shards = np.searchsorted(cumulative, slots, side="right")
-            for slot, shard in zip(slots.tolist(), shards.tolist(), strict=True):
-                epoch = slot // size
-                copy = {**record, "epoch": epoch}
-                yield PLACED, (shard, (seeded_hash(self.seed, record["id"], epoch, "shuffle"), copy))
-            if len(slots):
-                self.placed.inc(len(slots))
-                yield LEDGER, ledger_row(record, "kept", "write", None, f"{len(slots)} copies", copies=len(slots))
-            else:
-                self.left_out.inc()
-                yield LEDGER, ledger_row(record, "not_selected", STAGE, "not_sampled",
-                                         "the mixture did not draw this record", copies=0)
+        partition, fragments = element
+        rows = pa.concat_tables([_read(path) for path in sorted(fragments)])
+        rows = rows.sort_by([("source", "ascending"), ("hash", "ascending"), ("id", "ascending")])
+        sources = rows.column("source").to_numpy(zero_copy_only=False)
+        ranks = np.zeros(rows.num_rows, dtype=np.int64)
+        sizes = np.ones(rows.num_rows, dtype=np.int64)
+        totals = np.zeros(rows.num_rows, dtype=np.int64)
+        starts = np.flatnonzero(np.r_[True, sources[1:] != sources[:-1]]) if rows.num_rows else []
+        bounds = [*list(starts), rows.num_rows]
+        shard_of_copy = []
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            info = self.placement["sources"][sources[start]]
+            ranks[start:stop] = info["offsets"][partition] + np.arange(stop - start)
+            sizes[start:stop] = info["size"]
+            totals[start:stop] = info["cumulative"][-1]
+        copies = np.maximum(0, -(-(totals - ranks) // sizes))
+        owner = np.repeat(np.arange(rows.num_rows), copies)
+        epochs = np.arange(len(owner)) - np.repeat(np.cumsum(copies) - copies, copies)
+        slots = ranks[owner] + epochs * sizes[owner]
+        shard_of_copy = np.zeros(len(owner), dtype=np.int64)
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            mine = (owner >= start) & (owner < stop)
+            cumulative = self.placement["sources"][sources[start]]["cumulative"]
+            shard_of_copy[mine] = np.searchsorted(cumulative, slots[mine], side="right")
+        placed = rows.take(pa.array(owner, pa.int64())).set_column(
+            rows.schema.get_field_index("epoch"), "epoch", pa.array(epochs, pa.int64()))
+        ids = placed.column("id").to_pylist()
+        shuffle = np.fromiter((seeded_hash(self.seed, value, int(epoch), "shuffle")
+                               for value, epoch in zip(ids, epochs.tolist(), strict=True)),
+                              dtype=np.uint64, count=len(ids))
+        placed = placed.append_column("shuffle", pa.array(shuffle, pa.uint64()))
+        for shard in np.unique(shard_of_copy).tolist():
+            fragment = join(self.work, FRAGMENTS, f"shard-{shard:05d}", f"part-{partition:05d}.parquet")
+            _write(fragment, placed.filter(pa.array(shard_of_copy == shard)))
+            yield SHARDS, (shard, fragment)
+        kept = copies > 0
+        detail = pa.array([f"{count} copies" if count else "the mixture did not draw this record"
+                           for count in copies.tolist()], pa.string())
+        ledger = ledger_rows_table(
+            rows, pa.array(np.where(kept, "write", STAGE)), pa.array(np.where(kept, None, "not_sampled")),
+            detail, copies)
+        fragment = join(self.work, FRAGMENTS, "ledger", f"part-{partition:05d}.parquet")
+        _write(fragment, ledger)
+        self.placed.inc(int(copies.sum()))
+        self.left_out.inc(int((~kept).sum()))
+        yield LEDGER, fragment
 
 
-class MixRecords(beam.PTransform):
-    """records -> {placed, ledger, plan} (see the module docstring)."""
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, work: str, extra, row_group_rows: int):
+        self.work = work
+        self.extra = extra
+        self.row_group_rows = row_group_rows
 
-    def __init__(self, config: MixConfig):
+    def process(self, element) -> Iterator[dict[str, Any]]:
+        shard, fragments = element
+        rows = pa.concat_tables([_read(path) for path in sorted(fragments)]).sort_by("shuffle")
+        yield write_table_file(self.work, "shards", shard, shard_output(rows, self.extra), self.row_group_rows,
+                               value_tally(rows.column("source")), {"tokens": int(pc.sum(rows.column("tokens"))
+                                                                                   .as_py() or 0)})
+
+
+class MixFiles(beam.PTransform):
+    """The final records' cache files -> {shards: shard file metadata, ledger: ledger fragment files}; the
+    allocation (`placement`) comes from `plan` over the counts pass."""
+
+    def __init__(self, config: MixConfig, work: str, paths: list[str], extra, placement: dict[str, Any],
+                 row_group_rows: int):
         super().__init__()
         self.config = config
+        self.work = work
+        self.paths = paths
+        self.extra = extra
+        self.placement = placement
+        self.row_group_rows = row_group_rows
 
-    def expand(self, records):
+    def expand(self, pbegin):
         seed = self.config.seed
-        grouped = (
-            records
-            | "Block" >> beam.Map(lambda r: ((r["source"], seeded_hash(seed, r["id"]) >> (64 - BLOCK_BITS)), r))
-            | "GroupBlocks" >> beam.GroupByKey()
-            | "Listed" >> beam.MapTuple(lambda block, members: (block, list(members)))
-        )
-        planned = split_routed(
-            grouped
-            | "BlockSizes" >> beam.MapTuple(
-                lambda block, members: (None, (block, len(members), sum(token_count(r["text"]) for r in members),
-                                               any(r.get("parent_id") for r in members)))
-            )
-            | "AllBlocks" >> beam.GroupByKey()
-            | "Plan" >> beam.ParDo(_PlanFn(self.config)),
-            "Planned",
-            ("block", SUMMARY),
-        )
+        if not self.placement:
+            return {SHARDS: pbegin | "NoShards" >> beam.Create([]), LEDGER: pbegin | "NoFragments" >> beam.Create([])}
         placed = split_routed(
-            {"members": grouped, "info": planned["block"]}
-            | "Join" >> beam.CoGroupByKey()
-            | "Place" >> beam.ParDo(_PlaceFn(seed)),
+            pbegin
+            | "Files" >> beam.Create(list(enumerate(self.paths)))
+            | "Spread" >> beam.Reshuffle()
+            | "Partition" >> beam.ParDo(_PartitionFn(self.work, seed, self.extra, self.placement["partition_bits"]))
+            | "ByPartition" >> beam.GroupByKey()
+            | "Place" >> beam.ParDo(_PlaceFn(self.work, seed, self.placement)),
             "Placed",
-            (PLACED, LEDGER),
+            (SHARDS, LEDGER),
         )
-        return {PLACED: placed[PLACED], LEDGER: placed[LEDGER], SUMMARY: planned[SUMMARY]}
+        shards = (
+            placed[SHARDS]
+            | "ByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(_WriteShardFn(self.work, self.extra, self.row_group_rows))
+        )
+        return {SHARDS: shards, LEDGER: placed[LEDGER]}

@@ -1,5 +1,9 @@
 """Ordered Parquet output without collecting a collection on one worker.
 
+`WriteOrderedFiles` (shards without the mix, the ledger) moves no rows through a GroupByKey: its sources are
+files of rows that carry their input order keys, and each output file's task reads the order blocks it needs.
+The element path below (`AssignPositions`, `WriteOrderedParquet`) is what the embed stage still uses.
+
 `AssignPositions` numbers elements 0..n-1 in a global order (e.g. input order): elements are grouped into
 blocks of the order key, the block sizes (n / block_rows of them) are turned into offsets in one small
 global step, joined back to their blocks, and each block is sorted and numbered from its offset. The join is
@@ -17,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -96,26 +101,13 @@ class WriteFileFn(beam.DoFn):
     def process(self, element) -> Iterator[dict[str, Any]]:
         file_number, numbered = element
         rows = [row for _, row in sorted(numbered, key=lambda pair: pair[0])]
-        table = self.to_table(rows)
-        payload = table_bytes(table, self.row_group_rows)
-        name = f"part-{file_number:05d}.parquet"
-        write_bytes(FileSystems.join(self.directory, self.relative_dir, name), payload)
         tally: dict[str, int] = {}
         for row in rows:
             key = self.tally_key(row)
             tally[key] = tally.get(key, 0) + 1
-        meta = {
-            "dir": self.relative_dir,
-            "file": f"{self.relative_dir}/{name}",
-            "index": file_number,
-            "rows": table.num_rows,
-            "bytes": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest(),
-            "tally": dict(sorted(tally.items())),
-        }
-        for name, value_of in self.sums.items():
-            meta[name] = sum(value_of(row) for row in rows)
-        yield meta
+        sums = {name: sum(value_of(row) for row in rows) for name, value_of in self.sums.items()}
+        yield write_table_file(self.directory, self.relative_dir, file_number, self.to_table(rows),
+                               self.row_group_rows, tally, sums)
 
 
 class WriteOrderedParquet(beam.PTransform):
@@ -155,3 +147,120 @@ class WriteOrderedParquet(beam.PTransform):
             )
         )
         return metas
+
+
+ORDER_BLOCK_ROWS = 10_000
+ORDER_KEYS = ("file_index", "input_row", "variant")
+
+
+def _order_blocks(table: pa.Table) -> np.ndarray:
+    """Each row's order block: (file_index, input_row // ORDER_BLOCK_ROWS) packed into one int64."""
+    files = table.column("file_index").to_numpy().astype(np.int64)
+    rows = table.column("input_row").to_numpy().astype(np.int64)
+    return (files << 32) | (rows // ORDER_BLOCK_ROWS)
+
+
+def _source_blocks(source: tuple[str, str], read_keys: Callable[[str, str], pa.Table]):
+    path, kind = source
+    blocks, counts = np.unique(_order_blocks(read_keys(path, kind)), return_counts=True)
+    return None, (path, kind, dict(zip(blocks.tolist(), counts.tolist(), strict=True)))
+
+
+def plan_ordered_files(sources: Iterable[tuple[str, str, dict[int, int]]], rows_per_file: int
+                       ) -> Iterator[tuple[int, int, int, int, list[tuple[str, str, list[int]]]]]:
+    """Per-source order-block counts -> one task per output file: (file number, first position, end position,
+    position of the task's first block, [(path, kind, blocks to take)]). File k holds positions
+    [k * rows_per_file, (k + 1) * rows_per_file) of the global order."""
+    sources = sorted(sources)
+    totals: dict[int, int] = {}
+    for _, _, counts in sources:
+        for block, count in counts.items():
+            totals[block] = totals.get(block, 0) + count
+    ordered = sorted(totals)
+    starts = np.cumsum([0] + [totals[block] for block in ordered])
+    total = int(starts[-1])
+    for number in range(-(-total // rows_per_file)):
+        first, end = number * rows_per_file, min(total, (number + 1) * rows_per_file)
+        low = int(np.searchsorted(starts, first, side="right")) - 1
+        high = int(np.searchsorted(starts, end, side="left"))
+        wanted = set(ordered[low:high])
+        parts = [(path, kind, sorted(wanted & counts.keys())) for path, kind, counts in sources]
+        yield number, first, end, int(starts[low]), [part for part in parts if part[2]]
+
+
+class _WriteOrderedFileFn(beam.DoFn):
+    """A planned output file: the rows of its blocks from every source, sorted, cut at its positions."""
+
+    def __init__(self, directory, relative_dir, read_rows, to_output, row_group_rows, tally, sums):
+        self.directory = directory
+        self.relative_dir = relative_dir
+        self.read_rows = read_rows
+        self.to_output = to_output
+        self.row_group_rows = row_group_rows
+        self.tally = tally
+        self.sums = sums
+
+    def process(self, task) -> Iterator[dict[str, Any]]:
+        number, first, end, block_start, parts = task
+        tables = []
+        for path, kind, blocks in parts:
+            table = self.read_rows(path, kind)
+            tables.append(table.filter(pa.array(np.isin(_order_blocks(table), blocks))))
+        rows = pa.concat_tables(tables).sort_by([(name, "ascending") for name in ORDER_KEYS])
+        rows = rows.slice(first - block_start, end - first)
+        yield write_table_file(self.directory, self.relative_dir, number, self.to_output(rows),
+                               self.row_group_rows, self.tally(rows),
+                               {name: value_of(rows) for name, value_of in self.sums.items()})
+
+
+def write_table_file(directory: str, relative_dir: str, number: int, table: pa.Table, row_group_rows: int,
+                     tally: dict[str, int], sums: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write `relative_dir/part-NNNNN.parquet`; its manifest metadata (as WriteFileFn gives it)."""
+    payload = table_bytes(table, row_group_rows)
+    name = f"part-{number:05d}.parquet"
+    write_bytes(FileSystems.join(directory, relative_dir, name), payload)
+    meta = {
+        "dir": relative_dir,
+        "file": f"{relative_dir}/{name}",
+        "index": number,
+        "rows": table.num_rows,
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "tally": dict(sorted(tally.items())),
+    }
+    meta.update(sums or {})
+    return meta
+
+
+class WriteOrderedFiles(beam.PTransform):
+    """(path, kind) of files whose rows carry ORDER_KEYS -> DIRECTORY/RELATIVE_DIR/part-NNNNN.parquet of
+    `rows_per_file` consecutive rows in that order; returns their metadata. No GroupByKey holds the rows: each
+    source's order-block counts are gathered (small), each output file is planned from them, and its task
+    reads only the blocks it needs. `read_keys(path, kind)` reads the order keys, `read_rows(path, kind)` the
+    rows, `to_output(rows)` makes the file's table; `tally(rows)` and `sums` give its metadata."""
+
+    def __init__(self, directory: str, relative_dir: str, rows_per_file: int, read_keys, read_rows, to_output,
+                 row_group_rows: int, tally, sums=None):
+        super().__init__()
+        self.directory = directory
+        self.relative_dir = relative_dir
+        self.rows_per_file = rows_per_file
+        self.read_keys = read_keys
+        self.read_rows = read_rows
+        self.to_output = to_output
+        self.row_group_rows = row_group_rows
+        self.tally = tally
+        self.sums = sums or {}
+
+    def expand(self, sources):
+        rows_per_file = self.rows_per_file
+        return (
+            sources
+            | "Blocks" >> beam.Map(_source_blocks, self.read_keys)
+            | "AllBlocks" >> beam.GroupByKey()
+            | "Plan" >> beam.FlatMapTuple(lambda _, found: plan_ordered_files(found, rows_per_file))
+            | "Spread" >> beam.Reshuffle()
+            | "Write" >> beam.ParDo(_WriteOrderedFileFn(
+                self.directory, self.relative_dir, self.read_rows, self.to_output, self.row_group_rows,
+                self.tally, self.sums))
+        )

@@ -100,7 +100,7 @@ def plan_job(config: WinnowConfig, beam_args: list[str]) -> JobPlan:
     except BeamIOError as error:
         raise OutputError(f"{output}: cannot list the output ({error_text(error)})") from None
     workers = worker_processes(beam_options(beam_args))
-    context = PlanContext(config, workers, output, paths, expected_rows(tasks), {})
+    context = PlanContext(config, workers, output, paths, expected_rows(tasks), {}, tasks)
     planned = []
     for stage in stages:
         plan = stage.plan(context)

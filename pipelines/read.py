@@ -16,14 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from winnow.pipelines.config import InputConfig
-from winnow.pipelines.progress import Progress
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -256,7 +253,7 @@ def make_record(
     }
 
 
-def _open_on_worker(path: str):
+def open_on_worker(path: str):
     """A planned input file, opened on a worker. A file that the driver listed but a worker cannot open (a
     path that only the driver's machine has, missing credentials) stops the run: its rows are not damaged."""
     try:
@@ -265,77 +262,66 @@ def _open_on_worker(path: str):
         raise InputError(f"{path}: a worker cannot open this input file ({error_text(error)})") from None
 
 
-class _ReadTaskFn(beam.DoFn):
-    def __init__(self, config: InputConfig, total: int | None = None, beam_args: tuple[str, ...] = ()):
-        self.config = config
-        self.total = total
-        self.beam_args = beam_args
-        self.rows = beam.metrics.Metrics.counter("winnow.read", "rows")
+def read_row_group(task: ReadTask) -> tuple[pa.Table | None, tuple[str, str] | None]:
+    """A planned row group as a table, or the problem that rejects all its rows (a damaged row group)."""
+    handle = open_on_worker(task.path)
+    try:
+        with handle:
+            return pq.ParquetFile(handle).read_row_group(task.row_group), None
+    except Exception as error:  # noqa: BLE001 - a damaged row group: its rows are rejected, not lost
+        return None, ("unreadable_row_group", f"row group {task.row_group}: {_short(error)}")
 
-    def setup(self):
-        if self.beam_args:  # a worker process of its own gets the filesystems' credentials and endpoints here
-            FileSystems.set_options(PipelineOptions(list(self.beam_args)))
-        self.progress = Progress("read", self.total)
 
-    def process(self, task: ReadTask) -> Iterator[dict[str, Any]]:
-        reader = self._parquet if task.fmt == "parquet" else self._jsonl
-        count = 0
-        for record in reader(task):
-            count += 1
-            yield record
-        self.rows.inc(count)
-        self.progress.advance(count)
+def broken_records(task: ReadTask, config: InputConfig, problem: tuple[str, str]) -> Iterator[dict[str, Any]]:
+    """The records of a row group that could not be read: one rejected record per row."""
+    for offset in range(task.rows or 0):
+        yield make_record({}, task, task.first_row + offset, config, problem=problem)
 
-    def _parquet(self, task: ReadTask) -> Iterator[dict[str, Any]]:
-        handle = _open_on_worker(task.path)
-        try:
-            with handle:
-                table = pq.ParquetFile(handle).read_row_group(task.row_group)
-        except Exception as error:  # noqa: BLE001 - a damaged row group: its rows are rejected, not lost
-            problem = ("unreadable_row_group", f"row group {task.row_group}: {_short(error)}")
-            for offset in range(task.rows or 0):
-                yield self._broken(task, task.first_row + offset, problem)
-            return
-        try:
-            rows = table.to_pylist()
-        except Exception:  # noqa: BLE001 - e.g. invalid UTF-8 inside a string column: find the rows
-            rows = None
-        if rows is not None:
-            for offset, values in enumerate(rows):
-                yield make_record(values, task, task.first_row + offset, self.config)
-            return
-        for offset in range(table.num_rows):
+
+def row_record(table: pa.Table, offset: int, task: ReadTask, config: InputConfig) -> dict[str, Any]:
+    """One row of a row group as a record; a row that cannot be decoded is a rejected record naming why."""
+    row = task.first_row + offset
+    try:
+        values = table.slice(offset, 1).to_pylist()[0]
+    except UnicodeDecodeError as error:
+        return make_record({}, task, row, config, problem=("invalid_utf8", f"byte {error.start} of a string column"))
+    except Exception as error:  # noqa: BLE001
+        return make_record({}, task, row, config, problem=("unreadable_row", _short(error)))
+    return make_record(values, task, row, config)
+
+
+def table_records(table: pa.Table, task: ReadTask, config: InputConfig) -> Iterator[dict[str, Any]]:
+    """A row group's rows as records, in order; rows that cannot be decoded are found one by one."""
+    try:
+        rows = table.to_pylist()
+    except Exception:  # noqa: BLE001 - e.g. invalid UTF-8 inside a string column: find the rows
+        rows = None
+    if rows is not None:
+        for offset, values in enumerate(rows):
+            yield make_record(values, task, task.first_row + offset, config)
+        return
+    for offset in range(table.num_rows):
+        yield row_record(table, offset, task, config)
+
+
+def jsonl_records(task: ReadTask, config: InputConfig) -> Iterator[dict[str, Any]]:
+    """A JSON Lines file's lines as records; a line that is not a JSON object is a rejected record."""
+    with open_on_worker(task.path) as handle:
+        for row, line in enumerate(handle):
+            if not line.strip():
+                continue
             try:
-                values = table.slice(offset, 1).to_pylist()[0]
+                values = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as error:
-                yield self._broken(task, task.first_row + offset, ("invalid_utf8", f"byte {error.start} of a "
-                                                                  "string column"))
+                yield make_record({}, task, row, config, problem=("invalid_utf8", f"byte {error.start} of the line"))
                 continue
-            except Exception as error:  # noqa: BLE001
-                yield self._broken(task, task.first_row + offset, ("unreadable_row", _short(error)))
+            except json.JSONDecodeError as error:
+                yield make_record({}, task, row, config, problem=("invalid_json", error.msg))
                 continue
-            yield make_record(values, task, task.first_row + offset, self.config)
-
-    def _jsonl(self, task: ReadTask) -> Iterator[dict[str, Any]]:
-        with _open_on_worker(task.path) as handle:
-            for row, line in enumerate(handle):
-                if not line.strip():
-                    continue
-                try:
-                    values = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError as error:
-                    yield self._broken(task, row, ("invalid_utf8", f"byte {error.start} of the line"))
-                    continue
-                except json.JSONDecodeError as error:
-                    yield self._broken(task, row, ("invalid_json", error.msg))
-                    continue
-                if not isinstance(values, dict):
-                    yield self._broken(task, row, ("not_an_object", f"a JSON {type(values).__name__}"))
-                    continue
-                yield make_record(values, task, row, self.config)
-
-    def _broken(self, task: ReadTask, row: int, problem: tuple[str, str]) -> dict[str, Any]:
-        return make_record({}, task, row, self.config, problem=problem)
+            if not isinstance(values, dict):
+                yield make_record({}, task, row, config, problem=("not_an_object", f"a JSON {type(values).__name__}"))
+                continue
+            yield make_record(values, task, row, config)
 
 
 def read_column(file: str, column: str, what: str) -> list[Any]:
@@ -365,21 +351,3 @@ def expected_rows(tasks: list[ReadTask]) -> int | None:
     if any(task.rows is None for task in tasks):
         return None
     return sum(task.rows for task in tasks)
-
-
-class ReadRecords(beam.PTransform):
-    """Planned read tasks -> records, in parallel over row groups and files."""
-
-    def __init__(self, config: InputConfig, tasks: list[ReadTask], beam_args: list[str] | None = None):
-        super().__init__()
-        self.config = config
-        self.tasks = tasks
-        self.beam_args = tuple(beam_args or ())
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "Tasks" >> beam.Create(self.tasks)
-            | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadTaskFn(self.config, expected_rows(self.tasks), self.beam_args))
-        )

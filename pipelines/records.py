@@ -111,3 +111,15 @@ def split_routed(routed, label: str, routes: tuple[str, ...]) -> dict[str, Any]:
             yield pair[1]
 
     return {route: routed | f"{label}{route.title()}" >> beam.FlatMap(only, route) for route in routes}
+
+
+# a character that str.strip() and str.split() do not treat as whitespace (RE2 syntax, for Arrow compute)
+NOT_WHITESPACE = ("[^\\t-\\r\\x{1c}- \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}"
+                  "\\x{205f}\\x{3000}]")
+
+
+def token_counts(texts) -> pa.Array:
+    """`token_count` of every text of an Arrow string array: the runs of non-whitespace characters."""
+    import pyarrow.compute as pc
+
+    return pc.count_substring_regex(texts, NOT_WHITESPACE + "+")

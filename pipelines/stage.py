@@ -78,7 +78,7 @@ class Step:
 @dataclass
 class PlanContext:
     """What planning a stage may look at: the config, worker count, the output path, the input's expected
-    rows and the plans of the stages before it."""
+    rows, the plans of the stages before it and the input's read tasks."""
 
     config: WinnowConfig
     workers: int
@@ -86,6 +86,7 @@ class PlanContext:
     input_paths: list[str]
     expected_records: int | None
     plans: dict[str, Any]
+    tasks: list[Any] = field(default_factory=list)
 
 
 @dataclass

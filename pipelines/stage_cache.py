@@ -3,6 +3,7 @@
 A stage's output is its records (what the next stage reads), the ledger rows of the records it removed, and the
 metadata of any files it wrote (summaries, embeddings, centroids). It is stored in `.OUT.cache/STAGE-KEY/`:
   records/part-FFFFF-BBBBB.parquet   pickled records, one file per block of 10,000 input rows (file F, block B)
+  records/block-FFFFF-GGGGG.parquet  or typed blocks (blocks.py), one per row group G of input file F (validate)
   removed/part-FFFFF-BBBBB.parquet   pickled ledger rows, likewise
   STEP/...                           an earlier step of the stage (e.g. prune's `clusters`): the same layout
                                      and its own step.json, so that it can be reused when only later steps change
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
+from winnow.pipelines.blocks import block_records, is_block
 from winnow.pipelines.ordered_io import table_bytes
 from winnow.pipelines.storage import (
     delete_file,
@@ -60,7 +62,7 @@ FILES_META = "_files.json"  # what a pipeline wrote: its last step gathers every
 STEP_FILE = "step.json"
 RECORDS, REMOVED = "records", "removed"
 BLOCK_ROWS = 10_000
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _CACHE_SCHEMA = pa.schema(
     [("file_index", pa.int64()), ("input_row", pa.int64()), ("variant", pa.int64()), ("record", pa.binary())]
 )
@@ -156,6 +158,23 @@ def _cache_order(element: dict[str, Any]) -> tuple:
     return element["file_index"], element["input_row"], element.get("variant", 0), str(element.get("id"))
 
 
+def write_records_file(directory: str, relative: str, elements: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Records or ledger rows, in input order, as one file of pickled dicts; its file metadata."""
+    ordered = sorted(elements, key=_cache_order)
+    table = pa.table(
+        [
+            pa.array([e["file_index"] for e in ordered], pa.int64()),
+            pa.array([e["input_row"] for e in ordered], pa.int64()),
+            pa.array([e.get("variant", 0) for e in ordered], pa.int64()),
+            pa.array([pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL) for e in ordered], pa.binary()),
+        ],
+        schema=_CACHE_SCHEMA,
+    )
+    payload = table_bytes(table, 1_000)
+    write_bytes(join(directory, relative), payload)
+    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": len(ordered), "bytes": len(payload)}
+
+
 class _WriteCacheFileFn(beam.DoFn):
     def __init__(self, directory: str, name: str):
         self.directory = directory
@@ -163,20 +182,7 @@ class _WriteCacheFileFn(beam.DoFn):
 
     def process(self, element: tuple[tuple[int, int], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         (file_index, block), members = element
-        ordered = sorted(members, key=_cache_order)
-        table = pa.table(
-            [
-                pa.array([e["file_index"] for e in ordered], pa.int64()),
-                pa.array([e["input_row"] for e in ordered], pa.int64()),
-                pa.array([e.get("variant", 0) for e in ordered], pa.int64()),
-                pa.array([pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL) for e in ordered], pa.binary()),
-            ],
-            schema=_CACHE_SCHEMA,
-        )
-        payload = table_bytes(table, 1_000)
-        relative = f"{self.name}/part-{file_index:05d}-{block:05d}.parquet"
-        write_bytes(join(self.directory, relative), payload)
-        yield {"dir": self.name, "file": relative, "rows": len(ordered), "bytes": len(payload)}
+        yield write_records_file(self.directory, f"{self.name}/part-{file_index:05d}-{block:05d}.parquet", members)
 
 
 class WriteCache(beam.PTransform):
@@ -197,15 +203,27 @@ class WriteCache(beam.PTransform):
         )
 
 
-def read_cache_file(path: str, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+def read_cache_table(path: str) -> pa.Table:
     with open_file(path) as handle:
-        column = pq.read_table(handle, columns=["record"]).column("record")
-    for chunk in column.chunks:
+        return pq.read_table(handle)
+
+
+def table_elements(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """The records (or ledger rows) of a cache file's table: a typed block (blocks.py) or pickled dicts."""
+    if is_block(table.schema):
+        yield from block_records(table, drop)
+        return
+    for chunk in table.column("record").chunks:
         for value in chunk:
             element = pickle.loads(value.as_py())
             for name in drop:
                 element.pop(name, None)
             yield element
+
+
+def read_cache_file(path: str, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """The records (or ledger rows) of a cache file."""
+    yield from table_elements(read_cache_table(path), drop)
 
 
 class ReadCache(beam.PTransform):

@@ -17,16 +17,38 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from winnow.pipelines.read import ReadRecords
+from winnow.pipelines.blocks import CORE_COLUMNS, block_records, block_table, id_hashes, write_block
+from winnow.pipelines.config import InputConfig
+from winnow.pipelines.passes import Pass
+from winnow.pipelines.progress import Progress
+from winnow.pipelines.read import (
+    ReadTask,
+    broken_records,
+    expected_rows,
+    jsonl_records,
+    open_on_worker,
+    read_row_group,
+    row_record,
+    table_records,
+)
 from winnow.pipelines.records import content_id, ledger_row, order_key, position_id, split_routed
 from winnow.pipelines.stage import Stage, Step, StepContext, StepOutput, config_section
+from winnow.pipelines.stage_cache import REMOVED as REMOVED_DIR
+from winnow.pipelines.stage_cache import write_records_file
 
 NAME = "validate"
 VALID, REJECTED, CHANGED, SUMMARY = "valid", "rejected", "changed", "summary"
+FILES, SHARED = "files", "shared"
+RECORDS_DIR = "records"
 
 
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")  # C0 and DEL; tab, newlines, \v and \f are text
@@ -72,41 +94,34 @@ def check_text(value: Any, max_bytes: int, control_characters: str = "reject"
     return value, None
 
 
-class _CheckRecordFn(beam.DoFn):
-    def __init__(self, max_bytes: int, control_characters: str):
-        self.max_bytes = max_bytes
-        self.control_characters = control_characters
-        self.stripped = beam.metrics.Metrics.counter("winnow.validate", "control_characters_stripped")
-        self.valid = beam.metrics.Metrics.counter("winnow.validate", "valid")
-        self.rejected = beam.metrics.Metrics.counter("winnow.validate", "rejected")
-
-    def process(self, element: dict[str, Any]) -> Iterator[Any]:
-        record = {key: value for key, value in element.items() if key != "problem"}  # inputs are immutable
-        problem, text = element["problem"], None
-        strip = self.control_characters == "strip"
-        if problem is None:
-            text, problem = check_text(record["text"], self.max_bytes, "keep" if strip else self.control_characters)
-        if problem is None and strip:
-            text, escapes, controls = strip_controls(text)
-            if escapes or controls:
-                self.stripped.inc()
-                record["note"] = f"control characters stripped: {escapes} escape sequences, {controls} other"
-                yield CHANGED, record["source"]
-                if not text.strip():
-                    problem = ("empty_text", f"text is empty or whitespace once {escapes} escape sequences and "
-                                             f"{controls} other control characters are stripped")
-        if problem is not None:
-            if record["id"] is None:
-                record["id"] = position_id(record["input_file"], record["input_row"])
-            self.rejected.inc()
-            yield REJECTED, ledger_row(record, "rejected", NAME, *problem)
-            return
-        record["text"] = text
-        record["text_hash"] = content_id(text)
+def check_record(element: dict[str, Any], max_bytes: int, control_characters: str) -> list[tuple[str, Any]]:
+    """One read record -> its outcome: (VALID, record) or (REJECTED, ledger row), after (CHANGED, source) when
+    control characters were stripped from it."""
+    record = {key: value for key, value in element.items() if key != "problem"}  # inputs are immutable
+    problem, text = element["problem"], None
+    strip = control_characters == "strip"
+    routed: list[tuple[str, Any]] = []
+    if problem is None:
+        text, problem = check_text(record["text"], max_bytes, "keep" if strip else control_characters)
+    if problem is None and strip:
+        text, escapes, controls = strip_controls(text)
+        if escapes or controls:
+            record["note"] = f"control characters stripped: {escapes} escape sequences, {controls} other"
+            routed.append((CHANGED, record["source"]))
+            if not text.strip():
+                problem = ("empty_text", f"text is empty or whitespace once {escapes} escape sequences and "
+                                         f"{controls} other control characters are stripped")
+    if problem is not None:
         if record["id"] is None:
-            record["id"] = record["text_hash"]
-        self.valid.inc()
-        yield VALID, record
+            record["id"] = position_id(record["input_file"], record["input_row"])
+        routed.append((REJECTED, ledger_row(record, "rejected", NAME, *problem)))
+        return routed
+    record["text"] = text
+    record["text_hash"] = content_id(text)
+    if record["id"] is None:
+        record["id"] = record["text_hash"]
+    routed.append((VALID, record))
+    return routed
 
 
 def first_of_duplicates(
@@ -131,39 +146,266 @@ class _DeduplicateIdsFn(beam.DoFn):
             yield REJECTED, row
 
 
-class ValidateRecords(beam.PTransform):
-    """records -> {valid: records, rejected: ledger rows}."""
+# a character that str.strip() keeps: a text or id with one is not empty or whitespace (RE2 syntax)
+NOT_WHITESPACE = ("[^\\t-\\r\\x{1c}- \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}"
+                  "\\x{205f}\\x{3000}]")
+CONTROL_PATTERN = "[\\x00-\\x08\\x0e-\\x1f\\x7f]"
 
-    def __init__(self, max_text_bytes: int, control_characters: str = "reject"):
-        super().__init__()
-        self.max_text_bytes = max_text_bytes
+
+@dataclass
+class CheckedBlock:
+    """A read task after validation: its valid rows as a block (blocks.py), or as record dicts for a JSON Lines
+    file; the ledger rows of its rejected rows; records changed (control characters stripped) per source."""
+
+    kept: pa.Table | None
+    kept_records: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    changed: dict[str, int]
+
+
+def _is_text_type(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _plain_rows(table: pa.Table, config: InputConfig, max_bytes: int, control_characters: str) -> np.ndarray | None:
+    """Rows that validation passes unchanged, found with Arrow compute: a non-null text of at most `max_bytes`
+    with a character that is not whitespace and (unless control characters are kept) none of them, and a usable
+    id. None when no row can be judged so (a text column that is not a string, invalid UTF-8 anywhere). Every
+    other row goes through `check_record`, which gives its exact reason."""
+    columns = config.columns
+    text = table.column(columns.text)
+    if not _is_text_type(text.type):
+        return None
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid:
+        return None
+    plain = pc.and_(pc.match_substring_regex(text, NOT_WHITESPACE),
+                    pc.less_equal(pc.binary_length(text), max_bytes))
+    if control_characters != "keep":
+        plain = pc.and_(plain, pc.invert(pc.match_substring_regex(text, CONTROL_PATTERN)))
+    if columns.id:
+        ids = table.column(columns.id)
+        if pa.types.is_integer(ids.type):
+            plain = pc.and_(plain, pc.is_valid(ids))
+        elif _is_text_type(ids.type):
+            plain = pc.and_(plain, pc.match_substring_regex(ids, NOT_WHITESPACE))
+        else:
+            return np.zeros(table.num_rows, dtype=bool)
+    return pc.fill_null(plain, False).to_numpy(zero_copy_only=False)
+
+
+def _extras(table: pa.Table, config: InputConfig) -> pa.Table:
+    skip = {config.columns.text, config.columns.id, config.columns.source}
+    return table.select([name for name in table.column_names if name not in skip])
+
+
+def check_block(table: pa.Table, task: ReadTask, config: InputConfig, max_bytes: int,
+                control_characters: str) -> CheckedBlock:
+    """Validate a row group: vectorised for the rows that pass unchanged, `check_record` for the others."""
+    plain = _plain_rows(table, config, max_bytes, control_characters)
+    slow = np.arange(table.num_rows) if plain is None else np.flatnonzero(~plain)
+    rejected: list[dict[str, Any]] = []
+    changed: dict[str, int] = {}
+    slow_kept: list[tuple[int, dict[str, Any]]] = []
+    if plain is None:
+        slow_records = enumerate(table_records(table, task, config))
+    else:
+        slow_records = ((int(offset), row_record(table, int(offset), task, config)) for offset in slow)
+    for offset, record in slow_records:
+        for route, value in check_record(record, max_bytes, control_characters):
+            if route == VALID:
+                slow_kept.append((offset, value))
+            elif route == REJECTED:
+                rejected.append(value)
+            else:
+                changed[value] = changed.get(value, 0) + 1
+    parts = []
+    if plain is not None and plain.any():
+        parts.append(_plain_block(table, np.flatnonzero(plain), task, config))
+    if slow_kept:
+        parts.append(_records_block(table, slow_kept, config))
+    if not parts:
+        kept = None
+    elif len(parts) == 1:
+        kept = parts[0]
+    else:
+        kept = pa.concat_tables(parts).sort_by("input_row")
+    return CheckedBlock(kept, [], rejected, changed)
+
+
+def _plain_block(table: pa.Table, offsets: np.ndarray, task: ReadTask, config: InputConfig) -> pa.Table:
+    columns = config.columns
+    rows = table.take(offsets)
+    texts = rows.column(columns.text).cast(pa.string())
+    hashes = [content_id(text) for text in texts.to_pylist()]
+    count = rows.num_rows
+    if columns.source:
+        source = pc.fill_null(rows.column(columns.source).cast(pa.string()), config.default_source)
+    else:
+        source = [config.default_source] * count
+    return block_table({
+        "file_index": np.full(count, task.file_index, dtype=np.int64),
+        "input_row": offsets.astype(np.int64) + task.first_row,
+        "id": rows.column(columns.id).cast(pa.string()) if columns.id else hashes,
+        "text": texts,
+        "source": source,
+        "input_file": [task.name or task.path] * count,
+        "text_hash": hashes,
+        "note": pa.nulls(count, pa.string()),
+    }, _extras(rows, config))
+
+
+def _records_block(table: pa.Table, kept: list[tuple[int, dict[str, Any]]], config: InputConfig) -> pa.Table:
+    records = [record for _, record in kept]
+    core = {name: [record.get(name) for record in records] for name, _ in CORE_COLUMNS}
+    extras = _extras(table.take(np.array([offset for offset, _ in kept], dtype=np.int64)), config)
+    return block_table(core, extras)
+
+
+def check_task(task: ReadTask, config: InputConfig, max_bytes: int, control_characters: str) -> CheckedBlock:
+    """Read and validate one read task: a Parquet row group as a block, a JSON Lines file as records."""
+    if task.fmt == "parquet":
+        table, problem = read_row_group(task)
+        if table is not None:
+            return check_block(table, task, config, max_bytes, control_characters)
+        records = broken_records(task, config, problem)
+    else:
+        records = jsonl_records(task, config)
+    kept, rejected, changed = [], [], {}
+    for record in records:
+        for route, value in check_record(record, max_bytes, control_characters):
+            if route == VALID:
+                kept.append(value)
+            elif route == REJECTED:
+                rejected.append(value)
+            else:
+                changed[value] = changed.get(value, 0) + 1
+    return CheckedBlock(None, kept, rejected, changed)
+
+
+def _kept_ids(checked: CheckedBlock) -> list[str]:
+    ids = checked.kept.column("id").to_pylist() if checked.kept is not None else []
+    return ids + [record["id"] for record in checked.kept_records]
+
+
+class _DuplicateCandidates(beam.CombineFn):
+    """64-bit id hashes of every block -> the sorted hashes that occur more than once."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, accumulator, hashes):
+        accumulator.append(hashes)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        return [np.concatenate([part for accumulator in accumulators for part in accumulator] or
+                               [np.zeros(0, np.uint64)])]
+
+    def extract_output(self, accumulator):
+        hashes = np.concatenate(accumulator) if accumulator else np.zeros(0, np.uint64)
+        values, counts = np.unique(hashes, return_counts=True)
+        return values[counts > 1]
+
+
+def _task_id_hashes(task: ReadTask, config: InputConfig, max_bytes: int, control_characters: str) -> np.ndarray:
+    """The id hashes of a task's rows that can be valid: with an id column, every non-null id (a superset:
+    the step confirms on the ids themselves); without one, the content ids of the validated rows."""
+    if config.columns.id and task.fmt == "parquet":
+        try:
+            with open_on_worker(task.path) as handle:
+                ids = pq.ParquetFile(handle).read_row_group(task.row_group, columns=[config.columns.id])
+            values = pc.drop_null(ids.column(0).cast(pa.string())).to_pylist()
+        except Exception:  # noqa: BLE001 - unreadable or undecodable: validation judges these rows
+            values = _kept_ids(check_task(task, config, max_bytes, control_characters))
+        return id_hashes(values)
+    return id_hashes(_kept_ids(check_task(task, config, max_bytes, control_characters)))
+
+
+def duplicate_ids_pass(config, tasks: list[ReadTask]) -> Pass:
+    """The hashes of ids that more than one row may share: the step sends only those rows through a
+    GroupByKey by id, and writes every other row straight into its block."""
+    max_bytes, control = config.validate_.max_text_bytes, config.validate_.control_characters
+
+    def build(pipeline, constants):
+        return (
+            pipeline
+            | "Tasks" >> beam.Create(tasks)
+            | "Spread" >> beam.Reshuffle()
+            | "IdHashes" >> beam.Map(_task_id_hashes, config.input, max_bytes, control)
+            | "Duplicated" >> beam.CombineGlobally(_DuplicateCandidates())
+        )
+
+    return Pass("duplicate_ids", build, reads_records=False)
+
+
+class _ValidateTaskFn(beam.DoFn):
+    """A read task -> its block and rejected rows written to the cache (their file metadata), the records
+    whose id may be shared (for the GroupByKey by id), and per-source counts of changed records."""
+
+    def __init__(self, config: InputConfig, max_bytes: int, control_characters: str, directory: str,
+                 candidates: np.ndarray, total: int | None):
+        self.config = config
+        self.max_bytes = max_bytes
         self.control_characters = control_characters
+        self.directory = directory
+        self.candidates = candidates
+        self.total = total
+        self.rows = beam.metrics.Metrics.counter("winnow.read", "rows")
+        self.stripped = beam.metrics.Metrics.counter("winnow.validate", "control_characters_stripped")
+        self.valid = beam.metrics.Metrics.counter("winnow.validate", "valid")
+        self.rejected = beam.metrics.Metrics.counter("winnow.validate", "rejected")
 
-    def expand(self, records):
-        check = _CheckRecordFn(self.max_text_bytes, self.control_characters)
-        checked = split_routed(records | "Check" >> beam.ParDo(check), "Checked", (VALID, REJECTED, CHANGED))
-        unique = split_routed(
-            checked[VALID]
-            | "KeyById" >> beam.Map(lambda record: (record["id"], record))
-            | "GroupById" >> beam.GroupByKey()
-            | "FirstOfId" >> beam.ParDo(_DeduplicateIdsFn()),
-            "Unique",
-            (VALID, REJECTED),
-        )
-        rejected = (checked[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
-        summary = (
-            checked[CHANGED]
-            | "KeyChanged" >> beam.Map(lambda source: (None, source))
-            | "GatherChanged" >> beam.GroupByKey()
-            | "Summary" >> beam.Map(_summary, self.control_characters)
-        )
-        return {VALID: unique[VALID], REJECTED: rejected, SUMMARY: summary}
+    def setup(self):
+        self.progress = Progress("read", self.total)
+
+    def process(self, task: ReadTask) -> Iterator[tuple[str, Any]]:
+        checked = check_task(task, self.config, self.max_bytes, self.control_characters)
+        name = f"{task.file_index:05d}-{task.row_group or 0:05d}"
+        records = list(checked.kept_records)
+        kept = checked.kept
+        if kept is not None and len(self.candidates):
+            shared = np.isin(id_hashes(kept.column("id").to_pylist()), self.candidates)
+            if shared.any():
+                records += list(block_records(kept.filter(shared)))
+                kept = kept.filter(~shared)
+        if kept is not None and kept.num_rows:
+            yield FILES, write_block(self.directory, f"{RECORDS_DIR}/block-{name}.parquet", kept)
+        for record in records:
+            yield SHARED, (record["id"], record)
+        if checked.rejected:
+            yield FILES, write_records_file(self.directory, f"{REMOVED_DIR}/block-{name}.parquet", checked.rejected)
+        if checked.changed:
+            yield CHANGED, checked.changed
+        valid = (checked.kept.num_rows if checked.kept is not None else 0) + len(checked.kept_records)
+        count = valid + len(checked.rejected)
+        self.rows.inc(count)
+        self.valid.inc(valid)
+        self.rejected.inc(len(checked.rejected))
+        self.stripped.inc(sum(checked.changed.values()))
+        self.progress.advance(count)
+
+
+class _DeduplicateIdsFn(beam.DoFn):
+    def __init__(self):
+        self.duplicates = beam.metrics.Metrics.counter("winnow.validate", "duplicate_id")
+        self.valid = beam.metrics.Metrics.counter("winnow.validate", "valid")
+
+    def process(self, element: tuple[str, Iterable[dict[str, Any]]]) -> Iterator[Any]:
+        first, rejected = first_of_duplicates(element[1])
+        yield VALID, first
+        for row in rejected:
+            self.duplicates.inc()
+            self.valid.dec()
+            yield REJECTED, row
 
 
 def _summary(changed, control_characters: str) -> dict[str, Any]:
     by_source: dict[str, int] = {}
-    for source in changed[1]:
-        by_source[source] = by_source.get(source, 0) + 1
+    for counts in changed[1]:
+        for source, count in counts.items():
+            by_source[source] = by_source.get(source, 0) + count
     return {"dir": SUMMARY_DIR, "control_characters": control_characters,
             "changed_by_source": dict(sorted(by_source.items()))}
 
@@ -176,23 +418,47 @@ def _manifest(context) -> dict[str, Any]:
 
 
 def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
-    config = context.job.config
-    records = pipeline | "Read" >> ReadRecords(config.input, context.job.tasks, context.job.beam_args)
-    checked = records | "Validate" >> ValidateRecords(
-        config.validate_.max_text_bytes, config.validate_.control_characters)
-    return StepOutput(checked[VALID], [checked[REJECTED]], [checked[SUMMARY]])
+    """Read tasks are validated and written as blocks where they are read; only rows whose id another row
+    may share (the duplicate_ids pass) meet in a GroupByKey by id, where the first in input order is kept."""
+    job = context.job
+    config = job.config
+    validate = config.validate_
+    routed = (
+        pipeline
+        | "Tasks" >> beam.Create(job.tasks)
+        | "Spread" >> beam.Reshuffle()
+        | "Validate" >> beam.ParDo(_ValidateTaskFn(
+            config.input, validate.max_text_bytes, validate.control_characters, context.directory,
+            context.constants["duplicate_ids"], expected_rows(job.tasks)))
+    )
+    parts = split_routed(routed, "Validated", (FILES, SHARED, CHANGED))
+    unique = split_routed(
+        parts[SHARED]
+        | "GroupById" >> beam.GroupByKey()
+        | "FirstOfId" >> beam.ParDo(_DeduplicateIdsFn()),
+        "Unique",
+        (VALID, REJECTED),
+    )
+    summary = (
+        parts[CHANGED]
+        | "KeyChanged" >> beam.Map(lambda counts: (None, counts))
+        | "GatherChanged" >> beam.GroupByKey()
+        | "Summary" >> beam.Map(_summary, validate.control_characters)
+    )
+    return StepOutput(unique[VALID], [unique[REJECTED]], [parts[FILES], summary])
 
 
 def _steps(plan, config) -> list[Step]:
     settings = {"input": config_section(config, "input"), "validate": config_section(config, "validate_"),
-                "inputs": plan}
-    return [Step(NAME, _read_and_validate, settings, reads_input=True)]
+                "inputs": plan["files"]}
+    return [Step(NAME, _read_and_validate, settings, reads_input=True,
+                 passes=(duplicate_ids_pass(config, plan["tasks"]),))]
 
 
 def _input_files(context) -> list[dict[str, Any]]:
     from winnow.pipelines.stage_cache import input_fingerprint
 
-    return input_fingerprint(context.input_paths)
+    return {"files": input_fingerprint(context.input_paths), "tasks": context.tasks}
 
 
 STAGE = Stage(

@@ -1,26 +1,28 @@
-"""Write stage: the output directory's Parquet parts (shards, ledger, embeddings) in a stable order.
+"""Write stage: the tables of the output's Parquet parts (shards, ledger), built from Arrow tables of rows.
 
 Shards (`shards/part-NNNNN.parquet`) hold the surviving records: columns id, text, source, the provenance
 columns input_file and input_row, epoch (which pass over its source this copy is: 0 unless the mix stage
-repeats it), then every passed-through input column. Without the mix stage they are in input order; with it,
-in the mixture's training order (WriteMixedShards). The ledger (`ledger/part-NNNNN.parquet`) has one row per
-input record (see records.py), in input order. Passed-through columns get one schema for all shards, decided
-from the whole output (a column whose values disagree in type across records is written as JSON text), so every
-shard reads the same way.
+repeats it), then every passed-through input column. Without the mix stage they are in input order
+(ordered_io.WriteOrderedFiles); with it, in the mixture's training order (mix.py). The ledger
+(`ledger/part-NNNNN.parquet`) has one row per input record (see records.py), in input order. Passed-through
+columns get one schema for all shards, decided from the whole output (a column whose values disagree in type
+across records is written as JSON text), so every shard reads the same way.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterable
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from winnow.pipelines.ordered_io import AssignPositions, WriteFileFn, WriteOrderedParquet
-from winnow.pipelines.records import LEDGER_SCHEMA, order_key, token_count
+from winnow.pipelines.blocks import is_block
+from winnow.pipelines.records import LEDGER_SCHEMA
+from winnow.pipelines.stage_cache import read_cache_file, read_cache_table, table_elements
 
 SHARD_COLUMNS = [
     ("id", pa.string()),
@@ -92,18 +94,6 @@ def _extra_value(value: Any, kind: str) -> Any:
     return value
 
 
-def shard_table(records: list[dict[str, Any]], extra: list[tuple[str, str]]) -> pa.Table:
-    taken = {name for name, _ in SHARD_COLUMNS}
-    columns = {name: [r.get(name, 0) if name == "epoch" else r[name] for r in records] for name, _ in SHARD_COLUMNS}
-    fields = list(SHARD_COLUMNS)
-    for column, kind in extra:
-        name = column if column not in taken else f"input_{column}"
-        columns[name] = [_extra_value(r["extra"].get(column), kind) for r in records]
-        fields.append((name, _ARROW_TYPES.get(kind, pa.string())))
-    schema = pa.schema(fields)
-    return pa.Table.from_pydict(columns, schema=schema)
-
-
 LEDGER_TALLY_FIELDS = ("fate", "stage", "reason", "source", "origin")
 
 
@@ -117,77 +107,171 @@ def ledger_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
 
 
-class WriteShards(beam.PTransform):
-    """kept records -> OUT/shards/part-NNNNN.parquet in input order; returns the files' metadata. `extra` is
-    the passed-through columns' schema (ExtraColumnKinds over the kept records, computed by a pass)."""
-
-    def __init__(self, directory: str, shard_rows: int, row_group_rows: int, extra: list[tuple[str, str]]):
-        super().__init__()
-        self.directory = directory
-        self.shard_rows = shard_rows
-        self.row_group_rows = row_group_rows
-        self.extra = extra
-
-    def expand(self, records):
-        return (
-            records
-            | "Order" >> AssignPositions(order_key)
-            | "Files"
-            >> WriteOrderedParquet(
-                self.directory,
-                "shards",
-                self.shard_rows,
-                functools.partial(shard_table, extra=self.extra),
-                self.row_group_rows,
-            )
-        )
+# Rows as Arrow tables: every cache file (a typed block or pickled records) is read into one shape, `rows`,
+# that the mix and the ordered writers work on without per-record Python.
+EXTRA_PREFIX = "extra:"
+ROW_COLUMNS = [
+    ("file_index", pa.int64()),
+    ("input_row", pa.int64()),
+    ("variant", pa.int64()),
+    ("id", pa.string()),
+    ("text", pa.string()),
+    ("source", pa.string()),
+    ("input_file", pa.string()),
+    ("epoch", pa.int64()),
+    ("note", pa.string()),
+    ("cluster", pa.int64()),
+    ("dist_to_centroid", pa.float32()),
+    ("select_score", pa.float64()),
+    ("sae_score", pa.float64()),
+    ("parent_id", pa.string()),
+]
+_RECORD_DEFAULTS = {"variant": 0, "epoch": 0}
 
 
-class WriteMixedShards(beam.PTransform):
-    """(shard, (shuffle_key, record)) -> OUT/shards/part-NNNNN.parquet, rows in shuffle-key order."""
-
-    def __init__(self, directory: str, row_group_rows: int, extra: list[tuple[str, str]]):
-        super().__init__()
-        self.directory = directory
-        self.row_group_rows = row_group_rows
-        self.extra = extra
-
-    def expand(self, placed):
-        return (
-            placed
-            | "GroupShard" >> beam.GroupByKey()
-            | "Write"
-            >> beam.ParDo(
-                WriteFileFn(
-                    self.directory, "shards", functools.partial(shard_table, extra=self.extra),
-                    self.row_group_rows, lambda row: row["source"],
-                    {"tokens": lambda row: token_count(row["text"])},
-                ),
-            )
-        )
+def _arrow_kind(kind: pa.DataType) -> str | None:
+    """The value kind every non-null value of an Arrow column has, when its type says it; None otherwise."""
+    if pa.types.is_integer(kind):
+        return "int64"
+    if pa.types.is_floating(kind) and not pa.types.is_float16(kind):
+        return "float64"
+    if pa.types.is_boolean(kind):
+        return "bool"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "string"
+    return None
 
 
-class WriteLedger(beam.PTransform):
-    """ledger rows of every input record -> OUT/ledger/part-NNNNN.parquet in input order."""
+def file_extra_kinds(path: str) -> dict[str, set[str]]:
+    """{column: value kinds} over one cache file's passed-through columns (what ExtraColumnKinds gathers)."""
+    table = read_cache_table(path)
+    kinds: dict[str, set[str]] = {}
+    if not is_block(table.schema):
+        combine = ExtraColumnKinds()
+        accumulator = combine.create_accumulator()
+        for record in read_cache_file(path):
+            combine.add_input(accumulator, record)
+        return accumulator
+    for name in table.column_names:
+        if not name.startswith(EXTRA_PREFIX):
+            continue
+        column = table.column(name)
+        found = kinds.setdefault(name[len(EXTRA_PREFIX):], set())
+        if column.null_count == len(column):
+            continue
+        kind = _arrow_kind(column.type)
+        if kind is not None:
+            found.add(kind)
+        else:
+            found.update(value_kind(value) for value in column.to_pylist() if value is not None)
+    return kinds
 
-    def __init__(self, directory: str, ledger_rows: int, row_group_rows: int):
-        super().__init__()
-        self.directory = directory
-        self.ledger_rows = ledger_rows
-        self.row_group_rows = row_group_rows
 
-    def expand(self, rows: Iterable[dict[str, Any]]):
-        return (
-            rows
-            | "Order" >> AssignPositions(order_key)
-            | "Files"
-            >> WriteOrderedParquet(
-                self.directory,
-                "ledger",
-                self.ledger_rows,
-                ledger_table,
-                self.row_group_rows,
-                tally_key=ledger_tally_key,
-                sums={"copies": lambda row: row["copies"]},
-            )
-        )
+def merge_kinds(parts: Iterable[dict[str, set[str]]]) -> dict[str, set[str]]:
+    merged: dict[str, set[str]] = {}
+    for part in parts:
+        for column, kinds in part.items():
+            merged.setdefault(column, set()).update(kinds)
+    return merged
+
+
+def _extra_array(column: pa.ChunkedArray | None, count: int, kind: str) -> pa.Array:
+    target = _ARROW_TYPES.get(kind, pa.string())
+    if column is None:
+        return pa.nulls(count, target)
+    if kind != "json" and _arrow_kind(column.type) is not None:
+        return column.cast(target).combine_chunks() if count else pa.array([], target)
+    return pa.array([_extra_value(value, kind) for value in column.to_pylist()], target)
+
+
+def rows_table(path: str, extra: list[tuple[str, str]]) -> pa.Table:
+    """A cache file of records as `rows`: ROW_COLUMNS, then the passed-through columns as `extra:NAME`, each
+    already of its output kind (`extra`, from ExtraColumnKinds over the whole output)."""
+    table = read_cache_table(path)
+    count = table.num_rows
+    arrays, names = [], []
+    if is_block(table.schema):
+        for name, kind in ROW_COLUMNS:
+            if name in table.column_names:
+                arrays.append(table.column(name).cast(kind).combine_chunks())
+            elif name in _RECORD_DEFAULTS:
+                arrays.append(pa.array(np.full(count, _RECORD_DEFAULTS[name], dtype=np.int64)))
+            else:
+                arrays.append(pa.nulls(count, kind))
+            names.append(name)
+        for column, kind in extra:
+            name = EXTRA_PREFIX + column
+            arrays.append(_extra_array(table.column(name) if name in table.column_names else None, count, kind))
+            names.append(name)
+        return pa.table(arrays, names=names)
+    records = list(table_elements(table))
+    for name, kind in ROW_COLUMNS:
+        default = _RECORD_DEFAULTS.get(name)
+        arrays.append(pa.array([record.get(name, default) for record in records], kind))
+        names.append(name)
+    for column, kind in extra:
+        arrays.append(pa.array([_extra_value(record["extra"].get(column), kind) for record in records],
+                               _ARROW_TYPES.get(kind, pa.string())))
+        names.append(EXTRA_PREFIX + column)
+    return pa.table(arrays, names=names)
+
+
+def shard_output(rows: pa.Table, extra: list[tuple[str, str]]) -> pa.Table:
+    """`rows` -> a shard's table: SHARD_COLUMNS, then the passed-through columns (renamed `input_NAME` when
+    they clash with one of ours), as `shard_table` builds it from records."""
+    taken = {name for name, _ in SHARD_COLUMNS}
+    arrays = [rows.column(name) for name, _ in SHARD_COLUMNS]
+    fields = list(SHARD_COLUMNS)
+    for column, kind in extra:
+        name = column if column not in taken else f"input_{column}"
+        arrays.append(rows.column(EXTRA_PREFIX + column))
+        fields.append((name, _ARROW_TYPES.get(kind, pa.string())))
+    return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
+                                schema=pa.schema(fields))
+
+
+LEDGER_KEYS = ("file_index", "variant")  # with the ledger's input_row, the order of its rows
+
+
+def ledger_rows_table(rows: pa.Table, stage, reason, detail, copies) -> pa.Table:
+    """The ledger rows (LEDGER_SCHEMA, then the order keys) of `rows` that a stage decided on: `stage`,
+    `reason`, `detail` and `copies` are scalars or arrays; fate `kept` (`synthetic` for a record with a
+    parent) where copies > 0, else `not_selected`; a null detail is the record's note, as in ledger_row."""
+    count = rows.num_rows
+    copies = pa.array(np.broadcast_to(np.asarray(copies, dtype=np.int64), (count,)))
+    synthetic = pc.fill_null(pc.not_equal(rows.column("parent_id"), ""), False)
+    fate = pc.if_else(pc.greater(copies, 0), pc.if_else(synthetic, "synthetic", "kept"), "not_selected")
+
+    def column(value, kind):
+        if isinstance(value, (pa.Array, pa.ChunkedArray)):
+            return value
+        return pa.array([value] * count, kind)
+
+    details = column(detail, pa.string())
+    details = pc.coalesce(details, rows.column("note"))
+    values = {
+        "id": rows.column("id"), "source": rows.column("source"), "fate": fate,
+        "stage": column(stage, pa.string()), "reason": column(reason, pa.string()), "detail": details,
+        "input_file": rows.column("input_file"), "input_row": rows.column("input_row"), "copies": copies,
+        "cluster": rows.column("cluster"), "dist_to_centroid": rows.column("dist_to_centroid"),
+        "duplicate_of": pa.nulls(count, pa.string()), "select_score": rows.column("select_score"),
+        "sae_score": rows.column("sae_score"), "parent_id": rows.column("parent_id"),
+    }
+    arrays = [values[field.name] for field in LEDGER_SCHEMA]
+    arrays += [rows.column(name) for name in LEDGER_KEYS]
+    schema = pa.schema([*LEDGER_SCHEMA, *((name, pa.int64()) for name in LEDGER_KEYS)])
+    return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
+                                schema=schema)
+
+
+def ledger_tally(table: pa.Table) -> dict[str, int]:
+    """`ledger_tally_key` counts over a ledger table."""
+    parent = table.column("parent_id")
+    origin = pc.if_else(pc.fill_null(pc.not_equal(parent, ""), False), "synthetic", "input")
+    parts = [pc.fill_null(table.column(name), "") for name in LEDGER_TALLY_FIELDS[:-1]]
+    return value_tally(pc.binary_join_element_wise(*parts, origin, "\t"))
+
+
+def value_tally(values) -> dict[str, int]:
+    counts = pc.value_counts(values)
+    return dict(sorted(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)))

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 from apache_beam.testing.util import assert_that, equal_to
 
 from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet, block_offsets
-from winnow.pipelines.write import extra_schema, shard_table
+from winnow.pipelines.stage_cache import write_records_file
+from winnow.pipelines.write import extra_schema, file_extra_kinds, rows_table, shard_output
 
 
 def test_block_offsets_are_prefix_sums_in_block_order():
@@ -54,13 +55,17 @@ def test_extra_schema_unifies_kinds():
                       ("x", "float64")]
 
 
-def test_shard_table_keeps_one_schema_and_renames_clashing_columns():
+def test_shard_table_keeps_one_schema_and_renames_clashing_columns(tmp_path):
     records = [
-        {"id": "1", "text": "a", "source": "s", "input_file": "f", "input_row": 0,
+        {"id": "1", "text": "a", "source": "s", "input_file": "f", "input_row": 0, "file_index": 0,
          "extra": {"label": "x", "score": 1, "meta": {"k": [1, 2]}, "text": "dup"}},
-        {"id": "2", "text": "b", "source": "s", "input_file": "f", "input_row": 1, "extra": {"score": 2.5}},
+        {"id": "2", "text": "b", "source": "s", "input_file": "f", "input_row": 1, "file_index": 0,
+         "extra": {"score": 2.5}},
     ]
-    table = shard_table(records, [("label", "string"), ("meta", "json"), ("score", "float64"), ("text", "string")])
+    write_records_file(str(tmp_path), "records/part.parquet", records)
+    extra = extra_schema(file_extra_kinds(str(tmp_path / "records" / "part.parquet")))
+    assert extra == [("label", "string"), ("meta", "json"), ("score", "float64"), ("text", "string")]
+    table = shard_output(rows_table(str(tmp_path / "records" / "part.parquet"), extra), extra)
     assert table.schema.names == ["id", "text", "source", "input_file", "input_row", "epoch", "label", "meta",
                                   "score", "input_text"]
     assert table.column("epoch").to_pylist() == [0, 0], "records not repeated by a mix are epoch 0"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from winnow.pipelines.config import InputConfig
 from winnow.pipelines.read import ReadTask, make_record
-from winnow.pipelines.validate import CONTROL_CHARACTERS, REJECTED, VALID, _CheckRecordFn, first_of_duplicates
+from winnow.pipelines.validate import CONTROL_CHARACTERS, REJECTED, VALID, check_record, first_of_duplicates
 from winnow.pipelines.write import ledger_table
 
 REASONS = {"null_text", "non_string_text", "invalid_utf8", "empty_text", "text_too_long", "missing_text",
@@ -31,12 +31,11 @@ coder = FastPrimitivesCoder()
 def test_every_row_gets_exactly_one_outcome_and_rejections_fit_the_ledger(batch):
     config = InputConfig(path="x.jsonl", columns={"id": "id", "text": "text", "source": "source"})
     task = ReadTask("data/x.jsonl", 0, "jsonl")
-    check = _CheckRecordFn(max_bytes=200, control_characters="reject")
     valid, rejected = [], []
     for row_number, values_ in enumerate(batch):
         record = make_record(values_, task, row_number, config)
         coder.encode(record)  # Beam encodes elements at any step (if only to sample sizes): this must not raise
-        outcomes = list(check.process(record))
+        outcomes = check_record(record, max_bytes=200, control_characters="reject")
         assert len(outcomes) == 1
         route, item = outcomes[0]
         (valid if route == VALID else rejected).append(item)

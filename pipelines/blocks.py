@@ -1,0 +1,89 @@
+"""Records as Arrow blocks: the typed Parquet files that the validate stage writes into the stage cache.
+
+A block is the validated rows of one read task (a Parquet row group), written from the DoFn that read it, so no
+GroupByKey ever holds the corpus. Its columns:
+  file_index, input_row      input order
+  id, text, source, input_file, text_hash, note
+  extra:NAME                 every passed-through input column, with its input Arrow type
+Stages that still work on record dicts read a block as records (`block_records`), and cache files written from
+records (pickled dicts, `stage_cache.WriteCache`) are read the same way: `read_cache_file` takes either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from winnow.pipelines.ordered_io import table_bytes
+from winnow.pipelines.storage import join, write_bytes
+
+EXTRA_PREFIX = "extra:"
+CORE_COLUMNS = [
+    ("file_index", pa.int64()),
+    ("input_row", pa.int64()),
+    ("id", pa.string()),
+    ("text", pa.string()),
+    ("source", pa.string()),
+    ("input_file", pa.string()),
+    ("text_hash", pa.string()),
+    ("note", pa.string()),
+]
+BLOCK_ROW_GROUP = 5_000
+
+
+def is_block(schema: pa.Schema) -> bool:
+    """A typed block (not a file of pickled records)."""
+    return "record" not in schema.names
+
+
+def block_table(core: dict[str, Any], extras: pa.Table | None) -> pa.Table:
+    """A block from its core columns (arrays or lists, see CORE_COLUMNS) and the passed-through columns."""
+    arrays = [pa.array(core[name], kind) if not isinstance(core[name], (pa.Array, pa.ChunkedArray))
+              else core[name].cast(kind) for name, kind in CORE_COLUMNS]
+    names = [name for name, _ in CORE_COLUMNS]
+    if extras is not None:
+        for name in extras.column_names:
+            arrays.append(extras.column(name))
+            names.append(EXTRA_PREFIX + name)
+    return pa.table(arrays, names=names)
+
+
+def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """A block's rows as record dicts, as the per-record stages know them (records.py)."""
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    extras = [name for name in table.column_names if name.startswith(EXTRA_PREFIX)]
+    for index in range(table.num_rows):
+        record = {
+            "id": columns["id"][index],
+            "text": columns["text"][index],
+            "source": columns["source"][index],
+            "extra": {name[len(EXTRA_PREFIX):]: columns[name][index] for name in extras},
+            "input_file": columns["input_file"][index],
+            "input_row": columns["input_row"][index],
+            "file_index": columns["file_index"][index],
+        }
+        if columns["note"][index] is not None:
+            record["note"] = columns["note"][index]
+        record["text_hash"] = columns["text_hash"][index]
+        for name in drop:
+            record.pop(name, None)
+        yield record
+
+
+def write_block(directory: str, relative: str, table: pa.Table) -> dict[str, Any]:
+    """Write a block (deterministic name: a retried bundle overwrites it); its file metadata."""
+    payload = table_bytes(table, BLOCK_ROW_GROUP)
+    write_bytes(join(directory, relative), payload)
+    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": table.num_rows, "bytes": len(payload)}
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """64-bit BLAKE2b of each id: duplicate candidates are found on these, then confirmed on the ids."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little") for value in ids),
+        dtype=np.uint64, count=len(ids),
+    )
