@@ -76,7 +76,7 @@ def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[
 
 def write_block(directory: str, relative: str, table: pa.Table) -> dict[str, Any]:
     """Write a block (deterministic name: a retried bundle overwrites it); its file metadata."""
-    payload = table_bytes(table, BLOCK_ROW_GROUP)
+    payload = table_bytes(table, BLOCK_ROW_GROUP, dictionary=False)  # texts and ids repeat too little to pay
     write_bytes(join(directory, relative), payload)
     return {"dir": relative.split("/", 1)[0], "file": relative, "rows": table.num_rows, "bytes": len(payload)}
 

@@ -29,7 +29,7 @@ from winnow.pipelines.manifest import build_manifest
 from winnow.pipelines.mix import FRAGMENTS as MIX_FRAGMENTS
 from winnow.pipelines.mix import LEDGER as MIX_LEDGER
 from winnow.pipelines.mix import SHARDS as MIX_SHARDS
-from winnow.pipelines.mix import MixFiles, counts_pass
+from winnow.pipelines.mix import MixFiles, partition_pass
 from winnow.pipelines.mix import plan as mix_plan
 from winnow.pipelines.options import add_metrics, beam_options, metrics_unavailable, run_pipeline
 from winnow.pipelines.ordered_io import WriteOrderedFiles
@@ -127,23 +127,23 @@ def _source_tally(rows: pa.Table) -> dict[str, int]:
 
 
 def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: list[str],
-                       removed_paths: list[str], extra: list[tuple[str, str]],
-                       placement: dict[str, Any] | None = None, mix_summary: dict[str, Any] | None = None) -> None:
+                       removed_paths: list[str], extra: list[tuple[str, str]], mixed: tuple | None = None) -> None:
     """The last graph: the final stage's records are mixed (or written in input order) into shards, and the
     ledger gets every record's one row. Records move as Arrow tables between files (mix.py, ordered_io.py);
     the graph carries file names and metadata. Its last step gathers the metadata of every written file, so
     every branch is upstream of it: Beam 2.77's DaskRunner computes only the last transform and what it
-    depends on."""
+    depends on. `mixed` is (the hash partitions' fragments, the placement, the summary) from mix.py's pass and
+    plan."""
     config, work = plan.config, plan.work_dir
     output = config.output
     written = []
     removed = pipeline | "Removed" >> beam.Create([(path, REMOVED_ROWS) for path in removed_paths])
     if config.mix.enabled:
-        mixed = pipeline | "Mix" >> MixFiles(config.mix, work, records_paths, extra, placement or {},
-                                             output.row_group_rows)
-        written.append(mixed[MIX_SHARDS])
-        written.append(pipeline | "MixSummary" >> beam.Create([mix_summary]))
-        kept = mixed[MIX_LEDGER] | "Fragments" >> beam.Map(lambda path: (path, LEDGER_FRAGMENT))
+        fragments, placement, summary = mixed
+        placed = pipeline | "Mix" >> MixFiles(config.mix, work, fragments, extra, placement, output.row_group_rows)
+        written.append(placed[MIX_SHARDS])
+        written.append(pipeline | "MixSummary" >> beam.Create([summary]))
+        kept = placed[MIX_LEDGER] | "Fragments" >> beam.Map(lambda path: (path, LEDGER_FRAGMENT))
     else:
         written.append(
             pipeline
@@ -215,14 +215,19 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
         started = time.perf_counter()
         removed = [path for entry in entries for path in entry.all_paths(REMOVED)]
         kept = entries[-1].paths(RECORDS)
-        passes = (extra_kinds_pass(kept), counts_pass(plan.config.mix, kept)) if plan.config.mix.enabled \
-            else (extra_kinds_pass(kept),)
+        mixing = plan.config.mix.enabled
+        passes = (extra_kinds_pass(kept),)
+        if mixing:
+            passes += (partition_pass(plan.config.mix, kept, work, entries[-1].records),)
         constants = run_passes(options, passes, kept, work, metrics)
         extra = constants["extra_kinds"]
-        summary, placement = mix_plan(plan.config.mix, constants["mix_counts"]) if plan.config.mix.enabled \
-            else (None, None)
+        mixed = None
+        if mixing:
+            partitions = constants["mix_partitions"]
+            summary, placement = mix_plan(plan.config.mix, partitions["counts"], partitions["bits"])
+            mixed = (partitions["fragments"], placement, summary)
         add_metrics(metrics, run_pipeline(
-            options, lambda pipeline: build_output_graph(pipeline, plan, kept, removed, extra, placement, summary)))
+            options, lambda pipeline: build_output_graph(pipeline, plan, kept, removed, extra, mixed)))
         files = read_files_meta(join(work, FILES_META))
         delete_file(join(work, FILES_META))
         delete_tree(join(work, MIX_FRAGMENTS))

@@ -10,13 +10,13 @@ fills that source's slots r, r + n, r + 2n, ... (all documents once before any r
 shard whose share of the source covers j; inside a shard rows are ordered by a seeded hash (a shuffle).
 
 Records move as Arrow tables through files, never through a GroupByKey:
-1. a pass counts each source's records, tokens and synthetic records per block of the hash's top BLOCK_BITS
-   bits (small), from which the driver computes the allocation (selectors.mixing) and each block's offset;
-2. each cache file writes its rows into one fragment per hash partition (a range of blocks);
-3. each partition is read alone, sorted by (source, hash, id), ranked from its offsets, and its copies are
+1. a pass writes each cache file's rows into one fragment per hash partition (a range of hash blocks) and
+   counts each source's records, tokens and synthetic records per block of the hash's top BLOCK_BITS bits
+   (small), from which the driver computes the allocation (selectors.mixing) and each block's offset;
+2. each partition is read alone, sorted by (source, hash, id), ranked from its offsets, and its copies are
    written into one fragment per shard, its ledger rows into one fragment;
-4. each shard is its fragments, sorted by the shuffle key.
-Only file names cross the two GroupByKeys; memory is a cache file, a partition or a shard.
+3. each shard is its fragments, sorted by the shuffle key.
+Only file names cross the GroupByKey; memory is a cache file, a partition or a shard.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from winnow.pipelines.config import MixConfig
 from winnow.pipelines.ordered_io import table_bytes, write_table_file
 from winnow.pipelines.passes import Pass
-from winnow.pipelines.records import seeded_hash, split_routed, token_counts
+from winnow.pipelines.records import seeded_hashes, split_routed, token_counts
 from winnow.pipelines.storage import join, open_file, write_bytes
 from winnow.pipelines.write import ledger_rows_table, rows_table, shard_output, value_tally
 from winnow.selectors import mixing
@@ -46,20 +46,14 @@ PARTITION_ROWS = 200_000
 FRAGMENTS = "_mix"
 
 
-def id_hashes(seed: int, ids: list[str]) -> np.ndarray:
-    return np.fromiter((seeded_hash(seed, value) for value in ids), dtype=np.uint64, count=len(ids))
-
-
 def _hashed_rows(path: str, seed: int, extra: list[tuple[str, str]]) -> pa.Table:
     rows = rows_table(path, extra)
-    hashes = id_hashes(seed, rows.column("id").to_pylist())
-    rows = rows.append_column("hash", pa.array(hashes, pa.uint64()))
+    rows = rows.append_column("hash", pa.array(seeded_hashes(seed, rows.column("id").to_pylist()), pa.uint64()))
     return rows.append_column("tokens", token_counts(rows.column("text")).cast(pa.int64()))
 
 
-def _file_counts(path: str, seed: int) -> dict[str, Any]:
-    """One cache file -> {source: (blocks, rows per block, tokens per block, synthetic rows per block)}."""
-    rows = _hashed_rows(path, seed, [])
+def _block_counts(rows: pa.Table) -> dict[str, tuple[np.ndarray, ...]]:
+    """{source: (hash blocks, rows per block, tokens per block, synthetic rows per block)} of some rows."""
     blocks = (rows.column("hash").to_numpy() >> np.uint64(64 - BLOCK_BITS)).astype(np.int64)
     sources = rows.column("source").to_numpy(zero_copy_only=False)
     tokens = rows.column("tokens").to_numpy()
@@ -88,25 +82,64 @@ def _merge_counts(parts) -> dict[str, tuple[np.ndarray, ...]]:
     return merged
 
 
-def counts_pass(config: MixConfig, paths: list[str]) -> Pass:
-    """Per source and hash block: records, tokens, synthetic records, over the final records' cache files."""
-    seed = config.seed
+def partition_bits(records: int) -> int:
+    """Hash partitions of about PARTITION_ROWS records (a power of two, at most 2^BLOCK_BITS)."""
+    return min(BLOCK_BITS, max(0, int(np.ceil(np.log2(max(1.0, records / PARTITION_ROWS))))))
+
+
+class _PartitionFn(beam.DoFn):
+    """(index, cache file) -> its rows, hashed, written as one fragment per hash partition; yields the file's
+    per-block counts and its [(partition, fragment)]."""
+
+    def __init__(self, work: str, seed: int, bits: int):
+        self.work = work
+        self.seed = seed
+        self.bits = bits
+
+    def process(self, element, extra) -> Iterator[tuple[dict[str, Any], list[tuple[int, str]]]]:
+        index, path = element
+        rows = _hashed_rows(path, self.seed, extra)
+        partitions = (rows.column("hash").to_numpy() >> np.uint64(64 - self.bits)).astype(np.int64) \
+            if self.bits else np.zeros(rows.num_rows, dtype=np.int64)
+        written = []
+        for partition in np.unique(partitions).tolist():
+            fragment = join(self.work, FRAGMENTS, f"partition-{partition:05d}", f"part-{index:05d}.parquet")
+            _write(fragment, rows.filter(pa.array(partitions == partition)))
+            written.append((partition, fragment))
+        yield _block_counts(rows), written
+
+
+def _gathered(parts, bits: int) -> dict[str, Any]:
+    fragments: dict[int, list[str]] = {}
+    for _, written in parts:
+        for partition, fragment in written:
+            fragments.setdefault(partition, []).append(fragment)
+    return {"bits": bits, "counts": _merge_counts(counts for counts, _ in parts),
+            "fragments": {partition: sorted(paths) for partition, paths in sorted(fragments.items())}}
+
+
+def partition_pass(config: MixConfig, paths: list[str], work: str, records: int) -> Pass:
+    """The final records' cache files -> fragments per hash partition (under WORK/_mix) and, per source and
+    hash block, records, tokens and synthetic records. Uses the `extra_kinds` pass's schema."""
+    seed, bits = config.seed, partition_bits(records)
 
     def build(pipeline, constants):
         return (
             pipeline
-            | "Files" >> beam.Create(paths)
+            | "Files" >> beam.Create(list(enumerate(paths)))
             | "Spread" >> beam.Reshuffle()
-            | "Counts" >> beam.Map(_file_counts, seed)
-            | "Merge" >> beam.combiners.ToList()
-            | "Merged" >> beam.Map(_merge_counts)
+            | "Partition" >> beam.ParDo(_PartitionFn(work, seed, bits), constants["extra_kinds"])
+            | "All" >> beam.combiners.ToList()
+            | "Gathered" >> beam.Map(_gathered, bits)
         )
 
-    return Pass("mix_counts", build, reads_records=False)
+    return Pass("mix_partitions", build, reads_records=False)
 
 
-def plan(config: MixConfig, counts: dict[str, tuple[np.ndarray, ...]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The allocation from the per-block counts: (summary for the manifest, placement constants)."""
+def plan(config: MixConfig, counts: dict[str, tuple[np.ndarray, ...]], bits: int
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The allocation from the per-block counts: (summary for the manifest, placement constants: per source
+    its size, cumulative shard counts and the offset of each of the 2^bits hash partitions)."""
     sizes = {source: int(found[1].sum()) for source, found in counts.items()}
     tokens = {source: int(found[2].sum()) for source, found in counts.items()}
     # as the block-by-block plan always did: the group of a source is that of its last block
@@ -129,13 +162,11 @@ def plan(config: MixConfig, counts: dict[str, tuple[np.ndarray, ...]]) -> tuple[
     shards = min(config.shards, total)
     mix = mixing.plan_mix(sizes, schedule, total, shards, config.schedule_kind, config.max_epochs, weights,
                           **grouping)
-    all_rows = sum(sizes.values())
-    partition_bits = min(BLOCK_BITS, max(0, int(np.ceil(np.log2(max(1.0, all_rows / PARTITION_ROWS))))))
-    placement = {"partition_bits": partition_bits, "shards": shards, "sources": {}}
+    placement = {"shards": shards, "sources": {}}
     for index, source in enumerate(mix.sources):
         found = counts[source]
-        partitions = found[0] >> (BLOCK_BITS - partition_bits)
-        before = np.zeros(1 << partition_bits, dtype=np.int64)
+        partitions = found[0] >> (BLOCK_BITS - bits)
+        before = np.zeros(1 << bits, dtype=np.int64)
         np.add.at(before, partitions, found[1])
         placement["sources"][source] = {
             "size": mix.sizes[index],
@@ -165,27 +196,8 @@ def _read(path: str) -> pa.Table:
 
 
 def _write(path: str, table: pa.Table) -> None:
-    write_bytes(path, table_bytes(table, 65_536))
-
-
-class _PartitionFn(beam.DoFn):
-    """(index, cache file) -> its rows written as one fragment per hash partition; (partition, fragment)."""
-
-    def __init__(self, work: str, seed: int, extra, partition_bits: int):
-        self.work = work
-        self.seed = seed
-        self.extra = extra
-        self.partition_bits = partition_bits
-
-    def process(self, element) -> Iterator[tuple[int, str]]:
-        index, path = element
-        rows = _hashed_rows(path, self.seed, self.extra)
-        partitions = (rows.column("hash").to_numpy() >> np.uint64(64 - self.partition_bits)).astype(np.int64) \
-            if self.partition_bits else np.zeros(rows.num_rows, dtype=np.int64)
-        for partition in np.unique(partitions).tolist():
-            fragment = join(self.work, FRAGMENTS, f"partition-{partition:05d}", f"part-{index:05d}.parquet")
-            _write(fragment, rows.filter(pa.array(partitions == partition)))
-            yield partition, fragment
+    """A fragment: read once, soon, by the same job; without dictionaries it is written in half the time."""
+    write_bytes(path, table_bytes(table, 65_536, dictionary=False))
 
 
 class _PlaceFn(beam.DoFn):
@@ -202,21 +214,22 @@ class _PlaceFn(beam.DoFn):
     def process(self, element) -> Iterator[tuple[str, Any]]:
         partition, fragments = element
         rows = pa.concat_tables([_read(path) for path in sorted(fragments)])
-        rows = rows.sort_by([("source", "ascending"), ("hash", "ascending"), ("id", "ascending")])
-        sources = rows.column("source").to_numpy(zero_copy_only=False)
-        ranks = np.zeros(rows.num_rows, dtype=np.int64)
-        sizes = np.ones(rows.num_rows, dtype=np.int64)
-        totals = np.zeros(rows.num_rows, dtype=np.int64)
-        starts = np.flatnonzero(np.r_[True, sources[1:] != sources[:-1]]) if rows.num_rows else []
-        bounds = [*list(starts), rows.num_rows]
-        shard_of_copy = []
+        order = pc.sort_indices(rows.select(["source", "hash", "id"]), sort_keys=[
+            ("source", "ascending"), ("hash", "ascending"), ("id", "ascending")]).to_numpy()
+        sources = rows.column("source").take(order).to_numpy(zero_copy_only=False)
+        count = rows.num_rows
+        ranks = np.zeros(count, dtype=np.int64)  # in the sorted order, as are sizes and totals
+        sizes = np.ones(count, dtype=np.int64)
+        totals = np.zeros(count, dtype=np.int64)
+        starts = np.flatnonzero(np.r_[True, sources[1:] != sources[:-1]]) if count else []
+        bounds = [*list(starts), count]
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             info = self.placement["sources"][sources[start]]
             ranks[start:stop] = info["offsets"][partition] + np.arange(stop - start)
             sizes[start:stop] = info["size"]
             totals[start:stop] = info["cumulative"][-1]
         copies = np.maximum(0, -(-(totals - ranks) // sizes))
-        owner = np.repeat(np.arange(rows.num_rows), copies)
+        owner = np.repeat(np.arange(count), copies)
         epochs = np.arange(len(owner)) - np.repeat(np.cumsum(copies) - copies, copies)
         slots = ranks[owner] + epochs * sizes[owner]
         shard_of_copy = np.zeros(len(owner), dtype=np.int64)
@@ -224,17 +237,21 @@ class _PlaceFn(beam.DoFn):
             mine = (owner >= start) & (owner < stop)
             cumulative = self.placement["sources"][sources[start]]["cumulative"]
             shard_of_copy[mine] = np.searchsorted(cumulative, slots[mine], side="right")
-        placed = rows.take(pa.array(owner, pa.int64())).set_column(
-            rows.schema.get_field_index("epoch"), "epoch", pa.array(epochs, pa.int64()))
-        ids = placed.column("id").to_pylist()
-        shuffle = np.fromiter((seeded_hash(self.seed, value, int(epoch), "shuffle")
-                               for value, epoch in zip(ids, epochs.tolist(), strict=True)),
-                              dtype=np.uint64, count=len(ids))
+        by_shard = np.argsort(shard_of_copy, kind="stable")  # one take, then a slice per shard
+        placed = rows.take(pa.array(order[owner[by_shard]], pa.int64()))
+        epochs = epochs[by_shard]
+        placed = placed.set_column(placed.schema.get_field_index("epoch"), "epoch", pa.array(epochs, pa.int64()))
+        shuffle = seeded_hashes(self.seed, placed.column("id").to_pylist(),
+                                [f"{epoch}\0shuffle" for epoch in epochs.tolist()])
         placed = placed.append_column("shuffle", pa.array(shuffle, pa.uint64()))
-        for shard in np.unique(shard_of_copy).tolist():
+        shard_of_copy = shard_of_copy[by_shard]
+        shards, first = np.unique(shard_of_copy, return_index=True)
+        for shard, start, stop in zip(shards.tolist(), first.tolist(), [*first[1:].tolist(), len(shard_of_copy)],
+                                      strict=True):
             fragment = join(self.work, FRAGMENTS, f"shard-{shard:05d}", f"part-{partition:05d}.parquet")
-            _write(fragment, placed.filter(pa.array(shard_of_copy == shard)))
+            _write(fragment, placed.slice(start, stop - start))
             yield SHARDS, (shard, fragment)
+        copies = copies[np.argsort(order)]  # back in the rows' own order for their ledger rows
         kept = copies > 0
         detail = pa.array([f"{count} copies" if count else "the mixture did not draw this record"
                            for count in copies.tolist()], pa.string())
@@ -263,30 +280,27 @@ class _WriteShardFn(beam.DoFn):
 
 
 class MixFiles(beam.PTransform):
-    """The final records' cache files -> {shards: shard file metadata, ledger: ledger fragment files}; the
-    allocation (`placement`) comes from `plan` over the counts pass."""
+    """The hash partitions' fragments (`partition_pass`) -> {shards: shard file metadata, ledger: ledger
+    fragment files}, placed by the allocation from `plan`."""
 
-    def __init__(self, config: MixConfig, work: str, paths: list[str], extra, placement: dict[str, Any],
-                 row_group_rows: int):
+    def __init__(self, config: MixConfig, work: str, fragments: dict[int, list[str]], extra,
+                 placement: dict[str, Any], row_group_rows: int):
         super().__init__()
         self.config = config
         self.work = work
-        self.paths = paths
+        self.fragments = fragments
         self.extra = extra
         self.placement = placement
         self.row_group_rows = row_group_rows
 
     def expand(self, pbegin):
-        seed = self.config.seed
         if not self.placement:
             return {SHARDS: pbegin | "NoShards" >> beam.Create([]), LEDGER: pbegin | "NoFragments" >> beam.Create([])}
         placed = split_routed(
             pbegin
-            | "Files" >> beam.Create(list(enumerate(self.paths)))
+            | "Partitions" >> beam.Create(sorted(self.fragments.items()))
             | "Spread" >> beam.Reshuffle()
-            | "Partition" >> beam.ParDo(_PartitionFn(self.work, seed, self.extra, self.placement["partition_bits"]))
-            | "ByPartition" >> beam.GroupByKey()
-            | "Place" >> beam.ParDo(_PlaceFn(self.work, seed, self.placement)),
+            | "Place" >> beam.ParDo(_PlaceFn(self.work, self.config.seed, self.placement)),
             "Placed",
             (SHARDS, LEDGER),
         )

@@ -77,9 +77,9 @@ def _block(key: OrderKey, block_rows: int) -> tuple[int, int]:
     return key[0], key[1] // block_rows
 
 
-def table_bytes(table: pa.Table, row_group_rows: int) -> bytes:
+def table_bytes(table: pa.Table, row_group_rows: int, compression: str = "zstd", dictionary: bool = True) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression, use_dictionary=dictionary)
     return sink.getvalue().to_pybytes()
 
 

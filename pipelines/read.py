@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from winnow.pipelines.config import InputConfig
+from winnow.pipelines.storage import worker_filesystems
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -256,6 +257,7 @@ def make_record(
 def open_on_worker(path: str):
     """A planned input file, opened on a worker. A file that the driver listed but a worker cannot open (a
     path that only the driver's machine has, missing credentials) stops the run: its rows are not damaged."""
+    worker_filesystems()
     try:
         return FileSystems.open(path)
     except Exception as error:  # noqa: BLE001 - each filesystem raises its own errors

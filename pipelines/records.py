@@ -14,6 +14,7 @@ import hashlib
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 LEDGER_SCHEMA = pa.schema(
@@ -45,6 +46,20 @@ def seeded_hash(seed: int, *parts: Any) -> int:
     """A 64-bit hash of the parts, stable across processes and runs (unlike Python's hash)."""
     text = "\0".join(str(part) for part in (seed, *parts))
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def seeded_hashes(seed: int, values: list[str], suffix: list[str] | None = None) -> np.ndarray:
+    """`seeded_hash(seed, value)` (or `seeded_hash(seed, value, *suffix parts)` with each suffix already joined
+    by NUL) of every value, as uint64."""
+    prefix = f"{seed}\0"
+    blake = hashlib.blake2b
+    if suffix is None:
+        texts = (prefix + value for value in values)
+    else:
+        texts = (f"{prefix}{value}\0{tail}" for value, tail in zip(values, suffix, strict=True))
+    return np.fromiter(
+        (int.from_bytes(blake(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+         for text in texts), dtype=np.uint64, count=len(values))
 
 
 def position_id(input_file: str, input_row: int) -> str:

@@ -40,7 +40,7 @@ from winnow.pipelines.read import (
     row_record,
     table_records,
 )
-from winnow.pipelines.records import content_id, ledger_row, order_key, position_id, split_routed
+from winnow.pipelines.records import NOT_WHITESPACE, content_id, ledger_row, order_key, position_id, split_routed
 from winnow.pipelines.stage import Stage, Step, StepContext, StepOutput, config_section
 from winnow.pipelines.stage_cache import REMOVED as REMOVED_DIR
 from winnow.pipelines.stage_cache import write_records_file
@@ -146,9 +146,6 @@ class _DeduplicateIdsFn(beam.DoFn):
             yield REJECTED, row
 
 
-# a character that str.strip() keeps: a text or id with one is not empty or whitespace (RE2 syntax)
-NOT_WHITESPACE = ("[^\\t-\\r\\x{1c}- \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}"
-                  "\\x{205f}\\x{3000}]")
 CONTROL_PATTERN = "[\\x00-\\x08\\x0e-\\x1f\\x7f]"
 
 
@@ -236,7 +233,7 @@ def check_block(table: pa.Table, task: ReadTask, config: InputConfig, max_bytes:
 
 def _plain_block(table: pa.Table, offsets: np.ndarray, task: ReadTask, config: InputConfig) -> pa.Table:
     columns = config.columns
-    rows = table.take(offsets)
+    rows = table if len(offsets) == table.num_rows else table.take(offsets)
     texts = rows.column(columns.text).cast(pa.string())
     hashes = [content_id(text) for text in texts.to_pylist()]
     count = rows.num_rows

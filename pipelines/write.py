@@ -19,10 +19,12 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from winnow.pipelines.blocks import is_block
 from winnow.pipelines.records import LEDGER_SCHEMA
-from winnow.pipelines.stage_cache import read_cache_file, read_cache_table, table_elements
+from winnow.pipelines.stage_cache import read_cache_table, table_elements
+from winnow.pipelines.storage import open_file
 
 SHARD_COLUMNS = [
     ("id", pa.string()),
@@ -144,12 +146,15 @@ def _arrow_kind(kind: pa.DataType) -> str | None:
 
 def file_extra_kinds(path: str) -> dict[str, set[str]]:
     """{column: value kinds} over one cache file's passed-through columns (what ExtraColumnKinds gathers)."""
-    table = read_cache_table(path)
+    with open_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        extra = [name for name in parquet.schema_arrow.names if name.startswith(EXTRA_PREFIX)]
+        table = parquet.read(columns=extra if is_block(parquet.schema_arrow) else ["record"])
     kinds: dict[str, set[str]] = {}
     if not is_block(table.schema):
         combine = ExtraColumnKinds()
         accumulator = combine.create_accumulator()
-        for record in read_cache_file(path):
+        for record in table_elements(table):
             combine.add_input(accumulator, record)
         return accumulator
     for name in table.column_names:
