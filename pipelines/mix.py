@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from winnow.pipelines.config import MixConfig
-from winnow.pipelines.ordered_io import table_bytes, write_table_file
+from winnow.pipelines.ordered_io import table_bytes, write_payload
 from winnow.pipelines.passes import Pass
 from winnow.pipelines.records import seeded_hashes, split_routed, token_counts
 from winnow.pipelines.storage import join, open_file, write_bytes
@@ -43,6 +43,8 @@ SHARDS, LEDGER, SUMMARY = "shards", "ledger", "summary"
 BLOCK_BITS = 14
 SYNTHETIC, REAL = "synthetic", "real"
 PARTITION_ROWS = 200_000
+SHARD_CHUNK_ROWS = 50_000  # a shard is written this many rows at a time
+FRAGMENT_ROW_GROUP = 8_192  # shard fragments are read by key range: small row groups read little beyond it
 FRAGMENTS = "_mix"
 
 
@@ -109,13 +111,31 @@ class _PartitionFn(beam.DoFn):
         yield _block_counts(rows), written
 
 
-def _gathered(parts, bits: int) -> dict[str, Any]:
-    fragments: dict[int, list[str]] = {}
-    for _, written in parts:
+class _GatherPartitions(beam.CombineFn):
+    """Each file's (per-block counts, [(partition, fragment)]) -> {counts: merged per source, fragments: by
+    partition}. Counts are merged as they arrive, so what is held is one merged count per (source, hash block),
+    at most 2^BLOCK_BITS per source, not one per file."""
+
+    def create_accumulator(self):
+        return {}, []
+
+    def add_input(self, accumulator, element):
+        counts, fragments = accumulator
+        file_counts, written = element
+        return _merge_counts([counts, file_counts]), fragments + written
+
+    def merge_accumulators(self, accumulators):
+        accumulators = list(accumulators)
+        return (_merge_counts([counts for counts, _ in accumulators]),
+                [pair for _, written in accumulators for pair in written])
+
+    def extract_output(self, accumulator):
+        counts, written = accumulator
+        fragments: dict[int, list[str]] = {}
         for partition, fragment in written:
             fragments.setdefault(partition, []).append(fragment)
-    return {"bits": bits, "counts": _merge_counts(counts for counts, _ in parts),
-            "fragments": {partition: sorted(paths) for partition, paths in sorted(fragments.items())}}
+        return {"counts": counts,
+                "fragments": {partition: sorted(paths) for partition, paths in sorted(fragments.items())}}
 
 
 def partition_pass(config: MixConfig, paths: list[str], work: str, records: int) -> Pass:
@@ -129,8 +149,8 @@ def partition_pass(config: MixConfig, paths: list[str], work: str, records: int)
             | "Files" >> beam.Create(list(enumerate(paths)))
             | "Spread" >> beam.Reshuffle()
             | "Partition" >> beam.ParDo(_PartitionFn(work, seed, bits), constants["extra_kinds"])
-            | "All" >> beam.combiners.ToList()
-            | "Gathered" >> beam.Map(_gathered, bits)
+            | "Partitions" >> beam.CombineGlobally(_GatherPartitions())
+            | "WithBits" >> beam.Map(lambda gathered: {**gathered, "bits": bits})
         )
 
     return Pass("mix_partitions", build, reads_records=False)
@@ -195,9 +215,9 @@ def _read(path: str) -> pa.Table:
         return pq.read_table(handle)
 
 
-def _write(path: str, table: pa.Table) -> None:
+def _write(path: str, table: pa.Table, row_group_rows: int = 65_536) -> None:
     """A fragment: read once, soon, by the same job; without dictionaries it is written in half the time."""
-    write_bytes(path, table_bytes(table, 65_536, dictionary=False))
+    write_bytes(path, table_bytes(table, row_group_rows, dictionary=False))
 
 
 class _PlaceFn(beam.DoFn):
@@ -237,19 +257,20 @@ class _PlaceFn(beam.DoFn):
             mine = (owner >= start) & (owner < stop)
             cumulative = self.placement["sources"][sources[start]]["cumulative"]
             shard_of_copy[mine] = np.searchsorted(cumulative, slots[mine], side="right")
-        by_shard = np.argsort(shard_of_copy, kind="stable")  # one take, then a slice per shard
-        placed = rows.take(pa.array(order[owner[by_shard]], pa.int64()))
-        epochs = epochs[by_shard]
-        placed = placed.set_column(placed.schema.get_field_index("epoch"), "epoch", pa.array(epochs, pa.int64()))
-        shuffle = seeded_hashes(self.seed, placed.column("id").to_pylist(),
+        ids = rows.column("id").to_pylist()
+        shuffle = seeded_hashes(self.seed, [ids[row] for row in order[owner].tolist()],
                                 [f"{epoch}\0shuffle" for epoch in epochs.tolist()])
-        placed = placed.append_column("shuffle", pa.array(shuffle, pa.uint64()))
+        by_shard = np.lexsort((shuffle, shard_of_copy))  # by shard, each sorted by its shuffle key: one take
+        placed = rows.take(pa.array(order[owner[by_shard]], pa.int64()))
+        placed = placed.set_column(placed.schema.get_field_index("epoch"), "epoch",
+                                   pa.array(epochs[by_shard], pa.int64()))
+        placed = placed.append_column("shuffle", pa.array(shuffle[by_shard], pa.uint64()))
         shard_of_copy = shard_of_copy[by_shard]
         shards, first = np.unique(shard_of_copy, return_index=True)
         for shard, start, stop in zip(shards.tolist(), first.tolist(), [*first[1:].tolist(), len(shard_of_copy)],
                                       strict=True):
             fragment = join(self.work, FRAGMENTS, f"shard-{shard:05d}", f"part-{partition:05d}.parquet")
-            _write(fragment, placed.slice(start, stop - start))
+            _write(fragment, placed.slice(start, stop - start), FRAGMENT_ROW_GROUP)
             yield SHARDS, (shard, fragment)
         copies = copies[np.argsort(order)]  # back in the rows' own order for their ledger rows
         kept = copies > 0
@@ -265,18 +286,74 @@ class _PlaceFn(beam.DoFn):
         yield LEDGER, fragment
 
 
+class _SortedFragment:
+    """A shard fragment sorted by its shuffle key, open for reading the rows of a key range."""
+
+    def __init__(self, path: str):
+        self.handle = open_file(path)
+        self.file = pq.ParquetFile(self.handle)
+        self.keys = self.file.read(columns=["shuffle"]).column(0).to_numpy()
+        sizes = [self.file.metadata.row_group(group).num_rows for group in range(self.file.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def rows(self, low: int, high: int | None) -> pa.Table | None:
+        """Rows whose key is in [low, high) (high None: to the end)."""
+        first = int(np.searchsorted(self.keys, np.uint64(low), side="left"))
+        end = len(self.keys) if high is None else int(np.searchsorted(self.keys, np.uint64(high), side="left"))
+        if end <= first:
+            return None
+        groups = list(range(int(np.searchsorted(self.starts, first, side="right")) - 1,
+                            int(np.searchsorted(self.starts, end, side="left"))))
+        table = self.file.read_row_groups(groups)
+        return table.slice(first - int(self.starts[groups[0]]), end - first)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class _WriteShardFn(beam.DoFn):
+    """A shard's fragments (each sorted by the shuffle key) -> the shard, written in key ranges of about
+    SHARD_CHUNK_ROWS rows: memory is one range, not the shard. Row groups are cut every `row_group_rows` rows
+    of the whole shard, as one write of the sorted table would cut them, so the file is the same."""
+
     def __init__(self, work: str, extra, row_group_rows: int):
         self.work = work
         self.extra = extra
         self.row_group_rows = row_group_rows
 
     def process(self, element) -> Iterator[dict[str, Any]]:
-        shard, fragments = element
-        rows = pa.concat_tables([_read(path) for path in sorted(fragments)]).sort_by("shuffle")
-        yield write_table_file(self.work, "shards", shard, shard_output(rows, self.extra), self.row_group_rows,
-                               value_tally(rows.column("source")), {"tokens": int(pc.sum(rows.column("tokens"))
-                                                                                   .as_py() or 0)})
+        shard, paths = element
+        fragments = [_SortedFragment(path) for path in sorted(paths)]
+        try:
+            total = sum(len(fragment.keys) for fragment in fragments)
+            ranges = max(1, -(-total // SHARD_CHUNK_ROWS))
+            bounds = [(index << 64) // ranges for index in range(ranges)] + [None]
+            sink = pa.BufferOutputStream()
+            writer, pending, tally, tokens = None, None, {}, 0
+            for index in range(ranges):
+                parts = [part for part in (f.rows(bounds[index], bounds[index + 1]) for f in fragments)
+                         if part is not None]
+                if pending is not None:
+                    parts.insert(0, pending)
+                if not parts:
+                    continue
+                chunk = pa.concat_tables(parts).sort_by("shuffle")
+                last = index == ranges - 1
+                cut = chunk.num_rows if last else chunk.num_rows - chunk.num_rows % self.row_group_rows
+                done, pending = chunk.slice(0, cut), chunk.slice(cut)
+                if done.num_rows:
+                    table = shard_output(done, self.extra)
+                    if writer is None:
+                        writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+                    writer.write_table(table, row_group_size=self.row_group_rows)
+                    for source, count in value_tally(done.column("source")).items():
+                        tally[source] = tally.get(source, 0) + count
+                    tokens += int(pc.sum(done.column("tokens")).as_py() or 0)
+            writer.close()
+        finally:
+            for fragment in fragments:
+                fragment.close()
+        yield write_payload(self.work, "shards", shard, sink.getvalue(), total, tally, {"tokens": tokens})
 
 
 class MixFiles(beam.PTransform):

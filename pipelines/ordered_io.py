@@ -216,14 +216,20 @@ class _WriteOrderedFileFn(beam.DoFn):
 def write_table_file(directory: str, relative_dir: str, number: int, table: pa.Table, row_group_rows: int,
                      tally: dict[str, int], sums: dict[str, int] | None = None) -> dict[str, Any]:
     """Write `relative_dir/part-NNNNN.parquet`; its manifest metadata (as WriteFileFn gives it)."""
-    payload = table_bytes(table, row_group_rows)
+    return write_payload(directory, relative_dir, number, table_bytes(table, row_group_rows), table.num_rows,
+                         tally, sums)
+
+
+def write_payload(directory: str, relative_dir: str, number: int, payload, rows: int, tally: dict[str, int],
+                  sums: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write a Parquet file's bytes as `relative_dir/part-NNNNN.parquet`; its manifest metadata."""
     name = f"part-{number:05d}.parquet"
     write_bytes(FileSystems.join(directory, relative_dir, name), payload)
     meta = {
         "dir": relative_dir,
         "file": f"{relative_dir}/{name}",
         "index": number,
-        "rows": table.num_rows,
+        "rows": rows,
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
         "tally": dict(sorted(tally.items())),

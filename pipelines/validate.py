@@ -202,21 +202,11 @@ def check_block(table: pa.Table, task: ReadTask, config: InputConfig, max_bytes:
     """Validate a row group: vectorised for the rows that pass unchanged, `check_record` for the others."""
     plain = _plain_rows(table, config, max_bytes, control_characters)
     slow = np.arange(table.num_rows) if plain is None else np.flatnonzero(~plain)
-    rejected: list[dict[str, Any]] = []
-    changed: dict[str, int] = {}
-    slow_kept: list[tuple[int, dict[str, Any]]] = []
     if plain is None:
         slow_records = enumerate(table_records(table, task, config))
     else:
         slow_records = ((int(offset), row_record(table, int(offset), task, config)) for offset in slow)
-    for offset, record in slow_records:
-        for route, value in check_record(record, max_bytes, control_characters):
-            if route == VALID:
-                slow_kept.append((offset, value))
-            elif route == REJECTED:
-                rejected.append(value)
-            else:
-                changed[value] = changed.get(value, 0) + 1
+    slow_kept, rejected, changed = check_records(slow_records, max_bytes, control_characters)
     parts = []
     if plain is not None and plain.any():
         parts.append(_plain_block(table, np.flatnonzero(plain), task, config))
@@ -269,16 +259,24 @@ def check_task(task: ReadTask, config: InputConfig, max_bytes: int, control_char
         records = broken_records(task, config, problem)
     else:
         records = jsonl_records(task, config)
+    kept, rejected, changed = check_records(enumerate(records), max_bytes, control_characters)
+    return CheckedBlock(None, [record for _, record in kept], rejected, changed)
+
+
+def check_records(numbered: Iterable[tuple[int, dict[str, Any]]], max_bytes: int, control_characters: str
+                  ) -> tuple[list[tuple[int, dict[str, Any]]], list[dict[str, Any]], dict[str, int]]:
+    """(offset, read record) pairs -> the valid ones with their offsets, the ledger rows of the rejected ones,
+    and records changed (control characters stripped) per source: the per-record path."""
     kept, rejected, changed = [], [], {}
-    for record in records:
+    for offset, record in numbered:
         for route, value in check_record(record, max_bytes, control_characters):
             if route == VALID:
-                kept.append(value)
+                kept.append((offset, value))
             elif route == REJECTED:
                 rejected.append(value)
             else:
                 changed[value] = changed.get(value, 0) + 1
-    return CheckedBlock(None, kept, rejected, changed)
+    return kept, rejected, changed
 
 
 def _kept_ids(checked: CheckedBlock) -> list[str]:
@@ -302,8 +300,9 @@ class _DuplicateCandidates(beam.CombineFn):
 
     def extract_output(self, accumulator):
         hashes = np.concatenate(accumulator) if accumulator else np.zeros(0, np.uint64)
-        values, counts = np.unique(hashes, return_counts=True)
-        return values[counts > 1]
+        accumulator.clear()
+        hashes.sort()  # in place: 8 bytes per record, no second copy
+        return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
 
 
 def _task_id_hashes(task: ReadTask, config: InputConfig, max_bytes: int, control_characters: str) -> np.ndarray:

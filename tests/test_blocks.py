@@ -15,7 +15,7 @@ from winnow.pipelines.config import InputConfig
 from winnow.pipelines.ordered_io import WriteOrderedFiles, plan_ordered_files
 from winnow.pipelines.read import ReadTask, table_records
 from winnow.pipelines.records import token_count, token_counts
-from winnow.pipelines.validate import REJECTED, VALID, check_block, check_record
+from winnow.pipelines.validate import check_block, check_records
 
 TEXTS = [
     "a usable text", "   ", "\u3000\u2003", "\x1c\x1f", "", None, "tab\tand newline\n ok", "ctrl \x01 inside",
@@ -38,19 +38,6 @@ def _table(id_kind: str) -> pa.Table:
     })
 
 
-def _per_record(table, task, config, max_bytes, control):
-    valid, rejected, changed = [], [], {}
-    for record in table_records(table, task, config):
-        for route, value in check_record(record, max_bytes, control):
-            if route == VALID:
-                valid.append(value)
-            elif route == REJECTED:
-                rejected.append(value)
-            else:
-                changed[value] = changed.get(value, 0) + 1
-    return valid, rejected, changed
-
-
 @pytest.mark.parametrize("control", ["reject", "strip", "keep"])
 @pytest.mark.parametrize("id_kind", ["string", "int", "none"])
 def test_vectorised_validation_equals_the_per_record_path(control, id_kind):
@@ -61,8 +48,8 @@ def test_vectorised_validation_equals_the_per_record_path(control, id_kind):
     if id_kind == "none":
         table = table.drop_columns(["id"])
     checked = check_block(table, task, config, 40, control)
-    valid, rejected, changed = _per_record(table, task, config, 40, control)
-    assert list(block_records(checked.kept)) == valid
+    valid, rejected, changed = check_records(enumerate(table_records(table, task, config)), 40, control)
+    assert list(block_records(checked.kept)) == [record for _, record in valid]
     assert checked.rejected == rejected
     assert checked.changed == changed
     assert 0 < len(valid) < table.num_rows, "the table exercises both outcomes"
@@ -129,3 +116,30 @@ def test_write_ordered_files_merges_sources_in_input_order(tmp_path):
     assert list(zip(written.column("file_index").to_pylist(), written.column("input_row").to_pylist(),
                     strict=True)) == sorted(rows)
     assert pq.ParquetFile(tmp_path / "out" / "parts" / "part-00000.parquet").metadata.num_row_groups == 3
+
+
+def test_a_shard_written_in_key_ranges_is_the_file_one_write_gives(tmp_path, monkeypatch):
+    from winnow.pipelines import mix
+    from winnow.pipelines.ordered_io import table_bytes
+    from winnow.pipelines.write import ROW_COLUMNS, shard_output
+
+    rng = np.random.default_rng(3)
+    count = 97
+    columns = {name: pa.nulls(count, kind) for name, kind in ROW_COLUMNS}
+    columns.update(id=pa.array([f"r{i}" for i in range(count)]), text=pa.array(["a b"] * count),
+                   source=pa.array([f"s{i % 3}" for i in range(count)]), input_file=pa.array(["f"] * count),
+                   input_row=pa.array(np.arange(count)), epoch=pa.array(np.zeros(count, dtype=np.int64)))
+    rows = pa.table(columns).append_column("shuffle", pa.array(rng.integers(0, 2**64 - 1, count, dtype=np.uint64)))
+    rows = rows.append_column("tokens", pa.array(np.full(count, 2)))
+    paths = []
+    for part, indices in enumerate(np.array_split(rng.permutation(count), 4)):
+        fragment = rows.take(pa.array(indices)).sort_by("shuffle")
+        path = tmp_path / f"fragment-{part}.parquet"
+        pq.write_table(fragment, path, row_group_size=6)
+        paths.append(str(path))
+    monkeypatch.setattr(mix, "SHARD_CHUNK_ROWS", 9)  # 11 key ranges, cut at row groups of 5
+    meta = next(mix._WriteShardFn(str(tmp_path / "out"), [], 5).process((2, paths)))
+    expected = table_bytes(shard_output(rows.sort_by("shuffle"), []), 5)
+    assert (tmp_path / "out" / "shards" / "part-00002.parquet").read_bytes() == expected
+    assert meta["rows"] == count and meta["tokens"] == 2 * count
+    assert meta["tally"] == {"s0": 33, "s1": 32, "s2": 32}
