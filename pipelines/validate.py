@@ -295,11 +295,10 @@ class _DuplicateCandidates(beam.CombineFn):
         return accumulator
 
     def merge_accumulators(self, accumulators):
-        return [np.concatenate([part for accumulator in accumulators for part in accumulator] or
-                               [np.zeros(0, np.uint64)])]
+        return [part for accumulator in accumulators for part in accumulator]  # concatenated once, at the end
 
     def extract_output(self, accumulator):
-        hashes = np.concatenate(accumulator) if accumulator else np.zeros(0, np.uint64)
+        hashes = accumulator[0] if len(accumulator) == 1 else np.concatenate([np.zeros(0, np.uint64), *accumulator])
         accumulator.clear()
         hashes.sort()  # in place: 8 bytes per record, no second copy
         return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
