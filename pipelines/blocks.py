@@ -5,6 +5,8 @@ GroupByKey ever holds the corpus. Its columns:
   file_index, input_row      input order
   id, text, source, input_file, text_hash, note
   extra:NAME                 every passed-through input column, with its input Arrow type
+  embedding, embedding_reused  after the embed stage: the unit float32 vector (a fixed-size list, so a
+                             block's vectors are one contiguous float32 buffer) and whether it was reused
 Stages that still work on record dicts read a block as records (`block_records`), and cache files written from
 records (pickled dicts, `stage_cache.WriteCache`) are read the same way: `read_cache_file` takes either.
 """
@@ -33,6 +35,7 @@ CORE_COLUMNS = [
     ("note", pa.string()),
 ]
 BLOCK_ROW_GROUP = 5_000
+VECTOR_COLUMN, REUSED_COLUMN = "embedding", "embedding_reused"
 
 
 def is_block(schema: pa.Schema) -> bool:
@@ -52,9 +55,25 @@ def block_table(core: dict[str, Any], extras: pa.Table | None) -> pa.Table:
     return pa.table(arrays, names=names)
 
 
+def vector_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """An (n, dim) float32 matrix as an Arrow column of fixed-size lists (no copy of the floats)."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def vector_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column as an (n, dim) float32 matrix."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.values.to_numpy(zero_copy_only=False)[column.offset * column.type.list_size:]
+    return values[: len(column) * column.type.list_size].reshape(len(column), column.type.list_size)
+
+
 def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """A block's rows as record dicts, as the per-record stages know them (records.py)."""
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    vectors = vector_matrix(table.column(VECTOR_COLUMN)) \
+        if VECTOR_COLUMN in table.column_names and VECTOR_COLUMN not in drop else None
+    columns = {name: table.column(name).to_pylist() for name in table.column_names if name != VECTOR_COLUMN}
     extras = [name for name in table.column_names if name.startswith(EXTRA_PREFIX)]
     for index in range(table.num_rows):
         record = {
@@ -69,6 +88,9 @@ def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[
         if columns["note"][index] is not None:
             record["note"] = columns["note"][index]
         record["text_hash"] = columns["text_hash"][index]
+        if vectors is not None:
+            record[VECTOR_COLUMN] = vectors[index].copy()  # writable, as the stages have always had it
+            record[REUSED_COLUMN] = columns[REUSED_COLUMN][index]
         for name in drop:
             record.pop(name, None)
         yield record

@@ -3,10 +3,17 @@
 Input: valid records (`id`, `text`, `text_hash`, ...). Output: the same records with `embedding` (a unit
 float32 vector) and `embedding_reused` (whether it came from the previous run's embeddings).
 
-Records are grouped into windows of up to `embed.window` consecutive input rows, and the model gets one
-window at a time (model_stage.RunModel with EmbedHandler); sentence-transformers sorts each window by length
-before cutting batches of `embed.batch_size`, which keeps padding low.
-When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again.
+The stage works on the cache's record files, not on records: one task per file (a block of the validate stage,
+or a file of pickled records) reads it, embeds its texts window by window and writes the same rows with the
+vectors as a fixed-size-list column (blocks.py) into this stage's cache; no GroupByKey holds records or
+vectors. A window is the rows of a file with the same `input_row // embed.window` (a window cut by a file
+boundary is embedded as two); sentence-transformers sorts each window by length before cutting batches of
+`embed.batch_size`, which keeps padding low. `embeddings/part-*.parquet` (id, text_hash, embedding, in input
+order) are cut from the written files by `WriteOrderedFiles`.
+
+When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again:
+each worker indexes the previous files' text hashes once (16 bytes per previous row) and reads the vectors of a
+file's matches from the previous files' row groups that hold them.
 """
 
 from __future__ import annotations
@@ -20,18 +27,21 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from apache_beam.io.filesystem import BeamIOError
 
+from winnow.pipelines.blocks import REUSED_COLUMN, VECTOR_COLUMN, is_block, vector_array, vector_matrix, write_block
 from winnow.pipelines.config import EmbedConfig
-from winnow.pipelines.model_stage import ModelHandler, RunModel
-from winnow.pipelines.ordered_io import AssignPositions, WriteOrderedParquet
-from winnow.pipelines.records import order_key, split_routed
+from winnow.pipelines.model_stage import ModelHandler, acquire_model
+from winnow.pipelines.ordered_io import WriteOrderedFiles
+from winnow.pipelines.progress import Progress
 from winnow.pipelines.stage import ManifestContext, PlanContext, Stage, Step, StepContext, StepOutput, config_section
+from winnow.pipelines.stage_cache import RECORDS, read_cache_table, table_elements, write_records_file
 from winnow.pipelines.storage import join, list_files, open_file, read_json
 from winnow.selectors import embedding
 
 EMBEDDINGS_DIR = "embeddings"
-REUSED, TO_EMBED = "reused", "to_embed"
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class EmbedPlan:
 
 
 class EmbedHandler(ModelHandler):
-    """The sentence-transformers model: a window of records -> the records with their vectors."""
+    """The sentence-transformers model, as model_stage loads and shares it."""
 
     namespace, counter, label, unit = "winnow.embed", "texts_embedded", "embed", "texts"
 
@@ -80,14 +90,6 @@ class EmbedHandler(ModelHandler):
     def load(self):
         return embedding.load_model(self.plan.model_path, self.plan.device, self.plan.max_seq_length)
 
-    def expected(self) -> int | None:
-        return self.plan.expected_records
-
-    def run(self, model, records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        vectors = embedding.encode(model(), [record["text"] for record in records], self.plan.batch_size)
-        for record, vector in zip(records, vectors, strict=True):
-            yield _attach(record, vector, False)
-
 
 def embeddings_schema(dim: int) -> pa.Schema:
     return pa.schema(
@@ -95,21 +97,9 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
-def embeddings_table(records: list[dict[str, Any]]) -> pa.Table:
-    """The embeddings file of some records: id, text_hash and the vector as a fixed-size list."""
-    matrix = np.stack([record["embedding"] for record in records]).astype(np.float32, copy=False)
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-    return pa.Table.from_arrays(
-        [pa.array([r["id"] for r in records]), pa.array([r["text_hash"] for r in records]), vectors],
-        schema=embeddings_schema(matrix.shape[1]),
-    )
-
-
 def read_embeddings(directory: str | Path) -> tuple[list[str], np.ndarray]:
     """Ids and the (n, dim) float32 matrix of an output's embeddings, in input order (files as its manifest
     lists them)."""
-    import pyarrow.parquet as pq
-
     directory = str(directory)
     files = read_json(join(directory, "manifest.json"))["embeddings"]["files"]
     tables = []
@@ -117,72 +107,184 @@ def read_embeddings(directory: str | Path) -> tuple[list[str], np.ndarray]:
         with open_file(join(directory, entry["file"])) as handle:
             tables.append(pq.read_table(handle))
     table = pa.concat_tables(tables)
-    column = table.column("embedding").combine_chunks()
-    matrix = column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
-    return table.column("id").to_pylist(), matrix
+    return table.column("id").to_pylist(), vector_matrix(table.column("embedding"))
 
 
-def _attach(record: dict[str, Any], vector: np.ndarray, reused: bool) -> dict[str, Any]:
-    return {**record, "embedding": np.asarray(vector, dtype=np.float32), "embedding_reused": reused}
+def _hash_keys(text_hashes: list[str]) -> np.ndarray:
+    """The first 64 bits of each text hash (hex BLAKE2b): what the previous embeddings are indexed by."""
+    return np.fromiter((int(value[:16], 16) for value in text_hashes), dtype=np.uint64, count=len(text_hashes))
 
 
-class _ReuseFn(beam.DoFn):
-    """Per text hash: records with a previous vector get it; the others go on to be embedded."""
+class PreviousEmbeddings:
+    """The previous output's embeddings files, indexed by text hash: sorted 64-bit keys with each one's file and
+    row (16 bytes a row); vectors are read on demand, a row group at a time."""
 
-    def process(self, element) -> Iterator[Any]:
-        _, grouped = element
-        records, previous = grouped["records"], list(grouped["previous"])
-        for record in records:
-            if previous:
-                yield REUSED, _attach(record, previous[0], True)
-            else:
-                yield TO_EMBED, record
+    def __init__(self, paths: tuple[str, ...]):
+        self.paths = paths
+        keys, files, rows, self.group_starts = [], [], [], []
+        for number, path in enumerate(paths):
+            with open_file(path) as handle:
+                parquet = pq.ParquetFile(handle)
+                hashes = parquet.read(columns=["text_hash"]).column(0).to_pylist()
+                sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            self.group_starts.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+            keys.append(_hash_keys(hashes))
+            files.append(np.full(len(hashes), number, dtype=np.int32))
+            rows.append(np.arange(len(hashes), dtype=np.int64))
+        key = np.concatenate([np.zeros(0, np.uint64), *keys])
+        order = np.argsort(key, kind="stable")  # equal keys: the first in file order wins
+        self.keys = key[order]
+        self.files = np.concatenate([np.zeros(0, np.int32), *files])[order]
+        self.rows = np.concatenate([np.zeros(0, np.int64), *rows])[order]
+
+    def find(self, text_hashes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(mask of the rows whose text hash the previous output has, their vectors in row order)."""
+        wanted = _hash_keys(text_hashes)
+        at = np.minimum(np.searchsorted(self.keys, wanted), max(len(self.keys) - 1, 0))
+        found = (at < len(self.keys)) & (self.keys[at] == wanted) if len(self.keys) else \
+            np.zeros(len(wanted), dtype=bool)
+        if not found.any():
+            return found, None
+        vectors: dict[int, np.ndarray] = {}
+        rows = np.flatnonzero(found)
+        files, positions = self.files[at[rows]], self.rows[at[rows]]
+        for number in np.unique(files).tolist():
+            mine = files == number
+            starts = self.group_starts[number]
+            group_of = np.searchsorted(starts, positions[mine], side="right") - 1
+            groups = np.unique(group_of)
+            with open_file(self.paths[number]) as handle:
+                table = pq.ParquetFile(handle).read_row_groups(groups.tolist(), columns=["text_hash", "embedding"])
+            read_start = np.cumsum(np.r_[0, starts[groups + 1] - starts[groups]])  # each group's first row read
+            local = read_start[np.searchsorted(groups, group_of)] + positions[mine] - starts[group_of]
+            matrix = vector_matrix(table.column("embedding"))
+            previous_hashes = table.column("text_hash").to_pylist()
+            for row, index in zip(rows[mine].tolist(), local.tolist(), strict=True):
+                if previous_hashes[index] == text_hashes[row]:  # the full hash, not only its first 64 bits
+                    vectors[row] = matrix[index]
+        found[:] = False
+        found[list(vectors)] = True
+        ordered = [vectors[row] for row in sorted(vectors)]
+        return found, np.stack(ordered) if ordered else None
 
 
-def _previous_vectors(path: str) -> Iterator[tuple[str, list[float]]]:
-    """(text_hash, vector) of each row of a previous output's embeddings file, on any filesystem."""
-    import pyarrow.parquet as pq
-
-    with open_file(path) as handle:
-        table = pq.read_table(handle, columns=["text_hash", "embedding"])
-    yield from zip(table.column("text_hash").to_pylist(), table.column("embedding").to_pylist(), strict=True)
+_PREVIOUS: dict[tuple[str, ...], PreviousEmbeddings] = {}
 
 
-class EmbedRecords(beam.PTransform):
-    """valid records -> records with `embedding`."""
+def previous_embeddings(paths: tuple[str, ...]) -> PreviousEmbeddings:
+    """The worker's index of the previous embeddings (built once per process)."""
+    if paths not in _PREVIOUS:
+        _PREVIOUS.clear()
+        _PREVIOUS[paths] = PreviousEmbeddings(paths)
+    return _PREVIOUS[paths]
 
-    def __init__(self, plan: EmbedPlan):
-        super().__init__()
+
+class _EmbedFileFn(beam.DoFn):
+    """A cache file of records -> the same rows with their vectors, written into this stage's cache (a typed
+    block for a block, pickled records for pickled records); its file metadata."""
+
+    def __init__(self, plan: EmbedPlan, directory: str):
         self.plan = plan
+        self.directory = directory
+        self.busy_ms = beam.metrics.Metrics.distribution(EmbedHandler.namespace, "busy_ms")
+        self.embedded = beam.metrics.Metrics.counter(EmbedHandler.namespace, EmbedHandler.counter)
+        self.reused = beam.metrics.Metrics.counter(EmbedHandler.namespace, "texts_reused")
 
-    def expand(self, records):
-        reused = None
-        to_embed = records
+    def setup(self):
+        self.held = None
+        self.progress = Progress(EmbedHandler.label, self.plan.expected_records, EmbedHandler.unit)
+
+    def _model(self):
+        if self.held is None:
+            self.held = acquire_model(EmbedHandler(self.plan))
+        return self.held.value
+
+    def _vectors(self, file_index: np.ndarray, input_row: np.ndarray, texts: list[str],
+                 text_hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's vector (rows in input order) and whether it was reused."""
+        import time
+
+        count = len(texts)
+        reused = np.zeros(count, dtype=bool)
+        vectors: np.ndarray | None = None
         if self.plan.reuse_from:
-            previous = (
-                records.pipeline
-                | "PreviousFiles" >> beam.Create(list(self.plan.reuse_from))
-                | "SpreadPrevious" >> beam.Reshuffle()
-                | "ReadPrevious" >> beam.FlatMap(_previous_vectors)
-            )
-            split = split_routed(
-                {"records": records | "KeyByHash" >> beam.Map(lambda r: (r["text_hash"], r)), "previous": previous}
-                | "JoinPrevious" >> beam.CoGroupByKey()
-                | "Reuse" >> beam.ParDo(_ReuseFn()),
-                "Reuse",
-                (REUSED, TO_EMBED),
-            )
-            reused, to_embed = split[REUSED], split[TO_EMBED]
-        window = self.plan.window
-        embedded = (
-            to_embed
-            | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // window), r))
-            | "Windows" >> beam.GroupByKey()
-            | "Encode" >> beam.ParDo(RunModel(EmbedHandler(self.plan)))
-        )
-        if reused is None:
-            return embedded
-        return (reused, embedded) | "AllEmbedded" >> beam.Flatten()
+            reused, previous = previous_embeddings(self.plan.reuse_from).find(text_hashes)
+            if previous is not None:
+                vectors = np.zeros((count, previous.shape[1]), dtype=np.float32)
+                vectors[reused] = previous
+        todo = np.flatnonzero(~reused)
+        windows = file_index[todo] * (1 << 40) + input_row[todo] // self.plan.window
+        bounds = np.flatnonzero(np.r_[True, windows[1:] != windows[:-1], True]) if len(todo) else [0]
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            rows = todo[start:stop]
+            started = time.perf_counter()
+            window = embedding.encode(self._model(), [texts[row] for row in rows.tolist()], self.plan.batch_size)
+            self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
+            if vectors is None:
+                vectors = np.zeros((count, window.shape[1]), dtype=np.float32)
+            vectors[rows] = window
+            self.embedded.inc(len(rows))
+            self.progress.advance(len(rows))
+        self.reused.inc(int(reused.sum()))
+        self.progress.advance(int(reused.sum()))
+        return vectors, reused
+
+    def process(self, path: str) -> Iterator[dict[str, Any]]:
+        relative = f"{RECORDS}/{posixpath.basename(path)}"
+        table = read_cache_table(path)
+        if is_block(table.schema):
+            table = table.sort_by([("file_index", "ascending"), ("input_row", "ascending")])
+            vectors, reused = self._vectors(
+                table.column("file_index").to_numpy(), table.column("input_row").to_numpy(),
+                table.column("text").to_pylist(), table.column("text_hash").to_pylist())
+            if table.num_rows:
+                table = table.append_column(VECTOR_COLUMN, vector_array(vectors))
+                table = table.append_column(REUSED_COLUMN, pa.array(reused))
+            yield write_block(self.directory, relative, table)
+            return
+        records = sorted(table_elements(table), key=lambda r: (r["file_index"], r["input_row"], r.get("variant", 0)))
+        vectors, reused = self._vectors(
+            np.array([r["file_index"] for r in records], dtype=np.int64),
+            np.array([r["input_row"] for r in records], dtype=np.int64),
+            [r["text"] for r in records], [r["text_hash"] for r in records])
+        yield write_records_file(self.directory, relative, [
+            {**record, VECTOR_COLUMN: vectors[index], REUSED_COLUMN: bool(reused[index])}
+            for index, record in enumerate(records)])
+
+
+def _order_keys(path: str, kind: str) -> pa.Table:
+    with open_file(path) as handle:
+        return pq.read_table(handle, columns=["file_index", "input_row"])
+
+
+def _embedded_rows(path: str, kind: str) -> pa.Table:
+    """An embedded cache file as rows of the embeddings output, with their order keys and reuse flags."""
+    table = read_cache_table(path)
+    if is_block(table.schema):
+        variant = pa.array(np.zeros(table.num_rows, dtype=np.int64))
+        return table.select(["file_index", "input_row", "id", "text_hash", VECTOR_COLUMN, REUSED_COLUMN]) \
+            .append_column("variant", variant)
+    records = list(table_elements(table))
+    return pa.table({
+        "file_index": pa.array([r["file_index"] for r in records], pa.int64()),
+        "input_row": pa.array([r["input_row"] for r in records], pa.int64()),
+        "variant": pa.array([r.get("variant", 0) for r in records], pa.int64()),
+        "id": pa.array([r["id"] for r in records], pa.string()),
+        "text_hash": pa.array([r["text_hash"] for r in records], pa.string()),
+        VECTOR_COLUMN: vector_array(np.stack([r[VECTOR_COLUMN] for r in records])),
+        REUSED_COLUMN: pa.array([r[REUSED_COLUMN] for r in records], pa.bool_()),
+    })
+
+
+def _embeddings_output(rows: pa.Table) -> pa.Table:
+    vectors = rows.column(VECTOR_COLUMN)
+    return rows.select(["id", "text_hash", VECTOR_COLUMN]).cast(embeddings_schema(vectors.type.list_size))
+
+
+def _reuse_tally(rows: pa.Table) -> dict[str, int]:
+    reused = int(pc.sum(rows.column(REUSED_COLUMN).cast(pa.int64())).as_py() or 0)
+    tally = {"reused": reused, "computed": rows.num_rows - reused}
+    return {key: count for key, count in tally.items() if count}
 
 
 def _previous_embeddings(output: str, fingerprint: str) -> tuple[str, ...] | None:
@@ -211,26 +313,29 @@ def _plan(context: PlanContext) -> EmbedPlan:
 
 
 def _embed_and_write(plan: EmbedPlan):
-    def build(pipeline, records, context: StepContext) -> StepOutput:
+    def build(pipeline, files, context: StepContext) -> StepOutput:
         output = context.job.config.output
-        embedded = records | "Embed" >> EmbedRecords(plan)
+        directory = context.directory
         written = (
-            embedded
-            | "OrderEmbeddings" >> AssignPositions(order_key)
-            | "WriteEmbeddings"
-            >> WriteOrderedParquet(
-                context.directory, EMBEDDINGS_DIR, output.ledger_rows, embeddings_table, output.row_group_rows,
-                tally_key=lambda record: "reused" if record["embedding_reused"] else "computed",
-            )
+            files
+            | "Spread" >> beam.Reshuffle()
+            | "Embed" >> beam.ParDo(_EmbedFileFn(plan, directory))
         )
-        return StepOutput(embedded, [], [written])
+        embeddings = (
+            written
+            | "Embedded" >> beam.Map(lambda meta: (join(directory, meta["file"]), RECORDS))
+            | "WriteEmbeddings" >> WriteOrderedFiles(
+                directory, EMBEDDINGS_DIR, output.ledger_rows, _order_keys, _embedded_rows, _embeddings_output,
+                output.row_group_rows, _reuse_tally)
+        )
+        return StepOutput(None, [], [written, embeddings])
     return build
 
 
 def _steps(plan: EmbedPlan, config) -> list[Step]:
     settings = config_section(config, "embed", exclude=("reuse", "torch_threads"))
     return [Step("embed", _embed_and_write(plan), {"embed": settings},
-                 {"model": plan.fingerprint, "device": plan.device}, adds_vectors=True)]
+                 {"model": plan.fingerprint, "device": plan.device}, adds_vectors=True, reads_files=True)]
 
 
 def _manifest(context: ManifestContext) -> dict[str, Any]:

@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from winnow.pipelines.config import MixConfig
-from winnow.pipelines.ordered_io import table_bytes, write_payload
+from winnow.pipelines.ordered_io import part_meta, part_path, table_bytes
 from winnow.pipelines.passes import Pass
 from winnow.pipelines.records import seeded_hashes, split_routed, token_counts
-from winnow.pipelines.storage import join, open_file, write_bytes
+from winnow.pipelines.storage import join, open_file, write_bytes, writing
 from winnow.pipelines.write import ledger_rows_table, rows_table, shard_output, value_tally
 from winnow.selectors import mixing
 
@@ -328,32 +328,32 @@ class _WriteShardFn(beam.DoFn):
             total = sum(len(fragment.keys) for fragment in fragments)
             ranges = max(1, -(-total // SHARD_CHUNK_ROWS))
             bounds = [(index << 64) // ranges for index in range(ranges)] + [None]
-            sink = pa.BufferOutputStream()
-            writer, pending, tally, tokens = None, None, {}, 0
-            for index in range(ranges):
-                parts = [part for part in (f.rows(bounds[index], bounds[index + 1]) for f in fragments)
-                         if part is not None]
-                if pending is not None:
-                    parts.insert(0, pending)
-                if not parts:
-                    continue
-                chunk = pa.concat_tables(parts).sort_by("shuffle")
-                last = index == ranges - 1
-                cut = chunk.num_rows if last else chunk.num_rows - chunk.num_rows % self.row_group_rows
-                done, pending = chunk.slice(0, cut), chunk.slice(cut)
-                if done.num_rows:
-                    table = shard_output(done, self.extra)
-                    if writer is None:
-                        writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
-                    writer.write_table(table, row_group_size=self.row_group_rows)
-                    for source, count in value_tally(done.column("source")).items():
-                        tally[source] = tally.get(source, 0) + count
-                    tokens += int(pc.sum(done.column("tokens")).as_py() or 0)
-            writer.close()
+            with writing(part_path(self.work, "shards", shard)) as sink:
+                writer, pending, tally, tokens = None, None, {}, 0
+                for index in range(ranges):
+                    parts = [part for part in (f.rows(bounds[index], bounds[index + 1]) for f in fragments)
+                             if part is not None]
+                    if pending is not None:
+                        parts.insert(0, pending)
+                    if not parts:
+                        continue
+                    chunk = pa.concat_tables(parts).sort_by("shuffle")
+                    last = index == ranges - 1
+                    cut = chunk.num_rows if last else chunk.num_rows - chunk.num_rows % self.row_group_rows
+                    done, pending = chunk.slice(0, cut), chunk.slice(cut)
+                    if done.num_rows:
+                        table = shard_output(done, self.extra)
+                        if writer is None:
+                            writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+                        writer.write_table(table, row_group_size=self.row_group_rows)
+                        for source, count in value_tally(done.column("source")).items():
+                            tally[source] = tally.get(source, 0) + count
+                        tokens += int(pc.sum(done.column("tokens")).as_py() or 0)
+                writer.close()
         finally:
             for fragment in fragments:
                 fragment.close()
-        yield write_payload(self.work, "shards", shard, sink.getvalue(), total, tally, {"tokens": tokens})
+        yield part_meta("shards", shard, total, sink.size, sink.sha256(), tally, {"tokens": tokens})
 
 
 class MixFiles(beam.PTransform):

@@ -16,7 +16,6 @@ manifest.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -213,29 +212,33 @@ class _WriteOrderedFileFn(beam.DoFn):
                                {name: value_of(rows) for name, value_of in self.sums.items()})
 
 
-def write_table_file(directory: str, relative_dir: str, number: int, table: pa.Table, row_group_rows: int,
-                     tally: dict[str, int], sums: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write `relative_dir/part-NNNNN.parquet`; its manifest metadata (as WriteFileFn gives it)."""
-    return write_payload(directory, relative_dir, number, table_bytes(table, row_group_rows), table.num_rows,
-                         tally, sums)
+def part_path(directory: str, relative_dir: str, number: int) -> str:
+    return FileSystems.join(directory, relative_dir, f"part-{number:05d}.parquet")
 
 
-def write_payload(directory: str, relative_dir: str, number: int, payload, rows: int, tally: dict[str, int],
-                  sums: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write a Parquet file's bytes as `relative_dir/part-NNNNN.parquet`; its manifest metadata."""
-    name = f"part-{number:05d}.parquet"
-    write_bytes(FileSystems.join(directory, relative_dir, name), payload)
+def part_meta(relative_dir: str, number: int, rows: int, size: int, sha256: str, tally: dict[str, int],
+              sums: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest metadata of `relative_dir/part-NNNNN.parquet`."""
     meta = {
         "dir": relative_dir,
-        "file": f"{relative_dir}/{name}",
+        "file": f"{relative_dir}/part-{number:05d}.parquet",
         "index": number,
         "rows": rows,
-        "bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "bytes": size,
+        "sha256": sha256,
         "tally": dict(sorted(tally.items())),
     }
     meta.update(sums or {})
     return meta
+
+
+def write_table_file(directory: str, relative_dir: str, number: int, table: pa.Table, row_group_rows: int,
+                     tally: dict[str, int], sums: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write `relative_dir/part-NNNNN.parquet`, streamed (its compressed bytes are never held whole); its
+    manifest metadata (as WriteFileFn gives it)."""
+    with storage.writing(part_path(directory, relative_dir, number)) as sink:
+        pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    return part_meta(relative_dir, number, table.num_rows, sink.size, sink.sha256(), tally, sums)
 
 
 class WriteOrderedFiles(beam.PTransform):

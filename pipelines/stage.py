@@ -19,7 +19,8 @@ input: the step declares `passes` (winnow.pipelines.passes), small pipelines run
 gets as constants (`StepContext.constants`).
 
 A step's graph takes the previous step's records (a PCollection of record dicts; `None` for the first step,
-which reads the input) and returns a `StepOutput`: the records that go on, the ledger rows of the records it
+which reads the input; for a step with `reads_files`, the paths of the previous step's record files, which it
+reads and writes as blocks itself) and returns a `StepOutput`: the records that go on, the ledger rows of the records it
 removed, and metadata dicts (summaries, files it wrote). The cache key of a step is derived: the previous
 key, the step's settings, the source of the stage module and every winnow module it imports (see
 stage_cache.code_hash), the versions of the libraries it declares and its models' fingerprints.
@@ -72,6 +73,8 @@ class Step:
     reads_vectors: bool = False
     adds_vectors: bool = False
     reads_input: bool = False
+    reads_files: bool = False  # the graph gets the previous step's record files (paths), not records, and
+    # returns the metadata of the record files it wrote (`dir` records) among its metadata
     passes: tuple[Pass, ...] = ()
 
 

@@ -203,9 +203,14 @@ class WriteCache(beam.PTransform):
         )
 
 
-def read_cache_table(path: str) -> pa.Table:
+def read_cache_table(path: str, drop: tuple[str, ...] = ()) -> pa.Table:
+    """A cache file's table; a typed block's columns named in `drop` (e.g. its vectors) are not read."""
     with open_file(path) as handle:
-        return pq.read_table(handle)
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        if is_block(parquet.schema_arrow) and any(name in names for name in drop):
+            return parquet.read(columns=[name for name in names if name not in drop])
+        return parquet.read()
 
 
 def table_elements(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
@@ -223,7 +228,7 @@ def table_elements(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict
 
 def read_cache_file(path: str, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """The records (or ledger rows) of a cache file."""
-    yield from table_elements(read_cache_table(path), drop)
+    yield from table_elements(read_cache_table(path, drop), drop)
 
 
 class ReadCache(beam.PTransform):

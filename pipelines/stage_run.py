@@ -43,15 +43,19 @@ def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], dir
     planned_step = planned.steps[step]
     definition = planned_step.step
     records = None
-    if not definition.reads_input:
+    if definition.reads_files:
+        records = pipeline | "CachedFiles" >> beam.Create(list(upstream))
+    elif not definition.reads_input:
         with_vectors = definition.reads_vectors or planned_step.keeps_vectors
         records = pipeline | "ReadCached" >> ReadCache(upstream, () if with_vectors else ("embedding",))
     output = definition.build(pipeline, records, StepContext(job or planned.job, directory, previous,
                                                              constants or {}))
-    records = output.records
-    if planned_step.drops_vectors:
-        records = records | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
-    written = [*output.metadata, records | "CacheRecords" >> WriteCache(directory, RECORDS)]
+    written = [*output.metadata]
+    if not definition.reads_files:  # a files step wrote its records itself (their metadata is in `metadata`)
+        records = output.records
+        if planned_step.drops_vectors:
+            records = records | "DropVectors" >> beam.Map(lambda r: {k: v for k, v in r.items() if k != "embedding"})
+        written.append(records | "CacheRecords" >> WriteCache(directory, RECORDS))
     if output.removed:
         removed = output.removed[0] if len(output.removed) == 1 else \
             tuple(output.removed) | "AllRemoved" >> beam.Flatten()

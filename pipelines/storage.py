@@ -10,10 +10,13 @@ Dask cluster through a worker plugin; every helper here sets them in its process
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +139,58 @@ def write_bytes(uri: str, payload: bytes) -> None:
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging.write_bytes(payload)
     os.replace(staging, target)
+
+
+class HashingSink:
+    """A binary write stream that counts and hashes what goes through it (a file's size and SHA-256 for the
+    manifest without holding the file's bytes)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.handle.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the handle is closed by `writing`
+
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
+
+@contextlib.contextmanager
+def writing(uri: str) -> Iterator[HashingSink]:
+    """A new file written as a stream, with `write_bytes`'s guarantees: a local file is written beside and
+    renamed when the block ends without error (removed otherwise); on an object store the upload completes
+    when the block ends. The sink reports the bytes' size and SHA-256."""
+    uri = str(uri)
+    worker_filesystems()
+    if is_remote(uri):
+        with FileSystems.create(uri, compression_type=_PLAIN) as handle:
+            yield HashingSink(handle)
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(staging, "wb") as handle:
+            yield HashingSink(handle)
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def create_if_absent(uri: str, payload: bytes) -> bool:

@@ -318,6 +318,38 @@ def _task_id_hashes(task: ReadTask, config: InputConfig, max_bytes: int, control
     return id_hashes(_kept_ids(check_task(task, config, max_bytes, control_characters)))
 
 
+HASH_RANGE_BITS = 4  # the id hashes meet in 16 ranges: a merge holds a sixteenth of them
+
+
+def _hash_ranges(task: ReadTask, config: InputConfig, max_bytes: int, control_characters: str
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """A task's id hashes, sorted and cut into the ranges of their top HASH_RANGE_BITS bits."""
+    hashes = np.sort(_task_id_hashes(task, config, max_bytes, control_characters))
+    ranges = 1 << HASH_RANGE_BITS
+    bounds = np.searchsorted(hashes, np.arange(ranges + 1, dtype=np.uint64) << np.uint64(64 - HASH_RANGE_BITS))
+    bounds[-1] = len(hashes)  # the last bound overflows to 0: the end
+    for index in range(ranges):
+        if bounds[index + 1] > bounds[index]:
+            yield index, hashes[bounds[index]:bounds[index + 1]]
+
+
+class _AllCandidates(beam.CombineFn):
+    """(range, its duplicated hashes) -> every duplicated hash, sorted."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, accumulator, element):
+        accumulator.append(element[1])
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        return [part for accumulator in accumulators for part in accumulator]
+
+    def extract_output(self, accumulator):
+        return np.sort(np.concatenate([np.zeros(0, np.uint64), *accumulator]))
+
+
 def duplicate_ids_pass(config, tasks: list[ReadTask]) -> Pass:
     """The hashes of ids that more than one row may share: the step sends only those rows through a
     GroupByKey by id, and writes every other row straight into its block."""
@@ -328,8 +360,9 @@ def duplicate_ids_pass(config, tasks: list[ReadTask]) -> Pass:
             pipeline
             | "Tasks" >> beam.Create(tasks)
             | "Spread" >> beam.Reshuffle()
-            | "IdHashes" >> beam.Map(_task_id_hashes, config.input, max_bytes, control)
-            | "Duplicated" >> beam.CombineGlobally(_DuplicateCandidates())
+            | "IdHashes" >> beam.FlatMap(_hash_ranges, config.input, max_bytes, control)
+            | "DuplicatedInRange" >> beam.CombinePerKey(_DuplicateCandidates())
+            | "Duplicated" >> beam.CombineGlobally(_AllCandidates())
         )
 
     return Pass("duplicate_ids", build, reads_records=False)
