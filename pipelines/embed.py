@@ -42,6 +42,7 @@ from winnow.pipelines.storage import join, list_files, open_file, read_json
 from winnow.selectors import embedding
 
 EMBEDDINGS_DIR = "embeddings"
+VECTOR_CHUNK_ROWS = 16_384  # the embeddings output holds this many vectors at once (24 MiB at 384 dimensions)
 
 
 @dataclass(frozen=True)
@@ -252,14 +253,16 @@ class _EmbedFileFn(beam.DoFn):
             for index, record in enumerate(records)])
 
 
-def _order_keys(path: str, kind: str) -> pa.Table:
-    with open_file(path) as handle:
-        return pq.read_table(handle, columns=["file_index", "input_row"])
+_EMBEDDED_COLUMNS = ("file_index", "input_row", "variant", "id", "text_hash", VECTOR_COLUMN, REUSED_COLUMN)
 
 
-def _embedded_rows(path: str, kind: str) -> pa.Table:
-    """An embedded cache file as rows of the embeddings output, with their order keys and reuse flags."""
-    table = read_cache_table(path)
+def _embedded_columns(names: list[str]) -> list[str]:
+    """What the embeddings output reads of an embedded cache file (pickled records are one column)."""
+    return [name for name in names if name in _EMBEDDED_COLUMNS or name == "record"]
+
+
+def _embedded_rows(table: pa.Table, kind: str) -> pa.Table:
+    """Rows of an embedded cache file as rows of the embeddings output, with their order keys and reuse flags."""
     if is_block(table.schema):
         variant = pa.array(np.zeros(table.num_rows, dtype=np.int64))
         return table.select(["file_index", "input_row", "id", "text_hash", VECTOR_COLUMN, REUSED_COLUMN]) \
@@ -325,8 +328,8 @@ def _embed_and_write(plan: EmbedPlan):
             written
             | "Embedded" >> beam.Map(lambda meta: (join(directory, meta["file"]), RECORDS))
             | "WriteEmbeddings" >> WriteOrderedFiles(
-                directory, EMBEDDINGS_DIR, output.ledger_rows, _order_keys, _embedded_rows, _embeddings_output,
-                output.row_group_rows, _reuse_tally)
+                directory, EMBEDDINGS_DIR, output.ledger_rows, _embedded_rows, _embeddings_output,
+                output.row_group_rows, _reuse_tally, columns=_embedded_columns, chunk_rows=VECTOR_CHUNK_ROWS)
         )
         return StepOutput(None, [], [written, embeddings])
     return build

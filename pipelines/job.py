@@ -23,7 +23,6 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from winnow.pipelines.manifest import build_manifest
 from winnow.pipelines.mix import FRAGMENTS as MIX_FRAGMENTS
@@ -44,8 +43,8 @@ from winnow.pipelines.stage_cache import (
     REMOVED,
     StageCache,
     StageEntry,
-    read_cache_file,
     read_files_meta,
+    table_elements,
     write_files_meta,
 )
 from winnow.pipelines.stage_run import build_stage_graph, run_stage
@@ -55,7 +54,6 @@ from winnow.pipelines.storage import (
     delete_tree,
     is_remote,
     join,
-    open_file,
     share_filesystem_options,
     sibling,
     split,
@@ -67,7 +65,7 @@ from winnow.pipelines.write import (
     ledger_rows_table,
     ledger_tally,
     merge_kinds,
-    rows_table,
+    rows_from_table,
     shard_output,
     value_tally,
 )
@@ -94,24 +92,22 @@ def extra_kinds_pass(paths: list[str]) -> Pass:
     return Pass("extra_kinds", build, reads_records=False)
 
 
-def _order_keys(path: str, kind: str) -> pa.Table:
-    with open_file(path) as handle:
-        return pq.read_table(handle, columns=["file_index", "input_row"])
-
-
-def _ledger_rows(path: str, kind: str) -> pa.Table:
-    """A source of ledger rows as a ledger table with its order keys: a stage's removed rows (pickled), the
-    mix's ledger fragments, or (without the mix) the kept records, each of which is written once."""
+def _ledger_rows(table: pa.Table, kind: str) -> pa.Table:
+    """Rows of a source of ledger rows as a ledger table with its order keys: a stage's removed rows (pickled),
+    the mix's ledger fragments, or (without the mix) the kept records, each of which is written once."""
     if kind == LEDGER_FRAGMENT:
-        with open_file(path) as handle:
-            return pq.read_table(handle)
+        return table
     if kind == KEPT:
-        return ledger_rows_table(rows_table(path, []), "write", None, None, 1)
-    rows = list(read_cache_file(path))
-    table = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+        return ledger_rows_table(rows_from_table(table, []), "write", None, None, 1)
+    rows = list(table_elements(table))
+    ledger = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
     for name in LEDGER_KEYS:
-        table = table.append_column(name, pa.array([row.get(name, 0) for row in rows], pa.int64()))
-    return table
+        ledger = ledger.append_column(name, pa.array([row.get(name, 0) for row in rows], pa.int64()))
+    return ledger
+
+
+def _without_vectors(names: list[str]) -> list[str]:
+    return [name for name in names if name != "embedding"]
 
 
 def _ledger_output(rows: pa.Table) -> pa.Table:
@@ -149,14 +145,16 @@ def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: li
             pipeline
             | "Kept" >> beam.Create([(path, KEPT) for path in records_paths])
             | "Shards" >> WriteOrderedFiles(
-                work, "shards", output.shard_rows, _order_keys, lambda path, kind: rows_table(path, extra),
-                functools.partial(shard_output, extra=extra), output.row_group_rows, _source_tally))
+                work, "shards", output.shard_rows, lambda table, kind: rows_from_table(table, extra),
+                functools.partial(shard_output, extra=extra), output.row_group_rows, _source_tally,
+                columns=_without_vectors))
         kept = pipeline | "KeptRows" >> beam.Create([(path, KEPT) for path in records_paths])
     written.append(
         (removed, kept)
         | "LedgerSources" >> beam.Flatten()
-        | "Ledger" >> WriteOrderedFiles(work, "ledger", output.ledger_rows, _order_keys, _ledger_rows,
-                                        _ledger_output, output.row_group_rows, ledger_tally, {"copies": _copies}))
+        | "Ledger" >> WriteOrderedFiles(work, "ledger", output.ledger_rows, _ledger_rows, _ledger_output,
+                                        output.row_group_rows, ledger_tally, {"copies": _copies},
+                                        columns=_without_vectors))
     _ = (
         written
         | "AllFiles" >> beam.Flatten()

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from winnow.pipelines.config import MixConfig
-from winnow.pipelines.ordered_io import part_meta, part_path, table_bytes
+from winnow.pipelines.ordered_io import ORDER_KEYS, part_meta, part_path, table_bytes
 from winnow.pipelines.passes import Pass
 from winnow.pipelines.records import seeded_hashes, split_routed, token_counts
 from winnow.pipelines.storage import join, open_file, write_bytes, writing
@@ -44,6 +44,7 @@ BLOCK_BITS = 14
 SYNTHETIC, REAL = "synthetic", "real"
 PARTITION_ROWS = 200_000
 SHARD_CHUNK_ROWS = 50_000  # a shard is written this many rows at a time
+LEDGER_ROW_GROUP = 2_048  # ledger fragments are read by input-order ranges, each spanning the whole input
 FRAGMENT_ROW_GROUP = 8_192  # shard fragments are read by key range: small row groups read little beyond it
 FRAGMENTS = "_mix"
 
@@ -280,7 +281,8 @@ class _PlaceFn(beam.DoFn):
             rows, pa.array(np.where(kept, "write", STAGE)), pa.array(np.where(kept, None, "not_sampled")),
             detail, copies)
         fragment = join(self.work, FRAGMENTS, "ledger", f"part-{partition:05d}.parquet")
-        _write(fragment, ledger)
+        ledger = ledger.sort_by([(name, "ascending") for name in ORDER_KEYS])  # read by order block ranges
+        _write(fragment, ledger, LEDGER_ROW_GROUP)
         self.placed.inc(int(copies.sum()))
         self.left_out.inc(int((~kept).sum()))
         yield LEDGER, fragment

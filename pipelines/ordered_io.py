@@ -159,17 +159,20 @@ def _order_blocks(table: pa.Table) -> np.ndarray:
     return (files << 32) | (rows // ORDER_BLOCK_ROWS)
 
 
-def _source_blocks(source: tuple[str, str], read_keys: Callable[[str, str], pa.Table]):
+def _source_blocks(source: tuple[str, str]):
     path, kind = source
-    blocks, counts = np.unique(_order_blocks(read_keys(path, kind)), return_counts=True)
+    with storage.open_file(path) as handle:
+        keys = pq.read_table(handle, columns=["file_index", "input_row"])
+    blocks, counts = np.unique(_order_blocks(keys), return_counts=True)
     return None, (path, kind, dict(zip(blocks.tolist(), counts.tolist(), strict=True)))
 
 
 def plan_ordered_files(sources: Iterable[tuple[str, str, dict[int, int]]], rows_per_file: int
-                       ) -> Iterator[tuple[int, int, int, int, list[tuple[str, str, list[int]]]]]:
+                       ) -> Iterator[tuple[int, int, int, int, list[tuple[int, int]],
+                                           list[tuple[str, str, list[int]]]]]:
     """Per-source order-block counts -> one task per output file: (file number, first position, end position,
-    position of the task's first block, [(path, kind, blocks to take)]). File k holds positions
-    [k * rows_per_file, (k + 1) * rows_per_file) of the global order."""
+    position of the task's first block, [(block, rows)] of its blocks in order, [(path, kind, blocks to
+    take)]). File k holds positions [k * rows_per_file, (k + 1) * rows_per_file) of the global order."""
     sources = sorted(sources)
     totals: dict[int, int] = {}
     for _, _, counts in sources:
@@ -184,32 +187,118 @@ def plan_ordered_files(sources: Iterable[tuple[str, str, dict[int, int]]], rows_
         high = int(np.searchsorted(starts, end, side="left"))
         wanted = set(ordered[low:high])
         parts = [(path, kind, sorted(wanted & counts.keys())) for path, kind, counts in sources]
-        yield number, first, end, int(starts[low]), [part for part in parts if part[2]]
+        blocks = [(block, totals[block]) for block in ordered[low:high]]
+        yield number, first, end, int(starts[low]), blocks, [part for part in parts if part[2]]
+
+
+class SortedSource:
+    """A file whose rows are sorted by their order keys, open for reading the rows of some order blocks: only
+    the row groups whose key statistics can hold them are read (a file without statistics is read whole)."""
+
+    def __init__(self, path: str, columns: Callable[[list[str]], list[str]] | None = None):
+        self.handle = storage.open_file(path)
+        self.file = pq.ParquetFile(self.handle)
+        names = self.file.schema_arrow.names
+        self.columns = columns(names) if columns else None
+        metadata = self.file.metadata
+        leaves = {metadata.schema.column(j).path: j for j in range(metadata.num_columns)}
+        self.low, self.high = [], []
+        for group in range(metadata.num_row_groups):
+            stats = [metadata.row_group(group).column(leaves[name]).statistics for name in ("file_index", "input_row")]
+            if any(stat is None or not stat.has_min_max for stat in stats):
+                self.low.append(-1)
+                self.high.append(np.iinfo(np.int64).max)
+                continue
+            self.low.append((int(stats[0].min) << 32) | (int(stats[1].min) // ORDER_BLOCK_ROWS))
+            self.high.append((int(stats[0].max) << 32) | (int(stats[1].max) // ORDER_BLOCK_ROWS))
+        self.low, self.high = np.array(self.low, dtype=np.int64), np.array(self.high, dtype=np.int64)
+
+    def rows(self, blocks: np.ndarray) -> pa.Table | None:
+        """The rows whose order block is one of `blocks` (sorted)."""
+        groups = np.flatnonzero((self.high >= blocks[0]) & (self.low <= blocks[-1]))
+        if not len(groups):
+            return None
+        table = self.file.read_row_groups(groups.tolist(), columns=self.columns)
+        table = table.filter(pa.array(np.isin(_order_blocks(table), blocks)))
+        return table if table.num_rows else None
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _chunks(blocks: list[tuple[int, int]], chunk_rows: int) -> Iterator[np.ndarray]:
+    """Consecutive blocks in groups of at least `chunk_rows` rows (the last may hold fewer)."""
+    chunk, rows = [], 0
+    for block, count in blocks:
+        chunk.append(block)
+        rows += count
+        if rows >= chunk_rows:
+            yield np.array(chunk, dtype=np.int64)
+            chunk, rows = [], 0
+    if chunk:
+        yield np.array(chunk, dtype=np.int64)
 
 
 class _WriteOrderedFileFn(beam.DoFn):
-    """A planned output file: the rows of its blocks from every source, sorted, cut at its positions."""
+    """A planned output file, written in chunks of consecutive order blocks: each chunk's rows from every
+    source, sorted and cut at the file's positions; row groups are cut at the whole file's positions, so the
+    file is the one a single write would give, and memory is one chunk."""
 
-    def __init__(self, directory, relative_dir, read_rows, to_output, row_group_rows, tally, sums):
+    def __init__(self, directory, relative_dir, to_rows, to_output, row_group_rows, tally, sums, columns,
+                 chunk_rows):
         self.directory = directory
         self.relative_dir = relative_dir
-        self.read_rows = read_rows
+        self.to_rows = to_rows
         self.to_output = to_output
         self.row_group_rows = row_group_rows
         self.tally = tally
         self.sums = sums
+        self.columns = columns
+        self.chunk_rows = chunk_rows
 
     def process(self, task) -> Iterator[dict[str, Any]]:
-        number, first, end, block_start, parts = task
-        tables = []
-        for path, kind, blocks in parts:
-            table = self.read_rows(path, kind)
-            tables.append(table.filter(pa.array(np.isin(_order_blocks(table), blocks))))
-        rows = pa.concat_tables(tables).sort_by([(name, "ascending") for name in ORDER_KEYS])
-        rows = rows.slice(first - block_start, end - first)
-        yield write_table_file(self.directory, self.relative_dir, number, self.to_output(rows),
-                               self.row_group_rows, self.tally(rows),
-                               {name: value_of(rows) for name, value_of in self.sums.items()})
+        number, first, end, position, blocks, parts = task
+        sources = [(SortedSource(path, self.columns), kind, np.array(wanted, dtype=np.int64))
+                   for path, kind, wanted in parts]
+        tally: dict[str, int] = {}
+        sums = dict.fromkeys(self.sums, 0)
+        try:
+            with storage.writing(part_path(self.directory, self.relative_dir, number)) as sink:
+                writer, pending = None, None
+                for chunk in _chunks(blocks, max(self.chunk_rows, self.row_group_rows)):
+                    tables = []
+                    for source, kind, wanted in sources:
+                        mine = wanted[np.isin(wanted, chunk)]
+                        found = source.rows(mine) if len(mine) else None
+                        if found is not None:
+                            tables.append(self.to_rows(found, kind))
+                    rows = pa.concat_tables(tables).sort_by([(name, "ascending") for name in ORDER_KEYS])
+                    low, high = max(first - position, 0), min(end - position, rows.num_rows)
+                    position += rows.num_rows
+                    if high <= low:
+                        continue
+                    rows = rows.slice(low, high - low)
+                    for key, count in self.tally(rows).items():
+                        tally[key] = tally.get(key, 0) + count
+                    for name, value_of in self.sums.items():
+                        sums[name] += value_of(rows)
+                    table = self.to_output(rows)
+                    if pending is not None:
+                        table = pa.concat_tables([pending, table])
+                    last = position >= end
+                    cut = table.num_rows if last else table.num_rows - table.num_rows % self.row_group_rows
+                    done, pending = table.slice(0, cut), table.slice(cut)
+                    if done.num_rows:
+                        if writer is None:
+                            writer = pq.ParquetWriter(sink, done.schema, compression="zstd")
+                        writer.write_table(done, row_group_size=self.row_group_rows)
+                    if last:
+                        break
+                writer.close()
+        finally:
+            for source, _, _ in sources:
+                source.close()
+        yield part_meta(self.relative_dir, number, end - first, sink.size, sink.sha256(), tally, sums)
 
 
 def part_path(directory: str, relative_dir: str, number: int) -> str:
@@ -242,34 +331,37 @@ def write_table_file(directory: str, relative_dir: str, number: int, table: pa.T
 
 
 class WriteOrderedFiles(beam.PTransform):
-    """(path, kind) of files whose rows carry ORDER_KEYS -> DIRECTORY/RELATIVE_DIR/part-NNNNN.parquet of
-    `rows_per_file` consecutive rows in that order; returns their metadata. No GroupByKey holds the rows: each
-    source's order-block counts are gathered (small), each output file is planned from them, and its task
-    reads only the blocks it needs. `read_keys(path, kind)` reads the order keys, `read_rows(path, kind)` the
-    rows, `to_output(rows)` makes the file's table; `tally(rows)` and `sums` give its metadata."""
+    """(path, kind) of files whose rows carry ORDER_KEYS, each sorted by them -> DIRECTORY/RELATIVE_DIR/
+    part-NNNNN.parquet of `rows_per_file` consecutive rows in that order; returns their metadata. No GroupByKey
+    holds the rows: each source's order-block counts are gathered (small), each output file is planned from
+    them, and its task reads, a chunk of about `chunk_rows` rows at a time, only the row groups of its
+    sources that hold the chunk's blocks. `to_rows(table, kind)` turns a source's rows (the columns that
+    `columns(names)` picks, all by default) into rows with ORDER_KEYS, `to_output(rows)` makes the file's
+    table; `tally(rows)` and `sums` give its metadata."""
 
-    def __init__(self, directory: str, relative_dir: str, rows_per_file: int, read_keys, read_rows, to_output,
-                 row_group_rows: int, tally, sums=None):
+    def __init__(self, directory: str, relative_dir: str, rows_per_file: int, to_rows, to_output,
+                 row_group_rows: int, tally, sums=None, columns=None, chunk_rows: int = 100_000):
         super().__init__()
         self.directory = directory
         self.relative_dir = relative_dir
         self.rows_per_file = rows_per_file
-        self.read_keys = read_keys
-        self.read_rows = read_rows
+        self.to_rows = to_rows
         self.to_output = to_output
         self.row_group_rows = row_group_rows
         self.tally = tally
         self.sums = sums or {}
+        self.columns = columns
+        self.chunk_rows = chunk_rows
 
     def expand(self, sources):
         rows_per_file = self.rows_per_file
         return (
             sources
-            | "Blocks" >> beam.Map(_source_blocks, self.read_keys)
+            | "Blocks" >> beam.Map(_source_blocks)
             | "AllBlocks" >> beam.GroupByKey()
             | "Plan" >> beam.FlatMapTuple(lambda _, found: plan_ordered_files(found, rows_per_file))
             | "Spread" >> beam.Reshuffle()
             | "Write" >> beam.ParDo(_WriteOrderedFileFn(
-                self.directory, self.relative_dir, self.read_rows, self.to_output, self.row_group_rows,
-                self.tally, self.sums))
+                self.directory, self.relative_dir, self.to_rows, self.to_output, self.row_group_rows,
+                self.tally, self.sums, self.columns, self.chunk_rows))
         )

@@ -192,7 +192,11 @@ def _extra_array(column: pa.ChunkedArray | None, count: int, kind: str) -> pa.Ar
 def rows_table(path: str, extra: list[tuple[str, str]]) -> pa.Table:
     """A cache file of records as `rows`: ROW_COLUMNS, then the passed-through columns as `extra:NAME`, each
     already of its output kind (`extra`, from ExtraColumnKinds over the whole output)."""
-    table = read_cache_table(path)
+    return rows_from_table(read_cache_table(path, ("embedding",)), extra)
+
+
+def rows_from_table(table: pa.Table, extra: list[tuple[str, str]]) -> pa.Table:
+    """Some rows of a cache file's table (a typed block or pickled records) as `rows` (see rows_table)."""
     count = table.num_rows
     arrays, names = [], []
     if is_block(table.schema):

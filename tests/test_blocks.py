@@ -73,21 +73,18 @@ def test_token_counts_split_as_python_does():
 def test_ordered_files_are_cut_at_exact_positions():
     sources = [("a", "k", {0: 7, 1 << 32: 3}), ("b", "k", {0: 5, 1: 12})]  # (file 0, block 0) in both
     tasks = list(plan_ordered_files(sources, 10))
-    assert [(number, first, end, start) for number, first, end, start, _ in tasks] == [
+    assert [(number, first, end, start) for number, first, end, start, _, _ in tasks] == [
         (0, 0, 10, 0), (1, 10, 20, 0), (2, 20, 27, 12)]
-    assert tasks[0][4] == [("a", "k", [0]), ("b", "k", [0])]
-    assert tasks[2][4] == [("a", "k", [1 << 32]), ("b", "k", [1])]
+    assert tasks[0][4] == [(0, 12)] and tasks[2][4] == [(1, 12), (1 << 32, 3)]
+    assert tasks[0][5] == [("a", "k", [0]), ("b", "k", [0])]
+    assert tasks[2][5] == [("a", "k", [1 << 32]), ("b", "k", [1])]
 
 
-def _keys(path, kind):
-    return pq.read_table(path, columns=["file_index", "input_row"])
+def _rows(table, kind):
+    return table
 
 
-def _rows(path, kind):
-    return pq.read_table(path)
-
-
-def test_write_ordered_files_merges_sources_in_input_order(tmp_path):
+def test_write_ordered_files_merges_sources_in_input_order_in_chunks_with_one_writes_bytes(tmp_path):
     rng = np.random.default_rng(0)
     rows = [(file, row) for file, count in ((0, 23_000), (1, 5), (2, 12)) for row in range(count)]
     order = rng.permutation(len(rows))
@@ -97,15 +94,15 @@ def test_write_ordered_files_merges_sources_in_input_order(tmp_path):
         table = pa.table({"file_index": [r[0] for r in mine], "input_row": [r[1] for r in mine],
                           "variant": [0] * len(mine), "source": ["ab"[r[1] % 2] for r in mine]})
         path = tmp_path / f"in-{part}.parquet"
-        pq.write_table(table, path)
+        pq.write_table(table, path, row_group_size=1_000)
         paths.append((str(path), "rows"))
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
         metas = (
             pipeline
             | beam.Create(paths)
-            | WriteOrderedFiles(str(tmp_path / "out"), "parts", 10_000, _keys, _rows,
+            | WriteOrderedFiles(str(tmp_path / "out"), "parts", 10_000, _rows,
                                 lambda t: t.select(["file_index", "input_row"]), 4_000,
-                                lambda t: {"n": t.num_rows})
+                                lambda t: {"n": t.num_rows}, chunk_rows=3_000)
         )
         assert_that(metas | beam.Map(lambda m: (m["file"], m["rows"], m["tally"])), equal_to([
             ("parts/part-00000.parquet", 10_000, {"n": 10_000}),
@@ -116,6 +113,11 @@ def test_write_ordered_files_merges_sources_in_input_order(tmp_path):
     assert list(zip(written.column("file_index").to_pylist(), written.column("input_row").to_pylist(),
                     strict=True)) == sorted(rows)
     assert pq.ParquetFile(tmp_path / "out" / "parts" / "part-00000.parquet").metadata.num_row_groups == 3
+    whole = pa.table({"file_index": [r[0] for r in sorted(rows)], "input_row": [r[1] for r in sorted(rows)]})
+    for number, first in enumerate((0, 10_000, 20_000)):  # each file is what one write of its rows gives
+        sink = pa.BufferOutputStream()
+        pq.write_table(whole.slice(first, 10_000), sink, row_group_size=4_000, compression="zstd")
+        assert (tmp_path / "out" / "parts" / f"part-{number:05d}.parquet").read_bytes() == sink.getvalue().to_pybytes()
 
 
 def test_a_shard_written_in_key_ranges_is_the_file_one_write_gives(tmp_path, monkeypatch):
