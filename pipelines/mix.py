@@ -45,7 +45,7 @@ SYNTHETIC, REAL = "synthetic", "real"
 PARTITION_ROWS = 200_000
 SHARD_CHUNK_ROWS = 50_000  # a shard is written this many rows at a time
 LEDGER_ROW_GROUP = 2_048  # ledger fragments are read by input-order ranges, each spanning the whole input
-FRAGMENT_ROW_GROUP = 8_192  # shard fragments are read by key range: small row groups read little beyond it
+FRAGMENT_ROW_GROUP = 1_024  # shard fragments are read by key range: a range takes about this many rows of each
 FRAGMENTS = "_mix"
 
 
