@@ -66,8 +66,13 @@ def test_invalid_utf8_rows_are_found_one_by_one():
 
 
 def test_token_counts_split_as_python_does():
-    texts = ["a b  c", " \u3000x\x1cy\u200bz ", "", "é ü\n\tv", "\x85one\xa0two"]
-    assert token_counts(pa.array(texts)).to_pylist() == [token_count(t) for t in texts]
+    texts = ["a b  c", " \u3000x\x1cy\u200bz ", "", "é ü\n\tv", "\x85one\xa0two", None, "  ", "x"]
+    assert token_counts(pa.array(texts)).to_pylist() == [None if t is None else token_count(t) for t in texts]
+    assert token_counts(pa.array(texts).slice(2)).to_pylist() == [None if t is None else token_count(t)
+                                                                  for t in texts[2:]]
+    every = [chr(code) for code in range(0x110000) if not 0xD800 <= code <= 0xDFFF]
+    for texts in (every, ["a" + c + "b" for c in every], ["é" + c for c in every]):
+        assert token_counts(pa.array(texts)).to_pylist() == [len(text.split()) for text in texts]
 
 
 def test_ordered_files_are_cut_at_exact_positions():
