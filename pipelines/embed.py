@@ -261,22 +261,31 @@ def _embedded_columns(names: list[str]) -> list[str]:
     return [name for name in names if name in _EMBEDDED_COLUMNS or name == "record"]
 
 
+def _embedded_schema(dim: int) -> pa.Schema:
+    return pa.schema([("file_index", pa.int64()), ("input_row", pa.int64()), ("variant", pa.int64()),
+                      ("id", pa.string()), ("text_hash", pa.string()), (VECTOR_COLUMN, pa.list_(pa.float32(), dim)),
+                      (REUSED_COLUMN, pa.bool_())])
+
+
 def _embedded_rows(table: pa.Table, kind: str) -> pa.Table:
-    """Rows of an embedded cache file as rows of the embeddings output, with their order keys and reuse flags."""
+    """Rows of an embedded cache file (a block, or pickled records) as rows of the embeddings output, with
+    their order keys and reuse flags, in one schema whatever the file's kind."""
     if is_block(table.schema):
+        dim = table.schema.field(VECTOR_COLUMN).type.list_size
         variant = pa.array(np.zeros(table.num_rows, dtype=np.int64))
-        return table.select(["file_index", "input_row", "id", "text_hash", VECTOR_COLUMN, REUSED_COLUMN]) \
-            .append_column("variant", variant)
+        return table.append_column("variant", variant).select(_embedded_schema(dim).names) \
+            .cast(_embedded_schema(dim))
     records = list(table_elements(table))
-    return pa.table({
-        "file_index": pa.array([r["file_index"] for r in records], pa.int64()),
-        "input_row": pa.array([r["input_row"] for r in records], pa.int64()),
-        "variant": pa.array([r.get("variant", 0) for r in records], pa.int64()),
-        "id": pa.array([r["id"] for r in records], pa.string()),
-        "text_hash": pa.array([r["text_hash"] for r in records], pa.string()),
-        VECTOR_COLUMN: vector_array(np.stack([r[VECTOR_COLUMN] for r in records])),
-        REUSED_COLUMN: pa.array([r[REUSED_COLUMN] for r in records], pa.bool_()),
-    })
+    vectors = np.stack([r[VECTOR_COLUMN] for r in records])
+    return pa.Table.from_arrays([
+        pa.array([r["file_index"] for r in records], pa.int64()),
+        pa.array([r["input_row"] for r in records], pa.int64()),
+        pa.array([r.get("variant", 0) for r in records], pa.int64()),
+        pa.array([r["id"] for r in records], pa.string()),
+        pa.array([r["text_hash"] for r in records], pa.string()),
+        vector_array(vectors),
+        pa.array([r[REUSED_COLUMN] for r in records], pa.bool_()),
+    ], schema=_embedded_schema(vectors.shape[1]))
 
 
 def _embeddings_output(rows: pa.Table) -> pa.Table:

@@ -60,3 +60,23 @@ def test_stage_matches_a_plain_encode_and_reuses_unchanged_texts(sample_slice, m
     assert again["embeddings"]["reused_rows"] == 60 and again["embeddings"]["computed_rows"] == 0
     _, reused = read_embeddings(output)
     np.testing.assert_array_equal(reused, vectors)
+
+
+def test_rows_whose_id_repeats_are_embedded_beside_the_blocks(sample_slice, model, tmp_path):
+    """Rows whose id repeats reach the embed stage as pickled records, not in a block; the embeddings output
+    merges both kinds of file in input order."""
+    import pyarrow as pa
+
+    table = pq.read_table(sample_slice / "b_docs.parquet")
+    ids = table.column("id").to_pylist()
+    ids[10], ids[40] = ids[3], ids[3]  # row 3 is kept, rows 10 and 40 are rejected as duplicates
+    path = tmp_path / "repeats.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids)), path)
+    output = tmp_path / "out"
+    manifest = run_job(plan_job(build_config(job_config(path, output, embed={"enabled": True, "window": 16})), []))
+    got_ids, vectors = read_embeddings(output)
+    shards = pq.read_table(output / "shards")
+    assert got_ids == shards.column("id").to_pylist() and len(got_ids) == table.num_rows - 2
+    np.testing.assert_allclose(vectors, model.encode(shards.column("text").to_pylist(), normalize_embeddings=True),
+                               atol=2e-5)
+    assert manifest["embeddings"]["computed_rows"] == table.num_rows - 2
