@@ -5,7 +5,8 @@ passes and its two Beam pipelines, `clusters` and `decide`, in-process FnApiRunn
 records. The vectors are real embeddings of ../shared/data/debian_descriptions_en.parquet (the first --base-rows,
 embedded by the job once and kept in --cache), tiled with Gaussian noise to N as bench-prune does; they are
 written as the embed stage writes them (typed blocks of 50,000 rows with an `embedding` column). Each size runs
-in a process of its own; its peak RSS is the process's high-water mark (VmHWM).
+in a process of its own; its peak RSS is the process's high-water mark (VmHWM) over the stage alone (reset
+after the upstream cache is written).
 
     make bench-prune-stage
     make bench-prune-stage ARGS="--sizes 100000 1000000"
@@ -14,6 +15,7 @@ in a process of its own; its peak RSS is the process's high-water mark (VmHWM).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -54,6 +56,11 @@ def peak_rss_mib() -> float:
     return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1)
 
 
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux: 5 to clear_refs), so that the stage's peak is not the tiling's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def run_size(size: int, cache: str, base_rows: int) -> dict:
     from winnow.pipelines.config import build_config
     from winnow.pipelines.embed import read_embeddings
@@ -79,6 +86,8 @@ def run_size(size: int, cache: str, base_rows: int) -> dict:
         planned = next(stage for stage in plan.stages if stage.name == "prune")
         upstream = StageEntry("embed", "bench", str(root / "upstream"), files, size, 0, 0.0)
         rss_before = peak_rss_mib()
+        gc.collect()
+        reset_peak_rss()
         started = time.perf_counter()
         entry = run_stage(plan, planned, upstream, StageCache(root / "cache"), beam_options([]), reuse_steps=False)
         seconds = time.perf_counter() - started
@@ -88,7 +97,8 @@ def run_size(size: int, cache: str, base_rows: int) -> dict:
         "embeddings": size, "base_rows": base_rows, "write_upstream_s": round(write_s, 1),
         "stage_s": round(seconds, 1), "vectors_per_s": round(size / seconds),
         "steps": {step["step"]: {"s": step["seconds"], "passes_s": step["passes_seconds"]} for step in entry.steps},
-        "kept": kept, "removed": removed, "peak_rss_mib_before_stage": rss_before, "peak_rss_mib": peak_rss_mib(),
+        "kept": kept, "removed": removed, "peak_rss_mib_writing_upstream": rss_before,
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
