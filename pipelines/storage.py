@@ -23,7 +23,6 @@ from typing import Any
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
-from distributed.diagnostics.plugin import WorkerPlugin
 
 _DELETE_BATCH = 500
 OPTIONS_ENV = "WINNOW_BEAM_ARGS"  # JSON list of the job's Beam arguments, for worker processes
@@ -55,25 +54,23 @@ def worker_filesystems() -> None:
     FileSystems.set_options(PipelineOptions(_configured))
 
 
+def adopt_filesystem_options(args: list[str]) -> None:
+    """In a worker that joins a job (a Dask worker, through dask_plugin): take the job's Beam arguments."""
+    global _configured
+    os.environ[OPTIONS_ENV] = json.dumps(args)
+    _configured = None
+    worker_filesystems()
+
+
 def _share_with_dask(address: str, args: list[str]) -> None:
     from distributed import Client
+
+    from winnow.pipelines.dask_plugin import FileSystemOptionsPlugin
 
     with Client(address, timeout=60) as client:
         client.register_plugin(FileSystemOptionsPlugin(args), name="winnow-filesystem-options")
 
 
-class FileSystemOptionsPlugin(WorkerPlugin):
-    """A Dask worker plugin: the job's Beam arguments in the worker's environment and filesystems (for workers
-    that join later too)."""
-
-    def __init__(self, args: list[str]):
-        self.args = args
-
-    def setup(self, worker) -> None:
-        global _configured
-        os.environ[OPTIONS_ENV] = json.dumps(self.args)
-        _configured = None
-        worker_filesystems()
 _PLAIN = CompressionTypes.UNCOMPRESSED  # never guess a compression from a name: files are read as written
 
 
