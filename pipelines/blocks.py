@@ -7,6 +7,7 @@ GroupByKey ever holds the corpus. Its columns:
   extra:NAME                 every passed-through input column, with its input Arrow type
   embedding, embedding_reused  after the embed stage: the unit float32 vector (a fixed-size list, so a
                              block's vectors are one contiguous float32 buffer) and whether it was reused
+  cluster, dist_to_centroid  after the prune stage: the record's cluster and 1 - its cosine to the centroid
 Stages that still work on record dicts read a block as records (`block_records`), and cache files written from
 records (pickled dicts, `stage_cache.WriteCache`) are read the same way: `read_cache_file` takes either.
 """
@@ -36,6 +37,7 @@ CORE_COLUMNS = [
 ]
 BLOCK_ROW_GROUP = 5_000
 VECTOR_COLUMN, REUSED_COLUMN = "embedding", "embedding_reused"
+SCORE_COLUMNS = ("cluster", "dist_to_centroid")  # set by the prune stage on the blocks it keeps
 
 
 def is_block(schema: pa.Schema) -> bool:
@@ -88,6 +90,9 @@ def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[
         if columns["note"][index] is not None:
             record["note"] = columns["note"][index]
         record["text_hash"] = columns["text_hash"][index]
+        for name in SCORE_COLUMNS:
+            if name in columns and columns[name][index] is not None:
+                record[name] = columns[name][index]
         if vectors is not None:
             record[VECTOR_COLUMN] = vectors[index].copy()  # writable, as the stages have always had it
             record[REUSED_COLUMN] = columns[REUSED_COLUMN][index]

@@ -99,6 +99,8 @@ def _ledger_rows(table: pa.Table, kind: str) -> pa.Table:
         return table
     if kind == KEPT:
         return ledger_rows_table(rows_from_table(table, []), "write", None, None, 1)
+    if "fate" in table.column_names:  # removed rows a stage wrote as a ledger table (prune)
+        return table.select([*LEDGER_SCHEMA.names, *LEDGER_KEYS])
     rows = list(table_elements(table))
     ledger = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
     for name in LEDGER_KEYS:

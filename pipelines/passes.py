@@ -19,7 +19,7 @@ from typing import Any
 import apache_beam as beam
 
 from winnow.pipelines.options import add_metrics, run_pipeline
-from winnow.pipelines.stage_cache import ReadCache
+from winnow.pipelines.stage_cache import RECORDS, ReadCache
 from winnow.pipelines.storage import delete_file, join, read_bytes, write_bytes
 
 PassBuild = Callable[[Any, dict[str, Any]], Any]
@@ -28,13 +28,16 @@ PassBuild = Callable[[Any, dict[str, Any]], Any]
 @dataclass(frozen=True)
 class Pass:
     """One global value: `build(records, constants)` returns a PCollection of exactly one element (for a pass
-    that does not read records, `records` is the pipeline itself). `constants` holds the earlier passes'
-    results by name."""
+    that does not read records, `records` is the pipeline itself; for one with `reads_files`, the paths of
+    the files it reads: the step's input record files, or the previous step's files of that `dir`).
+    `constants` holds the earlier passes' results by name, and under `scratch` the step's folder for
+    temporary files (a pass may leave files there for the step's graph)."""
 
     name: str
     build: PassBuild
     reads_records: bool = True
     reads_vectors: bool = False
+    reads_files: str | None = None
 
 
 def _write_value(values: list[Any], path: str, name: str) -> None:
@@ -50,9 +53,12 @@ def _read_value(path: str) -> Any:
 
 
 def build_pass_graph(pipeline: beam.Pipeline, definition: Pass, inputs: list[str], path: str,
-                     constants: dict[str, Any]) -> None:
+                     constants: dict[str, Any], previous=None) -> None:
     source = pipeline
-    if definition.reads_records:
+    if definition.reads_files:
+        paths = inputs if definition.reads_files == RECORDS else previous.paths(definition.reads_files)
+        source = pipeline | "Files" >> beam.Create(paths) | "Spread" >> beam.Reshuffle()
+    elif definition.reads_records:
         source = pipeline | "ReadCached" >> ReadCache(inputs, () if definition.reads_vectors else ("embedding",))
     _ = (
         definition.build(source, constants)
@@ -62,14 +68,16 @@ def build_pass_graph(pipeline: beam.Pipeline, definition: Pass, inputs: list[str
 
 
 def run_passes(options, passes: tuple[Pass, ...], inputs: list[str], directory: str,
-               metrics: dict[str, Any]) -> dict[str, Any]:
-    """Run `passes` in order over the records in `inputs`; their results by name. Each pass sees the results
-    of the ones before it."""
+               metrics: dict[str, Any], previous=None, scratch: str = "") -> dict[str, Any]:
+    """Run `passes` in order over the records in `inputs` (or the files of the `previous` step, a StageEntry);
+    their results by name. Each pass sees the results of the ones before it."""
     constants: dict[str, Any] = {}
     for definition in passes:
         path = join(directory, f"_pass-{definition.name}.pickle")
         add_metrics(metrics, run_pipeline(
-            options, lambda pipeline, d=definition, p=path: build_pass_graph(pipeline, d, inputs, p, dict(constants))))
+            options, lambda pipeline, d=definition, p=path: build_pass_graph(pipeline, d, inputs, p,
+                                                                             {**constants, "scratch": scratch},
+                                                                             previous)))
         constants[definition.name] = _read_value(path)
     return constants
 

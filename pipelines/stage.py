@@ -56,6 +56,8 @@ class StepContext:
     directory: str
     previous: StageEntry | None = None
     constants: dict[str, Any] = field(default_factory=dict)
+    drops_vectors: bool = False  # no later step reads the embeddings: a files step writes its records without
+    scratch: str = ""  # a folder for the step's temporary files (its passes' too), deleted when the step is done
 
 
 StepBuild = Callable[[Any, Any, StepContext], StepOutput]

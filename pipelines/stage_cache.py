@@ -216,6 +216,9 @@ def read_cache_table(path: str, drop: tuple[str, ...] = ()) -> pa.Table:
 
 def table_elements(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """The records (or ledger rows) of a cache file's table: a typed block (blocks.py) or pickled dicts."""
+    if "fate" in table.column_names:  # typed ledger rows (a stage that writes its removed rows itself)
+        yield from table.to_pylist()
+        return
     if is_block(table.schema):
         yield from block_records(table, drop)
         return

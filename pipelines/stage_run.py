@@ -30,12 +30,12 @@ from winnow.pipelines.stage_cache import (
     read_files_meta,
     write_files_meta,
 )
-from winnow.pipelines.storage import copy_tree, delete_file, is_remote, join
+from winnow.pipelines.storage import copy_tree, delete_file, delete_tree, is_remote, join
 
 
 def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], directory: str, step: int = 0,
-                      job=None, previous: StageEntry | None = None, constants: dict[str, Any] | None = None
-                      ) -> None:
+                      job=None, previous: StageEntry | None = None, constants: dict[str, Any] | None = None,
+                      scratch: str = "") -> None:
     """One step's graph (by default the stage's first): read the previous step's cached records (the first
     step of the first stage reads the input), run the step, write its records and removed rows to the cache
     and the list of every file it wrote. Its last step gathers that list, so every branch is upstream of it:
@@ -49,7 +49,8 @@ def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], dir
         with_vectors = definition.reads_vectors or planned_step.keeps_vectors
         records = pipeline | "ReadCached" >> ReadCache(upstream, () if with_vectors else ("embedding",))
     output = definition.build(pipeline, records, StepContext(job or planned.job, directory, previous,
-                                                             constants or {}))
+                                                             constants or {}, planned_step.drops_vectors,
+                                                             scratch))
     written = [*output.metadata]
     if not definition.reads_files:  # a files step wrote its records itself (their metadata is in `metadata`)
         records = output.records
@@ -96,11 +97,16 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                 if not is_remote(step_dir):
                     Path(step_dir).mkdir(parents=True, exist_ok=True)
                 step_metrics = {}
-                constants = run_passes(options, planned_step.step.passes, inputs, step_dir, step_metrics)
-                passes_seconds = time.perf_counter() - step_started
-                add_metrics(step_metrics, run_pipeline(
-                    options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs, c=constants:
-                    build_stage_graph(pipeline, planned, u, d, i, job, p, c)))
+                scratch = join(job.work_dir, "_steps", f"{planned.name}-{planned_step.name}")
+                try:
+                    constants = run_passes(options, planned_step.step.passes, inputs, step_dir, step_metrics,
+                                           previous, scratch)
+                    passes_seconds = time.perf_counter() - step_started
+                    add_metrics(step_metrics, run_pipeline(
+                        options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs, c=constants, s=scratch:
+                        build_stage_graph(pipeline, planned, u, d, i, job, p, c, s)))
+                finally:
+                    delete_tree(scratch)
                 step_files = read_files_meta(join(step_dir, FILES_META))
                 delete_file(join(step_dir, FILES_META))
                 reused = False

@@ -242,20 +242,23 @@ def shard_output(rows: pa.Table, extra: list[tuple[str, str]]) -> pa.Table:
 LEDGER_KEYS = ("file_index", "variant")  # with the ledger's input_row, the order of its rows
 
 
-def ledger_rows_table(rows: pa.Table, stage, reason, detail, copies) -> pa.Table:
+def ledger_rows_table(rows: pa.Table, stage, reason, detail, copies, fate=None, duplicate_of=None) -> pa.Table:
     """The ledger rows (LEDGER_SCHEMA, then the order keys) of `rows` that a stage decided on: `stage`,
-    `reason`, `detail` and `copies` are scalars or arrays; fate `kept` (`synthetic` for a record with a
-    parent) where copies > 0, else `not_selected`; a null detail is the record's note, as in ledger_row."""
+    `reason`, `detail`, `copies`, `fate` and `duplicate_of` are scalars or arrays; without a `fate`, `kept`
+    (`synthetic` for a record with a parent) where copies > 0, else `not_selected`; a null detail is the
+    record's note, as in ledger_row."""
     count = rows.num_rows
     copies = pa.array(np.broadcast_to(np.asarray(copies, dtype=np.int64), (count,)))
-    synthetic = pc.fill_null(pc.not_equal(rows.column("parent_id"), ""), False)
-    fate = pc.if_else(pc.greater(copies, 0), pc.if_else(synthetic, "synthetic", "kept"), "not_selected")
+    if fate is None:
+        synthetic = pc.fill_null(pc.not_equal(rows.column("parent_id"), ""), False)
+        fate = pc.if_else(pc.greater(copies, 0), pc.if_else(synthetic, "synthetic", "kept"), "not_selected")
 
     def column(value, kind):
         if isinstance(value, (pa.Array, pa.ChunkedArray)):
             return value
         return pa.array([value] * count, kind)
 
+    fate = column(fate, pa.string())
     details = column(detail, pa.string())
     details = pc.coalesce(details, rows.column("note"))
     values = {
@@ -263,7 +266,7 @@ def ledger_rows_table(rows: pa.Table, stage, reason, detail, copies) -> pa.Table
         "stage": column(stage, pa.string()), "reason": column(reason, pa.string()), "detail": details,
         "input_file": rows.column("input_file"), "input_row": rows.column("input_row"), "copies": copies,
         "cluster": rows.column("cluster"), "dist_to_centroid": rows.column("dist_to_centroid"),
-        "duplicate_of": pa.nulls(count, pa.string()), "select_score": rows.column("select_score"),
+        "duplicate_of": column(duplicate_of, pa.string()), "select_score": rows.column("select_score"),
         "sae_score": rows.column("sae_score"), "parent_id": rows.column("parent_id"),
     }
     arrays = [values[field.name] for field in LEDGER_SCHEMA]
