@@ -1,0 +1,98 @@
+"""The pieces the prune stage moves records with (pipelines/prune.py, pipelines/cached_rows.py), without Beam:
+the fit sample merged from any split of the rows, record files written back whatever their kind, and decisions
+read back by record file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from winnow.pipelines.blocks import block_table, vector_array
+from winnow.pipelines.cached_rows import CachedRows
+from winnow.pipelines.prune import (
+    DECISION_SCHEMA,
+    SmallestRows,
+    _read_groups,
+    _write_decisions,
+)
+from winnow.pipelines.stage_cache import read_cache_file, write_records_file
+
+
+def test_the_fit_sample_is_the_smallest_hashes_then_input_order_whatever_the_split():
+    rng = np.random.default_rng(7)
+    count, n = 500, 60
+    hashes = rng.integers(0, 40, count).astype(np.uint64)  # many ties: the order key decides them
+    keys = np.stack([rng.integers(0, 3, count), rng.permutation(count), np.zeros(count, int)], axis=1)
+    vectors = rng.standard_normal((count, 4)).astype(np.float32)
+    expected = sorted(range(count), key=lambda i: (int(hashes[i]), tuple(keys[i].tolist())))[:n]
+    combine = SmallestRows(n)
+    cuts = np.sort(rng.choice(np.arange(1, count), 9, replace=False))
+    accumulators = []
+    for part in np.split(np.arange(count), cuts):
+        accumulator = combine.create_accumulator()
+        for piece in np.array_split(part, 2):
+            accumulator = combine.add_input(accumulator, (hashes[piece], keys[piece], vectors[piece], len(piece)))
+        accumulators.append(accumulator)
+    sample = combine.extract_output(combine.merge_accumulators(accumulators[::-1]))
+    assert sample[3] == count
+    assert sample[0].tolist() == hashes[expected].tolist()
+    assert sample[1].tolist() == keys[expected].tolist()
+    np.testing.assert_array_equal(sample[2], vectors[expected])
+    empty = combine.extract_output(combine.create_accumulator())
+    assert empty[3] == 0 and len(empty[0]) == 0
+
+
+def _records(count: int) -> list[dict]:
+    return [{"id": f"r{i}", "text": f"text {i}", "source": "s", "extra": {}, "input_file": "in.parquet",
+             "input_row": i, "file_index": 2, "text_hash": f"{i:032x}", "embedding": np.full(3, i, np.float32)}
+            for i in range(count)]
+
+
+def test_a_block_and_pickled_records_are_written_back_with_the_same_columns_and_rows(tmp_path):
+    records = _records(6)
+    columns = {name: [r[name] for r in records] for name in
+               ("file_index", "input_row", "id", "text", "source", "input_file", "text_hash")}
+    block = block_table({**columns, "note": [None] * 6}, None)
+    block = block.append_column("embedding", vector_array(np.stack([r["embedding"] for r in records])))
+    block = block.take(pa.array([3, 0, 5, 1, 4, 2]))  # rows out of input order: read back in input order
+    (tmp_path / "block").mkdir()
+    pq.write_table(block, tmp_path / "block" / "f.parquet")
+    write_records_file(str(tmp_path / "pickled"), "f.parquet", records[::-1])
+    cluster = pa.array([5, 4, 3, 2, 1, 0], pa.int64())
+    dist = pa.array([0.5, 0.25, 0.125, 1.0, 2.0, 4.0], pa.float32())
+    keep = np.array([True, False, True, True, False, True])
+    written = {}
+    for kind in ("block", "pickled"):
+        rows = CachedRows.read(str(tmp_path / kind / "f.parquet"))
+        assert rows.keys()[:, 1].tolist() == list(range(6)) and rows.ids().to_pylist() == [f"r{i}" for i in range(6)]
+        assert rows.vectors()[:, 0].tolist() == list(range(6))
+        meta = rows.write(str(tmp_path / f"{kind}_out"), "records/f.parquet",
+                          {"cluster": cluster, "dist_to_centroid": dist}, keep=keep, drop=("embedding",))
+        assert meta["rows"] == 4
+        written[kind] = list(read_cache_file(str(tmp_path / f"{kind}_out" / "records" / "f.parquet")))
+    for kind, out in written.items():
+        assert [(r["id"], r["cluster"], r["dist_to_centroid"]) for r in out] == \
+            [("r0", 5, 0.5), ("r2", 3, 0.125), ("r3", 2, 1.0), ("r5", 0, 4.0)], kind
+        assert all("embedding" not in r for r in out), kind
+
+
+def test_each_record_file_reads_back_exactly_its_decisions(tmp_path):
+    rng = np.random.default_rng(3)
+    blocks = np.array(["c.parquet", "a.parquet", "b.parquet"])[rng.integers(0, 3, 40)]
+    rows = rng.permutation(40)
+    decisions = pa.Table.from_arrays([
+        pa.array(blocks), pa.array(np.zeros(40, np.int64)), pa.array(rows), pa.array(np.zeros(40, np.int64)),
+        pa.array(rng.integers(0, 3, 40).astype(np.int8)), pa.array(rng.integers(0, 9, 40)),
+        pa.array(rng.random(40).astype(np.float32)), pa.array([None] * 40, pa.string()),
+        pa.array([None] * 40, pa.string())], schema=DECISION_SCHEMA)
+    halves = [_write_decisions(str(tmp_path / f"part-{i}.parquet"), decisions.slice(20 * i, 20)) for i in range(2)]
+    refs: dict[str, list] = {}
+    for block, ref in halves[0] + halves[1]:
+        refs.setdefault(block, []).append(ref)
+    assert sorted(refs) == sorted(set(blocks.tolist()))
+    for block, block_refs in refs.items():
+        read = _read_groups(block_refs, DECISION_SCHEMA).sort_by("input_row")
+        assert read.column("block").to_pylist() == [block] * read.num_rows
+        assert read.column("input_row").to_pylist() == sorted(rows[blocks == block].tolist())
+    assert _read_groups([], DECISION_SCHEMA).num_rows == 0
