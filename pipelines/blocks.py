@@ -8,6 +8,8 @@ GroupByKey ever holds the corpus. Its columns:
   embedding, embedding_reused  after the embed stage: the unit float32 vector (a fixed-size list, so a
                              block's vectors are one contiguous float32 buffer) and whether it was reused
   cluster, dist_to_centroid  after the prune stage: the record's cluster and 1 - its cosine to the centroid
+  select_score, sae_score    after the select stage (sae_score: MONA); between its steps also
+                             select_features, the record's values of the prototype's SAE features
 Stages that still work on record dicts read a block as records (`block_records`), and cache files written from
 records (pickled dicts, `stage_cache.WriteCache`) are read the same way: `read_cache_file` takes either.
 """
@@ -37,7 +39,8 @@ CORE_COLUMNS = [
 ]
 BLOCK_ROW_GROUP = 5_000
 VECTOR_COLUMN, REUSED_COLUMN = "embedding", "embedding_reused"
-SCORE_COLUMNS = ("cluster", "dist_to_centroid")  # set by the prune stage on the blocks it keeps
+SCORE_COLUMNS = ("cluster", "dist_to_centroid", "select_score", "sae_score")  # set by prune and select
+FEATURES_COLUMN = "select_features"  # the select scores step's per-record SAE feature values (a map column)
 
 
 def is_block(schema: pa.Schema) -> bool:
@@ -93,6 +96,8 @@ def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[
         for name in SCORE_COLUMNS:
             if name in columns and columns[name][index] is not None:
                 record[name] = columns[name][index]
+        if FEATURES_COLUMN in columns:
+            record[FEATURES_COLUMN] = dict(columns[FEATURES_COLUMN][index] or ())
         if vectors is not None:
             record[VECTOR_COLUMN] = vectors[index].copy()  # writable, as the stages have always had it
             record[REUSED_COLUMN] = columns[REUSED_COLUMN][index]

@@ -53,6 +53,18 @@ class CachedRows:
             return self.table.column("id").combine_chunks()
         return pa.array([r["id"] for r in self.records], pa.string())
 
+    def values(self, name: str) -> list[Any]:
+        """A field of every row as Python values (a map column's as dicts); None where a row lacks it."""
+        if self.block:
+            if name not in self.table.column_names:
+                return [None] * len(self)
+            column = self.table.column(name)
+            values = column.to_pylist()
+            if pa.types.is_map(column.type):
+                return [dict(value) if value is not None else None for value in values]
+            return values
+        return [r.get(name) for r in self.records]
+
     def vectors(self) -> np.ndarray:
         """(rows, dimension) float32; (rows, 0) for rows without vectors."""
         if self.block:
@@ -88,7 +100,8 @@ class CachedRows:
                     table = table.append_column(name, values)
             table = table.drop_columns([name for name in drop if name in table.column_names])
             return write_block(directory, relative, table)
-        values = {name: column.to_pylist() for name, column in columns.items()}
+        values = {name: [dict(v) if v is not None else None for v in column.to_pylist()]
+                  if pa.types.is_map(column.type) else column.to_pylist() for name, column in columns.items()}
         rows = []
         for index in np.flatnonzero(mask).tolist():
             record = {k: v for k, v in self.records[index].items() if k not in drop}

@@ -2,26 +2,30 @@
 
 Two cached steps, so that a changed decision (`select.count`, `ratio`, `seed`, `top_features`,
 `feature_examples`) reuses the language model's and the SAE's work:
-  scores  (ScoreRecords) the targets (read on the driver) become the method's prototype in one small step;
-          records are scored in windows of `select.window` consecutive input rows by the method's models,
-          loaded once per worker (model_stage.RunModel); out: records with `select_score`, for mona
-          `sae_score` and their values of the prototype's features, and the prototype file
-  decide  (DecideRecords) the exact global top n without gathering the pool: three passes (small pipelines
+  scores  the targets (read on the driver) become the method's prototype in one small step; each record
+          file is scored where it is read, in windows of the rows of one input file with the same
+          input_row // `select.window`, by the method's models, loaded once per worker; out: the same files
+          with `select_score`, for mona `sae_score` and their values of the prototype's features, and the
+          prototype file
+  decide  the exact global top n without gathering the pool: three passes (small pipelines
           whose results the driver reads; winnow.pipelines.passes) count the pool with a histogram of the top 16
           bits of each score's order-preserving 64-bit key, which finds the bucket holding the n-th score, then
           a histogram of the next 16 bits inside it, then gather the keys of that last bucket; the driver places
-          the threshold and the decision pipeline gets it as a constant. Ties are broken by a seeded hash of the
-          id (selectors.task_selection.select_top is the same order). Out:
-            kept     the top n records by score, with `select_score` (and `sae_score` for mona)
-            ledger   `not_selected` rows (stage select) for the others, with their score and the threshold
+          the threshold and the decision pipeline gets it as a constant; each record file is then decided
+          where it is read. Ties are broken by a seeded hash of the id (selectors.task_selection.select_top is
+          the same order). Out:
+            records  the top n records by score, with `select_score` (and `sae_score` for mona)
+            removed  `not_selected` ledger rows (stage select) for the others, with their score and the threshold
             summary  method, pool, n, threshold, score quantiles, models and hashes, and for mona the
                      prototype's top SAE features with the records that activate them most
+No GroupByKey holds records: both steps read and write record files (typed blocks or pickled records).
 Methods are a registry (METHODS) whose names the config accepts (docs/ALGORITHMS.md section 3).
 """
 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import struct
 from collections import Counter
 from collections.abc import Iterator
@@ -30,22 +34,28 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
+from winnow.pipelines.blocks import FEATURES_COLUMN, VECTOR_COLUMN
+from winnow.pipelines.cached_rows import CachedRows
 from winnow.pipelines.config import WinnowConfig
+from winnow.pipelines.ordered_io import table_bytes, write_bytes
 from winnow.pipelines.passes import Pass, gather
-from winnow.pipelines.records import ledger_row, split_routed
+from winnow.pipelines.records import split_routed
 from winnow.pipelines.select_scores import (
     METHODS,
-    ScoreRecords,
     SelectPlan,
     plan_select,
     read_prototype,
+    score_files,
     score_passes,
 )
 from winnow.pipelines.stage import PlanContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
+from winnow.pipelines.stage_cache import RECORDS, REMOVED
+from winnow.pipelines.storage import join
+from winnow.pipelines.write import ledger_rows_table, rows_from_table
 from winnow.selectors import task_selection
 
-KEPT, LEDGER, SUMMARY = "kept", "ledger", "summary"
 SUMMARY_DIR = "_select_summary"
 SNIPPET_CHARS = 300
 
@@ -118,20 +128,67 @@ def _threshold(last: list, level) -> tuple | None:
     return sorted(last, reverse=True)[level[1] - 1]
 
 
-class _DecideFn(beam.DoFn):
-    def __init__(self, plan: SelectPlan, threshold: tuple | None, wanted: int):
+def score_keys(scores: np.ndarray) -> np.ndarray:
+    """score_key of each float64 score, as uint64."""
+    bits = np.ascontiguousarray(scores, dtype=np.float64).view(np.uint64)
+    negative = (bits >> np.uint64(63)) == np.uint64(1)
+    return np.where(negative, bits ^ np.uint64(0xFFFFFFFFFFFFFFFF), bits | np.uint64(1 << 63))
+
+
+def selected(scores: np.ndarray, ids: list[str], threshold: tuple | None, seed: int) -> np.ndarray:
+    """Whether each rank key (score, seeded tiebreak, id) is at or above `threshold`; the tiebreak is hashed
+    only for the rows whose score equals the threshold's."""
+    kept = np.zeros(len(ids), dtype=bool)
+    if threshold is None:
+        return kept
+    keys = score_keys(scores)
+    kept |= keys > np.uint64(threshold[0])
+    for index in np.flatnonzero(keys == np.uint64(threshold[0])).tolist():
+        kept[index] = (task_selection.tiebreak(seed, ids[index]), ids[index]) >= tuple(threshold[1:])
+    return kept
+
+
+FILES, SCORES, HITS = "files", "scores", "hits"
+
+
+class _DecideFileFn(beam.DoFn):
+    """A scored record file -> its rows at or above the threshold key written into this step's records
+    (without `select_features`) and the others' `not_selected` ledger rows into its removed rows (routed
+    FILES, file metadata); its scores (SCORES) and, for mona, its values of the reported features (HITS)."""
+
+    def __init__(self, plan: SelectPlan, threshold: tuple | None, wanted: int, directory: str,
+                 reported: frozenset[int] | None, drops_vectors: bool):
         self.plan = plan
         self.threshold = threshold
         self.wanted = wanted
+        self.directory = directory
+        self.reported = reported
+        self.drops_vectors = drops_vectors
 
-    def process(self, record) -> Iterator[tuple[str, Any]]:
-        key = rank_key(record, self.plan.seed)
-        clean = {k: v for k, v in record.items() if k != "select_features"}
-        if self.threshold is not None and key >= self.threshold:
-            yield KEPT, clean
-            return
-        detail = f"score {record['select_score']:.6g} below the top {self.wanted} ({self.plan.method})"
-        yield LEDGER, ledger_row(clean, "not_selected", "select", f"below_threshold_{self.plan.method}", detail)
+    def process(self, path: str) -> Iterator[tuple[str, Any]]:
+        name = posixpath.basename(path)
+        rows = CachedRows.read(path, (VECTOR_COLUMN,) if self.drops_vectors else ())
+        scores = np.asarray(rows.values("select_score"), dtype=np.float64)
+        ids = rows.ids().to_pylist()
+        kept = selected(scores, ids, self.threshold, self.plan.seed)
+        yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=kept,
+                                drop=(FEATURES_COLUMN, VECTOR_COLUMN) if self.drops_vectors else (FEATURES_COLUMN,))
+        if not kept.all():
+            method = self.plan.method
+            details = [f"score {score:.6g} below the top {self.wanted} ({method})" for score in scores[~kept].tolist()]
+            ledger = ledger_rows_table(rows_from_table(rows.rows_table(~kept), []), "select",
+                                       f"below_threshold_{method}", pa.array(details, pa.string()), 0,
+                                       fate="not_selected")
+            payload = table_bytes(ledger, 65_536)
+            write_bytes(join(self.directory, REMOVED, name), payload)
+            yield FILES, {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
+        yield SCORES, scores.tolist()
+        if self.reported is not None:
+            texts = rows.values("text")
+            for index, features in enumerate(rows.values(FEATURES_COLUMN)):
+                for feature, value in (features or {}).items():
+                    if feature in self.reported:
+                        yield HITS, (feature, (value, ids[index], texts[index][:SNIPPET_CHARS]))
 
 
 @dataclass(frozen=True)
@@ -198,12 +255,6 @@ def decide_passes(plan: SelectPlan) -> tuple[Pass, ...]:
     )
 
 
-def _feature_hits(record: dict[str, Any], reported: frozenset[int]) -> Iterator[tuple[int, tuple[float, str, str]]]:
-    for feature, value in record["select_features"].items():
-        if feature in reported:
-            yield feature, (value, record["id"], record["text"][:SNIPPET_CHARS])
-
-
 def _build_summary(parts, plan: SelectPlan, prototype: np.ndarray | None) -> dict[str, Any]:
     gathered: dict[str, Any] = {"features": {}}
     for name, value in parts[1]:
@@ -235,67 +286,63 @@ def _build_summary(parts, plan: SelectPlan, prototype: np.ndarray | None) -> dic
     return section
 
 
-class DecideRecords(beam.PTransform):
-    """The decision of selection: scored records -> {kept, ledger, summary}: the exact top n by score (ties by
-    a seeded hash), the rest `not_selected`; `prototype` (mona) names the features the summary reports."""
-
-    def __init__(self, plan: SelectPlan, prototype: np.ndarray | None, threshold: Threshold):
-        super().__init__()
-        self.plan = plan
-        self.prototype = prototype
-        self.threshold = threshold
-
-    def expand(self, scored):
-        plan, prototype, threshold = self.plan, self.prototype, self.threshold
-        decided = split_routed(
-            scored | "Decide" >> beam.ParDo(_DecideFn(plan, threshold.key, threshold.wanted)),
-            "Decided",
-            (KEPT, LEDGER),
+def decide_files(paths, plan: SelectPlan, prototype: np.ndarray | None, threshold: Threshold, directory: str,
+                 drops_vectors: bool = False):
+    """The decision of selection: scored record files -> (metadata of the kept records' and the removed rows'
+    files, the summary): the exact top n by score (ties by a seeded hash), the rest `not_selected`;
+    `prototype` (mona) names the features the summary reports."""
+    reported = frozenset(top_features(prototype, plan.top_features).tolist()) \
+        if METHODS[plan.method].sparse_features else None
+    decided = split_routed(
+        paths
+        | "Spread" >> beam.Reshuffle()
+        | "Decide" >> beam.ParDo(_DecideFileFn(plan, threshold.key, threshold.wanted, directory, reported,
+                                               drops_vectors)),
+        "Decided",
+        (FILES, SCORES, HITS),
+    )
+    placed = {"pool": threshold.pool, "wanted": threshold.wanted,
+              "threshold_score": None if threshold.key is None else _score_of_key(threshold.key[0])}
+    parts = [
+        paths.pipeline | "Placed" >> beam.Create(sorted(placed.items())),
+        decided[SCORES]
+        | "Scores" >> beam.FlatMap(lambda scores: scores)
+        | "Quantiles" >> beam.ApproximateQuantiles.Globally(21)
+        | "QuantilePart" >> beam.Map(lambda q: ("quantiles", q)),
+    ]
+    if reported is not None:
+        parts.append(
+            decided[HITS]
+            | "TopPerFeature" >> beam.combiners.Top.PerKey(max(1, plan.feature_examples))
+            | "FeaturePart" >> beam.Map(lambda kv: ("feature", kv))
         )
-        placed = {"pool": threshold.pool, "wanted": threshold.wanted,
-                  "threshold_score": None if threshold.key is None else _score_of_key(threshold.key[0])}
-        parts = [
-            scored.pipeline | "Placed" >> beam.Create(sorted(placed.items())),
-            scored
-            | "Scores" >> beam.Map(lambda r: r["select_score"])
-            | "Quantiles" >> beam.ApproximateQuantiles.Globally(21)
-            | "QuantilePart" >> beam.Map(lambda q: ("quantiles", q)),
-        ]
-        if METHODS[plan.method].sparse_features:
-            reported = frozenset(top_features(prototype, plan.top_features).tolist())
-            parts.append(
-                scored
-                | "FeatureHits" >> beam.FlatMap(_feature_hits, reported)
-                | "TopPerFeature" >> beam.combiners.Top.PerKey(max(1, plan.feature_examples))
-                | "FeaturePart" >> beam.Map(lambda kv: ("feature", kv))
-            )
-        section = (
-            parts
-            | "SummaryParts" >> beam.Flatten()
-            | "KeySummary" >> beam.Map(lambda part: (None, part))
-            | "GatherSummary" >> beam.GroupByKey()
-            | "Summary" >> beam.Map(_build_summary, plan, prototype)
-        )
-        return {KEPT: decided[KEPT], LEDGER: decided[LEDGER], SUMMARY: section}
+    section = (
+        parts
+        | "SummaryParts" >> beam.Flatten()
+        | "KeySummary" >> beam.Map(lambda part: (None, part))
+        | "GatherSummary" >> beam.GroupByKey()
+        | "Summary" >> beam.Map(_build_summary, plan, prototype)
+    )
+    return decided[FILES], section
 
 
 DECISION_KEYS = ("count", "ratio", "seed", "top_features", "feature_examples")
 
 
 def _scores(plan: SelectPlan):
-    def build(pipeline, records, context: StepContext) -> StepOutput:
-        scored, written = records | "Select" >> ScoreRecords(plan, context.directory, context.constants["prototype"],
-                                                             context.constants.get("bm25"))
-        return StepOutput(scored, [], written)
+    def build(pipeline, paths, context: StepContext) -> StepOutput:
+        written = score_files(paths, plan, context.directory, context.constants["prototype"],
+                              context.constants.get("bm25"), context.drops_vectors)
+        return StepOutput(None, [], written)
     return build
 
 
 def _decide(plan: SelectPlan):
-    def build(pipeline, records, context: StepContext) -> StepOutput:
+    def build(pipeline, paths, context: StepContext) -> StepOutput:
         prototype = read_prototype(context.previous.directory) if METHODS[plan.method].sparse_features else None
         threshold = place_threshold(context.constants, plan)
-        decided = records | "SelectDecide" >> DecideRecords(plan, prototype, threshold)
-        return StepOutput(decided[KEPT], [decided[LEDGER]], [decided[SUMMARY]])
+        files, summary = decide_files(paths, plan, prototype, threshold, context.directory, context.drops_vectors)
+        return StepOutput(None, [], [files, summary])
     return build
 
 
@@ -308,8 +355,8 @@ def _steps(plan: SelectPlan, config: WinnowConfig) -> list[Step]:
               "embed_model": plan.embed_model_fingerprint, "device": plan.device}
     return [
         Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=METHODS[plan.method].reads_vectors,
-             passes=score_passes(plan)),
-        Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}},
+             reads_files=True, passes=score_passes(plan)),
+        Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}}, reads_files=True,
              passes=decide_passes(plan)),
     ]
 

@@ -1,10 +1,12 @@
 """Select stage, its scores: the method registry, the driver-side plan (targets, models, layer) and
-ScoreRecords, the first cached step of the select stage (see select.py)."""
+score_files, the first cached step of the select stage (see select.py)."""
 
 from __future__ import annotations
 
 import io
 import json
+import posixpath
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -13,12 +15,17 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
+from winnow.pipelines.blocks import FEATURES_COLUMN, VECTOR_COLUMN
+from winnow.pipelines.cached_rows import CachedRows
 from winnow.pipelines.config import ConfigError, WinnowConfig
-from winnow.pipelines.model_stage import ModelHandler, RunModel, acquire_model
+from winnow.pipelines.model_stage import ModelHandler, acquire_model
 from winnow.pipelines.ordered_io import write_bytes
 from winnow.pipelines.passes import Pass
+from winnow.pipelines.progress import Progress
 from winnow.pipelines.read import InputError, expand_paths, read_column
+from winnow.pipelines.stage_cache import RECORDS
 from winnow.pipelines.storage import join, read_bytes
 from winnow.pipelines.validate import check_text
 from winnow.selectors import embedding, lm, task_selection
@@ -196,8 +203,8 @@ assert tuple(METHODS) == SELECT_METHODS, "every configurable method has an imple
 
 
 class SelectHandler(ModelHandler):
-    """A method's models and scores: a window of records -> the records with `select_score` (and for MONA
-    `sae_score` and `select_features`)."""
+    """A method's models, as model_stage loads and shares them, with what scoring a window needs (the
+    prototype and, for BM25, the pool statistics)."""
 
     namespace, counter, unit = "winnow.select", "records_scored", "records"
 
@@ -219,16 +226,6 @@ class SelectHandler(ModelHandler):
 
     def expected(self) -> int | None:
         return self.plan.expected_records
-
-    def run(self, model, records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        scores, features = self.method.scores(model, self.plan, records, self.prototype, self.stats)
-        for index, (record, score) in enumerate(zip(records, scores.tolist(), strict=True)):
-            self.score_values.update(int(score * 1e6))
-            scored = {**record, "select_score": float(score),
-                      "select_features": features[index] if features is not None else {}}
-            if self.method.sparse_features:
-                scored["sae_score"] = float(score)
-            yield scored
 
 
 class _PrototypeFn(beam.DoFn):
@@ -311,35 +308,85 @@ def score_passes(plan: SelectPlan) -> tuple[Pass, ...]:
     return tuple(passes)
 
 
-class ScoreRecords(beam.PTransform):
-    """The scores of selection: records, the prototype and (BM25) the pool statistics from the passes ->
-    (records with `select_score`, `select_features` and for mona `sae_score`; metadata of the prototype written
-    to DIRECTORY, mona only)."""
+def _windows(keys: np.ndarray, window: int) -> list[tuple[int, int]]:
+    """(start, stop) of each run of rows (in input order) of one input file with the same input_row // window."""
+    if not len(keys):
+        return []
+    labels = keys[:, 0] * (1 << 40) + keys[:, 1] // window
+    bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
 
-    def __init__(self, plan: SelectPlan, directory: str, prototype, stats=None):
-        super().__init__()
-        self.plan = plan
+
+class _ScoreFileFn(beam.DoFn):
+    """A record file -> its rows scored window by window (the rows of one input file with the same
+    input_row // `select.window`, in input order) and written back under the same name with `select_score` (and
+    for mona `sae_score` and `select_features`); its file metadata. The method's models are loaded once per
+    worker, on the first window that needs them."""
+
+    def __init__(self, plan: SelectPlan, directory: str, prototype, stats, drops_vectors: bool):
+        self.handler = SelectHandler(plan, prototype, stats)
         self.directory = directory
-        self.prototype = prototype
-        self.stats = stats
+        self.drops_vectors = drops_vectors
+        self.busy_ms = beam.metrics.Metrics.distribution(SelectHandler.namespace, "busy_ms")
+        self.scored = beam.metrics.Metrics.counter(SelectHandler.namespace, SelectHandler.counter)
 
-    def expand(self, records):
-        plan = self.plan
-        window = plan.window
-        scored = (
-            records
-            | "WindowKey" >> beam.Map(lambda r: ((r["file_index"], r["input_row"] // window), r))
-            | "Windows" >> beam.GroupByKey()
-            | "Score" >> beam.ParDo(RunModel(SelectHandler(plan, self.prototype, self.stats)))
-        )
-        written = []
-        if METHODS[plan.method].sparse_features:
-            written.append(
-                records.pipeline
-                | "PrototypeFile" >> beam.Create([None])
-                | "WritePrototype" >> beam.Map(lambda _, p, d: _write_prototype(p, d), self.prototype,
-                                               self.directory))
-        return scored, written
+    def setup(self):
+        self.held = None
+        self.progress = None
+
+    def _model(self):
+        if self.held is None:
+            self.held = acquire_model(self.handler)
+        return self.held.value
+
+    def process(self, path: str) -> Iterator[dict[str, Any]]:
+        handler, method, plan = self.handler, self.handler.method, self.handler.plan
+        drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
+        rows = CachedRows.read(path, () if method.reads_vectors else drop)
+        keys, ids, texts = rows.keys(), rows.ids().to_pylist(), rows.values("text")
+        vectors = rows.vectors() if method.reads_vectors else None
+        scores = np.zeros(len(rows), dtype=np.float64)
+        features: list[dict[int, float]] = []
+        if self.progress is None:
+            self.progress = Progress(handler.label, handler.expected(), handler.unit)
+        for start, stop in _windows(keys, plan.window):
+            window = [{"id": ids[i], "text": texts[i]} for i in range(start, stop)]
+            if vectors is not None:
+                for offset, record in enumerate(window):
+                    record[VECTOR_COLUMN] = vectors[start + offset]
+            started = time.perf_counter()
+            window_scores, window_features = method.scores(self._model, plan, window, handler.prototype,
+                                                           handler.stats)
+            self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
+            scores[start:stop] = window_scores
+            features += window_features if window_features is not None else []
+            for score in np.asarray(window_scores, dtype=np.float64).tolist():
+                handler.score_values.update(int(score * 1e6))
+            self.scored.inc(stop - start)
+            self.progress.advance(stop - start)
+        columns = {"select_score": pa.array(scores, pa.float64())}
+        if method.sparse_features:
+            columns["sae_score"] = pa.array(scores, pa.float64())
+            columns[FEATURES_COLUMN] = pa.array([list(f.items()) for f in features],
+                                                pa.map_(pa.int64(), pa.float64()))
+        yield rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", columns, drop=drop)
+
+
+def score_files(paths, plan: SelectPlan, directory: str, prototype, stats=None, drops_vectors: bool = False):
+    """The scores of selection: the previous step's record files, the prototype and (BM25) the pool statistics
+    from the passes -> (metadata of the record files written with their scores; of the prototype file, mona
+    only)."""
+    written = [
+        paths
+        | "Spread" >> beam.Reshuffle()
+        | "Score" >> beam.ParDo(_ScoreFileFn(plan, directory, prototype, stats, drops_vectors))
+    ]
+    if METHODS[plan.method].sparse_features:
+        written.append(
+            paths.pipeline
+            | "PrototypeFile" >> beam.Create([None])
+            | "WritePrototype" >> beam.Map(lambda _, p, d: _write_prototype(p, d), prototype, directory))
+    return written
 
 
 def read_prototype(directory: str) -> np.ndarray:

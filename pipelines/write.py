@@ -151,6 +151,8 @@ def file_extra_kinds(path: str) -> dict[str, set[str]]:
         extra = [name for name in parquet.schema_arrow.names if name.startswith(EXTRA_PREFIX)]
         table = parquet.read(columns=extra if is_block(parquet.schema_arrow) else ["record"])
     kinds: dict[str, set[str]] = {}
+    if not table.num_rows:  # a block that a stage emptied keeps its columns, but no record carries them
+        return kinds
     if not is_block(table.schema):
         combine = ExtraColumnKinds()
         accumulator = combine.create_accumulator()

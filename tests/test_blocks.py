@@ -150,3 +150,22 @@ def test_a_shard_written_in_key_ranges_is_the_file_one_write_gives(tmp_path, mon
     assert (tmp_path / "out" / "shards" / "part-00002.parquet").read_bytes() == expected
     assert meta["rows"] == count and meta["tokens"] == 2 * count
     assert meta["tally"] == {"s0": 33, "s1": 32, "s2": 32}
+
+
+def test_a_block_a_stage_emptied_passes_no_column_through_to_the_shards(tmp_path):
+    """Passed-through columns are those some output record carries: a block with no rows left (pruned or not
+    selected) still has its input's columns but adds none of them (a record that has the column, even null,
+    does)."""
+    from winnow.pipelines.blocks import block_table
+    from winnow.pipelines.write import file_extra_kinds
+
+    core = {name: [] for name in ("file_index", "input_row", "id", "text", "source", "input_file", "text_hash",
+                                  "note")}
+    empty = block_table(core, pa.table({"md5": pa.array([], pa.string())}))
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    assert file_extra_kinds(str(tmp_path / "empty.parquet")) == {}
+    one = block_table({**{name: [0] for name in ("file_index", "input_row")},
+                       **{name: ["x"] for name in ("id", "text", "source", "input_file", "text_hash")},
+                       "note": [None]}, pa.table({"md5": pa.array([None], pa.string())}))
+    pq.write_table(one, tmp_path / "one.parquet")
+    assert file_extra_kinds(str(tmp_path / "one.parquet")) == {"md5": set()}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from winnow.pipelines.select import boundary, rank_key, score_key
+from winnow.pipelines.select import boundary, rank_key, score_key, score_keys, selected
 from winnow.selectors.sae import SparseCodes
 from winnow.selectors.task_selection import (
     Bm25Query,
@@ -103,6 +103,20 @@ def test_score_key_orders_like_the_float():
     keys = [score_key(v) for v in values]
     assert keys == sorted(keys)
     assert len(set(keys[3:])) == len(values) - 3
+
+
+def test_vectorised_score_keys_and_threshold_equal_the_per_record_rank_keys():
+    rng = np.random.default_rng(4)
+    values = np.concatenate([[-2.5, -1e-300, -0.0, 0.0, 1e-300, 0.25, np.inf, -np.inf],
+                             np.round(rng.standard_normal(300), 1)])  # many ties at the threshold score
+    assert score_keys(values).tolist() == [score_key(float(v)) for v in values]
+    ids = [f"r{i}" for i in range(len(values))]
+    keys = sorted(rank_key({"id": i, "select_score": float(v)}, 9) for i, v in zip(ids, values, strict=True))
+    for threshold in (keys[0], keys[150], keys[151], keys[-1]):
+        expected = [rank_key({"id": i, "select_score": float(v)}, 9) >= threshold
+                    for i, v in zip(ids, values, strict=True)]
+        assert selected(values, ids, threshold, 9).tolist() == expected
+    assert not selected(values, ids, None, 9).any()
 
 
 def test_boundary_finds_the_bucket_of_the_nth_largest():
