@@ -1,6 +1,8 @@
 """Rephrase stage (WRAP): synthetic paraphrases of chosen records, in configured styles, beside the originals.
 
-Input: records (after select). Outputs (routed pairs, see records.split_routed):
+Input: the previous step's record files (after select). Every file passes through under its name (its rows
+are never in a GroupByKey); only the chosen records go on, as units grouped by window. Outputs of
+RephraseRecords (routed pairs, see records.split_routed):
   synthetic  new records: id `PARENT#STYLE#SEGMENT`, source `PREFIX:SOURCE` (e.g. `wiki:linux-doc`), with
              provenance (parent_id, segment_index, style, model, generation parameters)
   ledger     `rejected` rows (stage rephrase) for generations the cleaner refused, with the reason
@@ -20,20 +22,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.utils.shared import Shared
 
+from winnow.pipelines.blocks import VECTOR_COLUMN
+from winnow.pipelines.cached_rows import CachedRows
 from winnow.pipelines.config import ConfigError, RephraseConfig
 from winnow.pipelines.model_stage import ModelHandler, RunModel
 from winnow.pipelines.passes import Pass, smallest
-from winnow.pipelines.records import content_id, ledger_row, order_key, seeded_hash, split_routed
+from winnow.pipelines.records import content_id, ledger_row, order_key, seeded_hash, seeded_hashes, split_routed
 from winnow.pipelines.stage import ManifestContext, Stage, Step, StepContext, StepOutput, config_section, summary_meta
+from winnow.pipelines.stage_cache import RECORDS, WriteCache, table_elements
 from winnow.pipelines.storage import delete_tree, join, read_json, sibling, split, write_bytes
 from winnow.rephrase import clean as cleaning
 from winnow.rephrase import generate, prompts, segment
@@ -312,21 +320,58 @@ def _summary(parts, plan: RephrasePlan) -> dict[str, Any]:
             "segments_reused_from_cache": reused[True], "styles_summary": styles}
 
 
+def chosen_rows(rows: CachedRows, plan: RephrasePlan, bound: tuple[int, str] | None) -> np.ndarray:
+    """Which rows of a record file are chosen: `rephrase.sources`, the seeded hash below `rephrase.fraction`
+    (exactly `_chosen`), and with `rephrase.max_records` a choice key at most `bound` (exactly the Cap)."""
+    count = len(rows)
+    ids = rows.ids().to_pylist()
+    mask = np.ones(count, dtype=bool)
+    if plan.sources is not None:
+        sources = set(plan.sources)
+        mask &= np.array([source in sources for source in rows.values("source")], dtype=bool).reshape(count)
+    hashes = seeded_hashes(plan.params.seed, ids, ["rephrase"] * count)
+    limit = math.ceil(plan.fraction * 2**64)  # an integer hash is below the float exactly when below its ceiling
+    if limit < 2**64:
+        mask &= hashes < np.uint64(limit)
+    if plan.max_records is not None:
+        for index in np.flatnonzero(mask).tolist():
+            mask[index] = bound is not None and (int(hashes[index]), ids[index]) <= tuple(bound)
+    return mask
+
+
+FILES, CHOSEN = "files", "chosen"
+
+
+class _PassThroughFn(beam.DoFn):
+    """A record file -> the same rows written into this step's records under the same name (routed FILES,
+    file metadata), and its chosen records (CHOSEN), which alone go on to be rephrased."""
+
+    def __init__(self, plan: RephrasePlan, bound, directory: str, drops_vectors: bool):
+        self.plan = plan
+        self.bound = bound
+        self.directory = directory
+        self.drops_vectors = drops_vectors
+
+    def process(self, path: str) -> Iterator[tuple[str, Any]]:
+        drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
+        rows = CachedRows.read(path, drop)
+        yield FILES, rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", {}, drop=drop)
+        chosen = chosen_rows(rows, self.plan, self.bound)
+        if chosen.any():
+            for record in table_elements(rows.rows_table(chosen), drop):
+                yield CHOSEN, record
+
+
 class RephraseRecords(beam.PTransform):
-    """records -> {synthetic, ledger, plan} (see the module docstring)."""
+    """chosen records -> {synthetic, ledger, plan} (see the module docstring)."""
 
     def __init__(self, plan: RephrasePlan, choice: dict[str, Any]):
         super().__init__()
         self.plan = plan
         self.choice = choice
 
-    def expand(self, records):
-        plan, bound = self.plan, self.choice["bound"]
-        chosen = records | "Choose" >> beam.Filter(_chosen, plan)
-        if plan.max_records is not None:
-            seed = plan.params.seed
-            chosen = chosen | "Cap" >> beam.Filter(
-                lambda r: bound is not None and _choice_key(r, seed) <= bound)
+    def expand(self, chosen):
+        plan = self.plan
         units = chosen | "Segment" >> beam.ParDo(_SegmentFn(plan))
         generated = split_routed(
             units
@@ -358,10 +403,19 @@ class RephraseRecords(beam.PTransform):
 
 
 def _rephrase(plan: RephrasePlan):
-    def build(pipeline, records, context: StepContext) -> StepOutput:
-        rephrased = records | "Rephrase" >> RephraseRecords(plan, context.constants["choice"])
-        together = (records, rephrased[SYNTHETIC]) | "WithSynthetic" >> beam.Flatten()
-        return StepOutput(together, [rephrased[LEDGER]], [rephrased[SUMMARY]])
+    """Every record file passes through under its name; the chosen records are rephrased, and the synthetic
+    records written beside them (pickled, `records/synthetic-*`)."""
+    def build(pipeline, paths, context: StepContext) -> StepOutput:
+        choice = context.constants["choice"]
+        read = split_routed(
+            paths
+            | "Spread" >> beam.Reshuffle()
+            | "PassThrough" >> beam.ParDo(_PassThroughFn(plan, choice["bound"], context.directory,
+                                                         context.drops_vectors)),
+            "Read", (FILES, CHOSEN))
+        rephrased = read[CHOSEN] | "Rephrase" >> RephraseRecords(plan, choice)
+        synthetic = rephrased[SYNTHETIC] | "CacheSynthetic" >> WriteCache(context.directory, RECORDS, "synthetic")
+        return StepOutput(None, [rephrased[LEDGER]], [read[FILES], synthetic, rephrased[SUMMARY]])
     return build
 
 
@@ -369,7 +423,7 @@ def _steps(plan: RephrasePlan, config) -> list[Step]:
     settings = config_section(config, "rephrase", exclude=("torch_threads",))
     return [Step("rephrase", _rephrase(plan), {"rephrase": settings},
                  {"model": plan.model_fingerprint, "backend": plan.backend, "device": plan.device},
-                 passes=(Pass("choice", lambda records, constants: choice_pass(records, plan)),))]
+                 reads_files=True, passes=(Pass("choice", lambda records, constants: choice_pass(records, plan)),))]
 
 
 def _manifest(context: ManifestContext) -> dict[str, Any]:

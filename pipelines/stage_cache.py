@@ -177,30 +177,34 @@ def write_records_file(directory: str, relative: str, elements: Iterable[dict[st
 
 
 class _WriteCacheFileFn(beam.DoFn):
-    def __init__(self, directory: str, name: str):
+    def __init__(self, directory: str, name: str, stem: str):
         self.directory = directory
         self.name = name
+        self.stem = stem
 
     def process(self, element: tuple[tuple[int, int], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         (file_index, block), members = element
-        yield write_records_file(self.directory, f"{self.name}/part-{file_index:05d}-{block:05d}.parquet", members)
+        yield write_records_file(self.directory, f"{self.name}/{self.stem}-{file_index:05d}-{block:05d}.parquet",
+                                 members)
 
 
 class WriteCache(beam.PTransform):
-    """records or ledger rows -> pickled Parquet files DIRECTORY/NAME/part-*.parquet, one per block of input
-    rows (deterministic names, so a retried bundle overwrites rather than duplicates); returns file metadata."""
+    """records or ledger rows -> pickled Parquet files DIRECTORY/NAME/STEM-*.parquet, one per block of input
+    rows (deterministic names, so a retried bundle overwrites rather than duplicates); returns file metadata.
+    A step that also writes record files under their upstream names gives its own a different STEM."""
 
-    def __init__(self, directory: str, name: str):
+    def __init__(self, directory: str, name: str, stem: str = "part"):
         super().__init__()
         self.directory = directory
         self.name = name
+        self.stem = stem
 
     def expand(self, elements):
         return (
             elements
             | "Block" >> beam.Map(lambda e: ((e["file_index"], e["input_row"] // BLOCK_ROWS), e))
             | "GroupBlock" >> beam.GroupByKey()
-            | "WriteBlock" >> beam.ParDo(_WriteCacheFileFn(self.directory, self.name))
+            | "WriteBlock" >> beam.ParDo(_WriteCacheFileFn(self.directory, self.name, self.stem))
         )
 
 
