@@ -1,8 +1,8 @@
 """Quality stage: Gopher's heuristic quality and repetition rules (selectors/gopher.py), off by default.
 
-Input: records. Outputs:
-  records   the records that pass every rule, and the records of sources outside `quality.languages` (the
-            rules assume English), which pass unchecked and are counted
+Input: the previous step's record files, each checked where it is read (the rules are per record). Outputs:
+  records   the same files, with the records that pass every rule and those of sources outside
+            `quality.languages` (the rules assume English), which pass unchecked and are counted
   ledger    `rejected` rows (stage quality) with the rule as reason (its config key, e.g. `min_doc_words`,
             `dup_n_grams.5`) and the measured value and threshold in the detail
   summary   for the manifest: records checked, passed unchecked per source, rejected per rule
@@ -12,18 +12,28 @@ never see what it removes. Its one step is keyed by the quality section.
 
 from __future__ import annotations
 
+import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 
+from winnow.pipelines.blocks import VECTOR_COLUMN
+from winnow.pipelines.cached_rows import CachedRows
 from winnow.pipelines.config import QualityConfig
-from winnow.pipelines.records import ledger_row, split_routed
+from winnow.pipelines.ordered_io import table_bytes, write_bytes
+from winnow.pipelines.records import split_routed
 from winnow.pipelines.stage import Stage, Step, StepContext, StepOutput, config_section, summary_meta
+from winnow.pipelines.stage_cache import RECORDS, REMOVED
+from winnow.pipelines.storage import join
+from winnow.pipelines.write import ledger_rows_table, rows_from_table
 from winnow.selectors.gopher import GopherRules, check
 
 NAME = "quality"
-KEPT, LEDGER, SUMMARY = "kept", "ledger", "summary"
+FILES, PART = "files", "part"
 SUMMARY_DIR = "_quality_summary"
 
 
@@ -35,37 +45,63 @@ def rules_from(config: QualityConfig) -> GopherRules:
     return GopherRules(**values)
 
 
-class _CheckFn(beam.DoFn):
-    def __init__(self, config: QualityConfig):
+class _CheckFileFn(beam.DoFn):
+    """A record file -> the rows that pass (or whose source the rules do not apply to) written back under its
+    name, the others' `rejected` ledger rows written into the step's removed rows (routed FILES, metadata), and
+    the file's tally (PART: passed and unchecked per source, rejected per rule)."""
+
+    def __init__(self, config: QualityConfig, directory: str, drops_vectors: bool):
         self.rules = rules_from(config)
         self.languages = None if config.languages is None else frozenset(config.languages)
+        self.directory = directory
+        self.drops_vectors = drops_vectors
         self.passed = beam.metrics.Metrics.counter("winnow.quality", "passed")
         self.rejected = beam.metrics.Metrics.counter("winnow.quality", "rejected")
         self.unchecked = beam.metrics.Metrics.counter("winnow.quality", "unchecked_other_language")
 
-    def process(self, record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        if self.languages is not None and record["source"] not in self.languages:
-            self.unchecked.inc()
-            yield "part", ("unchecked", record["source"])
-            yield KEPT, record
-            return
-        breach = check(record["text"], self.rules)
-        if breach is None:
-            self.passed.inc()
-            yield "part", ("passed", record["source"])
-            yield KEPT, record
-            return
-        self.rejected.inc()
-        yield "part", ("rejected", breach.rule)
-        yield LEDGER, ledger_row(record, "rejected", NAME, breach.rule, breach.detail())
+    def process(self, path: str) -> Iterator[tuple[str, Any]]:
+        name = posixpath.basename(path)
+        drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
+        rows = CachedRows.read(path, drop)
+        keep = np.ones(len(rows), dtype=bool)
+        tally: dict[str, Counter] = {"passed": Counter(), "unchecked": Counter(), "rejected": Counter()}
+        rules, details = [], []
+        for index, (source, text) in enumerate(zip(rows.values("source"), rows.values("text"), strict=True)):
+            if self.languages is not None and source not in self.languages:
+                tally["unchecked"][source] += 1
+                continue
+            breach = check(text, self.rules)
+            if breach is None:
+                tally["passed"][source] += 1
+                continue
+            keep[index] = False
+            tally["rejected"][breach.rule] += 1
+            rules.append(breach.rule)
+            details.append(breach.detail())
+        self.passed.inc(sum(tally["passed"].values()))
+        self.unchecked.inc(sum(tally["unchecked"].values()))
+        self.rejected.inc(len(rules))
+        yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=keep, drop=drop)
+        if rules:
+            ledger = ledger_rows_table(rows_from_table(rows.rows_table(~keep), []), NAME, pa.array(rules, pa.string()),
+                                       pa.array(details, pa.string()), 0, fate="rejected")
+            payload = table_bytes(ledger, 65_536)
+            write_bytes(join(self.directory, REMOVED, name), payload)
+            yield FILES, {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
+        if len(rows):
+            yield PART, {kind: dict(counts) for kind, counts in tally.items()}
 
 
-def _summary(parts, config: QualityConfig) -> dict[str, Any]:
-    tally: dict[str, dict[str, int]] = {"passed": {}, "unchecked": {}, "rejected": {}}
-    for kind, name in parts[1]:
-        tally[kind][name] = tally[kind].get(name, 0) + 1
+def _summary(tallies: list[dict[str, dict[str, int]]], config: QualityConfig) -> Iterator[dict[str, Any]]:
+    """The stage's summary from the files' tallies; none when no record reached the stage."""
+    if not tallies:
+        return
+    tally: dict[str, Counter] = {"passed": Counter(), "unchecked": Counter(), "rejected": Counter()}
+    for part in tallies:
+        for kind, counts in part.items():
+            tally[kind].update(counts)
     rejected = sum(tally["rejected"].values())
-    return {
+    yield {
         "dir": SUMMARY_DIR,
         "languages": config.languages,
         "checked": sum(tally["passed"].values()) + rejected,
@@ -76,28 +112,15 @@ def _summary(parts, config: QualityConfig) -> dict[str, Any]:
     }
 
 
-class QualityRecords(beam.PTransform):
-    """records -> {kept, ledger, summary} (see the module docstring)."""
-
-    def __init__(self, config: QualityConfig):
-        super().__init__()
-        self.config = config
-
-    def expand(self, records):
-        routed = split_routed(records | "Check" >> beam.ParDo(_CheckFn(self.config)), "Checked",
-                              (KEPT, LEDGER, "part"))
-        summary = (
-            routed["part"]
-            | "KeySummary" >> beam.Map(lambda part: (None, part))
-            | "GatherSummary" >> beam.GroupByKey()
-            | "Summary" >> beam.Map(_summary, self.config)
-        )
-        return {KEPT: routed[KEPT], LEDGER: routed[LEDGER], SUMMARY: summary}
-
-
-def _filter(pipeline, records, context: StepContext) -> StepOutput:
-    checked = records | "Quality" >> QualityRecords(context.job.config.quality)
-    return StepOutput(checked[KEPT], [checked[LEDGER]], [checked[SUMMARY]])
+def _filter(pipeline, paths, context: StepContext) -> StepOutput:
+    config = context.job.config.quality
+    routed = split_routed(
+        paths
+        | "Spread" >> beam.Reshuffle()
+        | "Check" >> beam.ParDo(_CheckFileFn(config, context.directory, context.drops_vectors)),
+        "Checked", (FILES, PART))
+    summary = routed[PART] | "Tallies" >> beam.combiners.ToList() | "Summary" >> beam.FlatMap(_summary, config)
+    return StepOutput(None, [], [routed[FILES], summary])
 
 
 def report_section(manifest: dict[str, Any], **_) -> str:
@@ -118,7 +141,7 @@ STAGE = Stage(
     section=NAME,
     enabled=lambda config: config.quality.enabled,
     plan=lambda context: None,
-    steps=lambda plan, config: [Step(NAME, _filter, {NAME: config_section(config, NAME)})],
+    steps=lambda plan, config: [Step(NAME, _filter, {NAME: config_section(config, NAME)}, reads_files=True)],
     manifest=lambda context: {NAME: summary_meta(context.files, SUMMARY_DIR)},
     report=f"{__name__}:report_section",
     ledger_stages=(NAME,),
