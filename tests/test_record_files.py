@@ -1,6 +1,6 @@
-"""The pieces the prune stage moves records with (pipelines/prune.py, pipelines/cached_rows.py), without Beam:
-the fit sample merged from any split of the rows, record files written back whatever their kind, and decisions
-read back by record file."""
+"""The pieces the stages move record files with, without Beam: prune's fit sample merged from any split of
+the rows, record files written back whatever their kind (cached_rows.py), decisions read back by record
+file, and the rephrase choice made per file."""
 
 from __future__ import annotations
 
@@ -96,3 +96,24 @@ def test_each_record_file_reads_back_exactly_its_decisions(tmp_path):
         assert read.column("block").to_pylist() == [block] * read.num_rows
         assert read.column("input_row").to_pylist() == sorted(rows[blocks == block].tolist())
     assert _read_groups([], DECISION_SCHEMA).num_rows == 0
+
+
+def test_the_rephrase_choice_per_file_equals_the_per_record_filters():
+    from types import SimpleNamespace
+
+    from winnow.pipelines.rephrase import _choice_key, _chosen, chosen_rows
+
+    count = 300
+    records = [{"id": f"doc-{i}", "source": ("en", "de", "fr")[i % 3]} for i in range(count)]
+    table = pa.table({"file_index": np.zeros(count, np.int64), "input_row": np.arange(count),
+                      "id": [r["id"] for r in records], "source": [r["source"] for r in records]})
+    rows = CachedRows(table)
+    for sources, fraction, cap in ((None, 1.0, None), (("en", "fr"), 0.37, None), (("en", "fr"), 0.37, 20),
+                                   (None, 0.5, 7), (None, 0.0, None)):
+        plan = SimpleNamespace(sources=sources, fraction=fraction, max_records=cap, params=SimpleNamespace(seed=11))
+        chosen = [r for r in records if _chosen(r, plan)]
+        keys = sorted(_choice_key(r, 11) for r in chosen)
+        bound = keys[:cap][-1] if cap is not None and keys else None
+        expected = [_chosen(r, plan) and (cap is None or _choice_key(r, 11) <= bound) for r in records]
+        assert chosen_rows(rows, plan, bound).tolist() == expected, (sources, fraction, cap)
+        assert sum(expected) == (min(cap, len(chosen)) if cap is not None else len(chosen))
