@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import job_config, targets_file
 
@@ -77,10 +78,10 @@ def test_empty_centroids_are_named(finished, tmp_path):
 
 def test_a_run_whose_decision_lost_its_threshold_fails_and_publishes_nothing(sample_slice, tmp_path, monkeypatch):
     """What a runner that miscomputes a global value did: every record kept while the summary says 40."""
-    def keep_everything(self, record):
-        yield select_stage.KEPT, {k: v for k, v in record.items() if k != "select_features"}
+    def keep_everything(scores, ids, threshold, seed):
+        return np.ones(len(ids), dtype=bool)
 
-    monkeypatch.setattr(select_stage._DecideFn, "process", keep_everything)
+    monkeypatch.setattr(select_stage, "selected", keep_everything)
     select = {"enabled": True, "method": "bm25", "targets": str(targets_file(tmp_path)), "count": 40}
     config = job_config(sample_slice / "*", tmp_path / "out", select=select)
     with pytest.raises(SelfCheckError, match=r"self-check select: selected 40 of a pool of 260, but the ledger "
