@@ -16,15 +16,14 @@ records (pickled dicts, `stage_cache.WriteCache`) are read the same way: `read_c
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipelines.ordered_io import table_bytes
-from winnow.pipelines.storage import join, write_bytes
+from winnow.pipelines import native
+from winnow.pipelines.storage import join, write_parquet
 
 EXTRA_PREFIX = "extra:"
 CORE_COLUMNS = [
@@ -108,14 +107,15 @@ def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[
 
 def write_block(directory: str, relative: str, table: pa.Table) -> dict[str, Any]:
     """Write a block (deterministic name: a retried bundle overwrites it); its file metadata."""
-    payload = table_bytes(table, BLOCK_ROW_GROUP, dictionary=False)  # texts and ids repeat too little to pay
-    write_bytes(join(directory, relative), payload)
-    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": table.num_rows, "bytes": len(payload)}
+    # texts and ids repeat too little to pay for dictionaries
+    size = write_parquet(join(directory, relative), table, BLOCK_ROW_GROUP, dictionary=False)
+    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": table.num_rows, "bytes": size}
 
 
-def id_hashes(ids: list[str]) -> np.ndarray:
-    """64-bit BLAKE2b of each id: duplicate candidates are found on these, then confirmed on the ids."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little") for value in ids),
-        dtype=np.uint64, count=len(ids),
-    )
+def id_hashes(ids: pa.Array | list[str]) -> np.ndarray:
+    """64-bit BLAKE2b of each id (little-endian): duplicate candidates are found on these, then confirmed on
+    the ids."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    ids = ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
+    return native.digest_integers(ids, "little") if len(ids) else np.zeros(0, dtype=np.uint64)

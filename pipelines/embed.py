@@ -33,7 +33,7 @@ from apache_beam.io.filesystem import BeamIOError
 
 from winnow.pipelines.blocks import REUSED_COLUMN, VECTOR_COLUMN, is_block, vector_array, vector_matrix, write_block
 from winnow.pipelines.config import EmbedConfig
-from winnow.pipelines.model_stage import ModelHandler, acquire_model
+from winnow.pipelines.model_stage import ModelHandler, acquire_model, model_lock
 from winnow.pipelines.ordered_io import WriteOrderedFiles
 from winnow.pipelines.progress import Progress
 from winnow.pipelines.stage import ManifestContext, PlanContext, Stage, Step, StepContext, StepOutput, config_section
@@ -193,11 +193,12 @@ class _EmbedFileFn(beam.DoFn):
 
     def setup(self):
         self.held = None
+        self.handler = EmbedHandler(self.plan)
         self.progress = Progress(EmbedHandler.label, self.plan.expected_records, EmbedHandler.unit)
 
     def _model(self):
         if self.held is None:
-            self.held = acquire_model(EmbedHandler(self.plan))
+            self.held = acquire_model(self.handler)
         return self.held.value
 
     def _vectors(self, file_index: np.ndarray, input_row: np.ndarray, texts: list[str],
@@ -218,8 +219,9 @@ class _EmbedFileFn(beam.DoFn):
         bounds = np.flatnonzero(np.r_[True, windows[1:] != windows[:-1], True]) if len(todo) else [0]
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             rows = todo[start:stop]
-            started = time.perf_counter()
-            window = embedding.encode(self._model(), [texts[row] for row in rows.tolist()], self.plan.batch_size)
+            with model_lock(self.handler):
+                started = time.perf_counter()
+                window = embedding.encode(self._model(), [texts[row] for row in rows.tolist()], self.plan.batch_size)
             self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
             if vectors is None:
                 vectors = np.zeros((count, window.shape[1]), dtype=np.float32)

@@ -4,7 +4,8 @@ window of elements at a time, with the same metrics and progress for every stage
 A stage supplies a `ModelHandler` (after Beam's `apache_beam.ml.inference.base.ModelHandler`): how to load its
 model, what identifies it, and how to run one window. `RunModel` does the rest: the model is loaded on the
 first window that needs it (a rephrase window found in its cache needs none), shared by the worker's threads
-through Beam's `Shared`, with `torch_threads` set before loading; each window is put in input order, timed
+through Beam's `Shared`, with `torch_threads` set before loading, and called by one thread at a time
+(`model_lock`); each window is put in input order, timed
 (`NAMESPACE.busy_ms`), counted (`NAMESPACE.COUNTER`) and reported to the console.
 
 Windows come from a GroupByKey on input position, not from BatchElements or RunInference: on Beam 2.77's
@@ -15,6 +16,7 @@ gives the same numbers.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -26,6 +28,8 @@ from winnow.pipelines.progress import Progress
 from winnow.selectors.embedding import worker_threads
 
 _SHARED = Shared()
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
 
 
 class _Held:
@@ -82,7 +86,20 @@ def acquire_model(handler: ModelHandler) -> _Held:
         torch.set_num_threads(handler.torch_threads or worker_threads())
         return _Held(handler.load())
 
-    return _SHARED.acquire(load, tag=f"{type(handler).__name__}:{handler.tag()}")
+    return _SHARED.acquire(load, tag=_tag(handler))
+
+
+def _tag(handler: ModelHandler) -> str:
+    return f"{type(handler).__name__}:{handler.tag()}"
+
+
+def model_lock(handler: ModelHandler) -> threading.Lock:
+    """The lock that a worker's threads take turns on to call `handler`'s model. The threads share one model
+    (in-process threads, a Dask worker's threads) and fast tokenizers fail when two threads call them at once
+    ("Already borrowed"); each call already uses every torch thread, and the threads' reading and writing
+    still overlap."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(_tag(handler), threading.Lock())
 
 
 class RunModel(beam.DoFn):
@@ -105,8 +122,9 @@ class RunModel(beam.DoFn):
 
     def process(self, window) -> Iterator[Any]:
         elements = sorted(window[1], key=self.handler.order)
-        started = time.perf_counter()
-        outputs = list(self.handler.run(self._model, elements))
+        with model_lock(self.handler):
+            started = time.perf_counter()
+            outputs = list(self.handler.run(self._model, elements))
         self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
         self.elements.inc(len(elements))
         if self.progress is None:

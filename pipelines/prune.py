@@ -137,7 +137,7 @@ class SmallestRows(beam.CombineFn):
 
 
 def _candidates(keys: np.ndarray, ids: pa.Array, vectors: np.ndarray, seed: int, n: int) -> Sample:
-    hashes = seeded_hashes(seed, ids.to_pylist(), ["fit"] * len(keys))
+    hashes = seeded_hashes(seed, ids, "fit")
     return _smallest([(hashes, keys, vectors, len(keys))], n)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from winnow.pipelines import native
+
 LEDGER_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -48,18 +50,26 @@ def seeded_hash(seed: int, *parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def seeded_hashes(seed: int, values: list[str], suffix: list[str] | None = None) -> np.ndarray:
+def seeded_hashes(seed: int, values: pa.Array | list[str], suffix: pa.Array | list[str] | str | None = None
+                   ) -> np.ndarray:
     """`seeded_hash(seed, value)` (or `seeded_hash(seed, value, *suffix parts)` with each suffix already joined
-    by NUL) of every value, as uint64."""
-    prefix = f"{seed}\0"
-    blake = hashlib.blake2b
-    if suffix is None:
-        texts = (prefix + value for value in values)
-    else:
-        texts = (f"{prefix}{value}\0{tail}" for value, tail in zip(values, suffix, strict=True))
-    return np.fromiter(
-        (int.from_bytes(blake(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
-         for text in texts), dtype=np.uint64, count=len(values))
+    by NUL, or one suffix for all) of every value, as uint64; hashed in native code (`hashing`)."""
+    values = _strings(values)
+    if not len(values):
+        return np.zeros(0, dtype=np.uint64)
+    parts = [str(seed), values] + ([] if suffix is None else [suffix if isinstance(suffix, str) else _strings(suffix)])
+    return native.digest_integers(native.joined(parts), "big")
+
+
+def content_ids(texts: pa.Array) -> pa.Array:
+    """`content_id` of every text of an Arrow string array."""
+    return native.hexdigests(_strings(texts), 16)
+
+
+def _strings(values: pa.Array | list[str]) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
 
 
 def position_id(input_file: str, input_row: int) -> str:
@@ -133,58 +143,10 @@ NOT_WHITESPACE = ("[^\\t-\\r\\x{1c}- \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\
                   "\\x{205f}\\x{3000}]")
 
 
-_ASCII_SPACE = np.zeros(256, dtype=bool)
-_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
-_WIDE_SPACES = [chr(code).encode() for code in (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
-                                                0x205F, 0x3000)]
-
-
 def token_counts(texts) -> pa.Array:
-    """`token_count` of every text of an Arrow string array (null stays null): the runs of non-whitespace
-    characters, counted on the UTF-8 bytes with numpy (a byte that starts a run follows whitespace or starts
-    its text); the multi-byte whitespace characters are found from their lead bytes. Texts are taken about
-    _TOKEN_SLICE_BYTES at a time: small temporaries are reused, large ones cost fresh pages every call."""
+    """`token_count` of every text of an Arrow string array (null stays null), counted in native code."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
-    if pa.types.is_large_string(texts.type):
-        offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)
-    else:
-        texts = texts.cast(pa.string())
-        offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)
-    offsets = offsets[texts.offset: texts.offset + len(texts) + 1].astype(np.int64)
-    counts = np.zeros(len(texts), dtype=np.int64)
-    if len(texts) and offsets[-1] > offsets[0]:
-        data = np.frombuffer(texts.buffers()[2], dtype=np.uint8)
-        cuts = np.unique(np.searchsorted(offsets, np.arange(offsets[0], offsets[-1], _TOKEN_SLICE_BYTES)))
-        for first, last in zip(cuts.tolist(), [*cuts[1:].tolist(), len(texts)], strict=True):
-            counts[first:last] = _slice_token_counts(data[offsets[first]:offsets[last]],
-                                                     offsets[first:last + 1] - offsets[first])
+    texts = texts if pa.types.is_large_string(texts.type) else texts.cast(pa.string())
     nulls = texts.is_null().to_numpy(zero_copy_only=False) if texts.null_count else None
-    return pa.array(counts, mask=nulls)
-
-
-_TOKEN_SLICE_BYTES = 1 << 22
-
-
-def _slice_token_counts(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Token counts of the texts at `offsets` (from 0) in the UTF-8 bytes `data`."""
-    counts = np.zeros(len(offsets) - 1, dtype=np.int64)
-    if not len(data):
-        return counts
-    space = _ASCII_SPACE[data]
-    leads = np.flatnonzero((data == 0xC2) | ((data >= 0xE1) & (data <= 0xE3)))
-    if len(leads):
-        following = [data[np.minimum(leads + step, len(data) - 1)] for step in (0, 1, 2)]
-        for wide in _WIDE_SPACES:
-            found = leads[np.logical_and.reduce([following[i] == wide[i] for i in range(len(wide))])]
-            for step in range(len(wide)):
-                space[found + step] = True
-    follows_space = np.empty_like(space)
-    follows_space[0] = True
-    follows_space[1:] = space[:-1]
-    lengths = np.diff(offsets)
-    firsts = offsets[:-1][lengths > 0]
-    follows_space[firsts] = True
-    starts = ~space & follows_space
-    counts[lengths > 0] = np.add.reduceat(starts.view(np.uint8), firsts, dtype=np.int64)  # to the next start
-    return counts
+    return pa.array(native.token_counts(texts), mask=nulls)

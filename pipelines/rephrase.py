@@ -329,7 +329,7 @@ def chosen_rows(rows: CachedRows, plan: RephrasePlan, bound: tuple[int, str] | N
     if plan.sources is not None:
         sources = set(plan.sources)
         mask &= np.array([source in sources for source in rows.values("source")], dtype=bool).reshape(count)
-    hashes = seeded_hashes(plan.params.seed, ids, ["rephrase"] * count)
+    hashes = seeded_hashes(plan.params.seed, rows.ids(), "rephrase")
     limit = math.ceil(plan.fraction * 2**64)  # an integer hash is below the float exactly when below its ceiling
     if limit < 2**64:
         mask &= hashes < np.uint64(limit)

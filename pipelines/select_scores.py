@@ -20,7 +20,7 @@ import pyarrow as pa
 from winnow.pipelines.blocks import FEATURES_COLUMN, VECTOR_COLUMN
 from winnow.pipelines.cached_rows import CachedRows
 from winnow.pipelines.config import ConfigError, WinnowConfig
-from winnow.pipelines.model_stage import ModelHandler, acquire_model
+from winnow.pipelines.model_stage import ModelHandler, acquire_model, model_lock
 from winnow.pipelines.ordered_io import write_bytes
 from winnow.pipelines.passes import Pass
 from winnow.pipelines.progress import Progress
@@ -244,7 +244,9 @@ class _PrototypeFn(beam.DoFn):
 
     def process(self, _element) -> Iterator[Any]:
         plan = self.handler.plan
-        yield self.handler.method.prototype(self._model, plan, list(plan.targets))
+        with model_lock(self.handler):
+            prototype = self.handler.method.prototype(self._model, plan, list(plan.targets))
+        yield prototype
 
 
 class _Bm25StatsFn(beam.CombineFn):
@@ -354,9 +356,10 @@ class _ScoreFileFn(beam.DoFn):
             if vectors is not None:
                 for offset, record in enumerate(window):
                     record[VECTOR_COLUMN] = vectors[start + offset]
-            started = time.perf_counter()
-            window_scores, window_features = method.scores(self._model, plan, window, handler.prototype,
-                                                           handler.stats)
+            with model_lock(handler):
+                started = time.perf_counter()
+                window_scores, window_features = method.scores(self._model, plan, window, handler.prototype,
+                                                               handler.stats)
             self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
             scores[start:stop] = window_scores
             features += window_features if window_features is not None else []

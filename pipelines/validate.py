@@ -40,7 +40,15 @@ from winnow.pipelines.read import (
     row_record,
     table_records,
 )
-from winnow.pipelines.records import NOT_WHITESPACE, content_id, ledger_row, order_key, position_id, split_routed
+from winnow.pipelines.records import (
+    NOT_WHITESPACE,
+    content_id,
+    content_ids,
+    ledger_row,
+    order_key,
+    position_id,
+    split_routed,
+)
 from winnow.pipelines.stage import Stage, Step, StepContext, StepOutput, config_section
 from winnow.pipelines.stage_cache import REMOVED as REMOVED_DIR
 from winnow.pipelines.stage_cache import write_records_file
@@ -225,19 +233,19 @@ def _plain_block(table: pa.Table, offsets: np.ndarray, task: ReadTask, config: I
     columns = config.columns
     rows = table if len(offsets) == table.num_rows else table.take(offsets)
     texts = rows.column(columns.text).cast(pa.string())
-    hashes = [content_id(text) for text in texts.to_pylist()]
+    hashes = content_ids(texts)
     count = rows.num_rows
     if columns.source:
         source = pc.fill_null(rows.column(columns.source).cast(pa.string()), config.default_source)
     else:
-        source = [config.default_source] * count
+        source = pa.repeat(pa.scalar(config.default_source, pa.string()), count)
     return block_table({
         "file_index": np.full(count, task.file_index, dtype=np.int64),
         "input_row": offsets.astype(np.int64) + task.first_row,
         "id": rows.column(columns.id).cast(pa.string()) if columns.id else hashes,
         "text": texts,
         "source": source,
-        "input_file": [task.name or task.path] * count,
+        "input_file": pa.repeat(pa.scalar(task.name or task.path, pa.string()), count),
         "text_hash": hashes,
         "note": pa.nulls(count, pa.string()),
     }, _extras(rows, config))
@@ -311,7 +319,7 @@ def _task_id_hashes(task: ReadTask, config: InputConfig, max_bytes: int, control
         try:
             with open_on_worker(task.path) as handle:
                 ids = pq.ParquetFile(handle).read_row_group(task.row_group, columns=[config.columns.id])
-            values = pc.drop_null(ids.column(0).cast(pa.string())).to_pylist()
+            values = pc.drop_null(ids.column(0).cast(pa.string()))
         except Exception:  # noqa: BLE001 - unreadable or undecodable: validation judges these rows
             values = _kept_ids(check_task(task, config, max_bytes, control_characters))
         return id_hashes(values)
@@ -394,7 +402,7 @@ class _ValidateTaskFn(beam.DoFn):
         records = list(checked.kept_records)
         kept = checked.kept
         if kept is not None and len(self.candidates):
-            shared = np.isin(id_hashes(kept.column("id").to_pylist()), self.candidates)
+            shared = np.isin(id_hashes(kept.column("id")), self.candidates)
             if shared.any():
                 records += list(block_records(kept.filter(shared)))
                 kept = kept.filter(~shared)

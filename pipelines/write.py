@@ -258,7 +258,7 @@ def ledger_rows_table(rows: pa.Table, stage, reason, detail, copies, fate=None, 
     def column(value, kind):
         if isinstance(value, (pa.Array, pa.ChunkedArray)):
             return value
-        return pa.array([value] * count, kind)
+        return pa.repeat(pa.scalar(value, kind), count)
 
     fate = column(fate, pa.string())
     details = column(detail, pa.string())

@@ -1,0 +1,221 @@
+"""Compiled loops over Arrow string buffers, for work that Arrow compute cannot do and Python would do per
+record: BLAKE2b digests and whitespace token counts (numba, nopython, without the GIL: two worker threads run
+them at once).
+
+BLAKE2b: the same digests as `hashlib.blake2b(value, digest_size=n)`. winnow's ids, shuffles and samples are
+BLAKE2b digests (content ids of the text, 64-bit hashes of ids with a seed); their values are part of the
+output, so only a faster way to compute the same digests helps. Called once per record from Python, hashlib
+spends most of its time on the call, not the hash (about 1 µs a call, five calls a record in validate + mix).
+Here one compiled loop hashes every value of an Arrow string array from its UTF-8 buffer, with no Python object
+per record. The compression function is RFC 7693's; `tests/test_native.py` checks it against hashlib on every
+length from 0 to 400 bytes and on the sample.
+
+Token counts: `len(text.split())` of every text, one pass over the UTF-8 bytes (`tests/test_blocks.py` checks
+every code point).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_IV = np.array([
+    0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1D36F1,
+    0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179,
+], dtype=np.uint64)
+
+_SIGMA = np.array([
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    [14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3],
+    [11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4],
+    [7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8],
+    [9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13],
+    [2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9],
+    [12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11],
+    [13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10],
+    [6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5],
+    [10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0],
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    [14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3],
+], dtype=np.int64)
+
+@numba.njit(inline="always")
+def _rotr(x, n):
+    return (x >> np.uint64(n)) | (x << np.uint64(64 - n))
+
+
+@numba.njit(inline="always")
+def _mix(a, b, c, d, x, y):
+    """RFC 7693's G."""
+    a = a + b + x
+    d = _rotr(d ^ a, 32)
+    c = c + d
+    b = _rotr(b ^ c, 24)
+    a = a + b + y
+    d = _rotr(d ^ a, 16)
+    c = c + d
+    b = _rotr(b ^ c, 63)
+    return a, b, c, d
+
+
+@numba.njit(inline="always")
+def _compress(h, m, counter, last):
+    """RFC 7693's F on the state `h` and the block's words `m` (local variables: LLVM keeps them in registers)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]
+    v8, v9, v10, v11, v12, v13, v14, v15 = _IV[0], _IV[1], _IV[2], _IV[3], _IV[4], _IV[5], _IV[6], _IV[7]
+    v12 ^= counter
+    if last:
+        v14 = ~v14
+    for r in range(12):
+        s = _SIGMA[r]
+        v0, v4, v8, v12 = _mix(v0, v4, v8, v12, m[s[0]], m[s[1]])
+        v1, v5, v9, v13 = _mix(v1, v5, v9, v13, m[s[2]], m[s[3]])
+        v2, v6, v10, v14 = _mix(v2, v6, v10, v14, m[s[4]], m[s[5]])
+        v3, v7, v11, v15 = _mix(v3, v7, v11, v15, m[s[6]], m[s[7]])
+        v0, v5, v10, v15 = _mix(v0, v5, v10, v15, m[s[8]], m[s[9]])
+        v1, v6, v11, v12 = _mix(v1, v6, v11, v12, m[s[10]], m[s[11]])
+        v2, v7, v8, v13 = _mix(v2, v7, v8, v13, m[s[12]], m[s[13]])
+        v3, v4, v9, v14 = _mix(v3, v4, v9, v14, m[s[14]], m[s[15]])
+    h[0] ^= v0 ^ v8
+    h[1] ^= v1 ^ v9
+    h[2] ^= v2 ^ v10
+    h[3] ^= v3 ^ v11
+    h[4] ^= v4 ^ v12
+    h[5] ^= v5 ^ v13
+    h[6] ^= v6 ^ v14
+    h[7] ^= v7 ^ v15
+
+
+@numba.njit(nogil=True, cache=True)
+def _digests(data, offsets, digest_size):
+    """BLAKE2b (unkeyed) of data[offsets[i]:offsets[i + 1]] for every i: (n, digest_size) bytes."""
+    count = len(offsets) - 1
+    out = np.empty((count, digest_size), dtype=np.uint8)
+    h = np.empty(8, dtype=np.uint64)
+    block = np.zeros(128, dtype=np.uint8)
+    words = block.view(np.uint64)
+    param = np.uint64(0x01010000) ^ np.uint64(digest_size)
+    for i in range(count):
+        start, stop = offsets[i], offsets[i + 1]
+        for j in range(8):
+            h[j] = _IV[j]
+        h[0] ^= param
+        length = stop - start
+        position = 0
+        while length - position > 128:  # every block but the last
+            block[:] = data[start + position:start + position + 128]
+            position += 128
+            _compress(h, words, np.uint64(position), False)
+        tail = length - position
+        block[:] = 0
+        block[:tail] = data[start + position:stop]
+        _compress(h, words, np.uint64(length), True)
+        out[i, :] = h.view(np.uint8)[:digest_size]
+    return out
+
+
+def _utf8_buffers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes and int64 offsets of a string or binary array without nulls."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if values.null_count:
+        raise ValueError("cannot hash null values")
+    return _buffers(values)
+
+
+def _buffers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The data bytes and int64 offsets of a string or binary array (a null spans no bytes)."""
+    large = pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64 if large else np.int32)
+    offsets = offsets[values.offset:values.offset + len(values) + 1].astype(np.int64)
+    data = values.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    return data, offsets
+
+
+def digests(values: pa.Array, digest_size: int) -> np.ndarray:
+    """`hashlib.blake2b(value, digest_size=digest_size).digest()` of every value: (n, digest_size) uint8."""
+    if not 1 <= digest_size <= 64:
+        raise ValueError(f"BLAKE2b digest size {digest_size} is not in 1..64")
+    data, offsets = _utf8_buffers(values)
+    return _digests(data, offsets, digest_size)
+
+
+def digest_integers(values: pa.Array, byteorder: str = "big") -> np.ndarray:
+    """`int.from_bytes(blake2b(value, digest_size=8).digest(), byteorder)` of every value, as uint64."""
+    raw = digests(values, 8)
+    return raw.view(">u8" if byteorder == "big" else "<u8").reshape(-1).astype(np.uint64)
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def hexdigests(values: pa.Array, digest_size: int) -> pa.Array:
+    """`blake2b(value, digest_size=digest_size).hexdigest()` of every value, as an Arrow string array."""
+    raw = digests(values, digest_size)
+    text = np.empty((len(raw), 2 * digest_size), dtype=np.uint8)
+    text[:, 0::2] = _HEX[raw >> 4]
+    text[:, 1::2] = _HEX[raw & 15]
+    offsets = np.arange(0, text.size + 1, 2 * digest_size, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(raw), pa.py_buffer(offsets), pa.py_buffer(text.reshape(-1)))
+
+
+def joined(parts: list, separator: str = "\0") -> pa.Array:
+    """The parts (Arrow string arrays or str, at least one array) joined by `separator`, row by row."""
+    columns = [part if not isinstance(part, str) else pa.scalar(part, pa.string()) for part in parts]
+    return pc.binary_join_element_wise(*columns, separator)
+
+
+_ASCII_SPACE = np.zeros(128, dtype=np.bool_)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+
+
+@numba.njit(inline="always")
+def _space_at(data, j, stop):
+    """(whether the character at byte j is whitespace to str.split, its width in bytes)."""
+    lead = data[j]
+    if lead < 0x80:
+        return _ASCII_SPACE[lead], 1
+    if lead < 0xC0:  # a stray continuation byte: not in valid UTF-8
+        return False, 1
+    if lead < 0xE0:  # U+0085, U+00A0
+        return lead == 0xC2 and j + 1 < stop and (data[j + 1] == 0x85 or data[j + 1] == 0xA0), 2
+    if lead >= 0xF0:
+        return False, 4
+    if j + 2 >= stop:
+        return False, 3
+    second, third = data[j + 1], data[j + 2]
+    if lead == 0xE1:  # U+1680
+        return second == 0x9A and third == 0x80, 3
+    if lead == 0xE2:  # U+2000..U+200A, U+2028, U+2029, U+202F, U+205F
+        return (second == 0x80 and (third <= 0x8A or third == 0xA8 or third == 0xA9 or third == 0xAF)) or (
+            second == 0x81 and third == 0x9F), 3
+    if lead == 0xE3:  # U+3000
+        return second == 0x80 and third == 0x80, 3
+    return False, 3
+
+
+@numba.njit(nogil=True, cache=True)
+def _token_counts(data, offsets):
+    count = len(offsets) - 1
+    out = np.zeros(count, dtype=np.int64)
+    for i in range(count):
+        j, stop, tokens, inside = offsets[i], offsets[i + 1], 0, False
+        while j < stop:
+            space, width = _space_at(data, j, stop)
+            if not space and not inside:
+                tokens += 1
+            inside = not space
+            j += width
+        out[i] = tokens
+    return out
+
+
+def token_counts(texts: pa.Array) -> np.ndarray:
+    """`len(text.split())` of every non-null text of a string array (0 for a null), as int64."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    data, offsets = _buffers(texts)
+    return _token_counts(data, offsets)
