@@ -10,6 +10,7 @@ file's metadata (rows, bytes, SHA-256, a tally, optional sums) goes to the manif
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -122,6 +123,21 @@ def _chunks(blocks: list[tuple[int, int]], chunk_rows: int) -> Iterator[np.ndarr
         yield np.array(chunk, dtype=np.int64)
 
 
+def _ahead(items: Iterator[Any]) -> Iterator[Any]:
+    """The items of an iterator, each next one made in a thread while the caller works on the current one: a
+    file's task reads and sorts its next chunk while it encodes this one (Arrow does both without the GIL), so
+    a job's one ledger file takes the time of its writing, not of its reading and writing."""
+    done = object()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(next, items, done)
+        while True:
+            item = pending.result()
+            if item is done:
+                return
+            pending = pool.submit(next, items, done)
+            yield item
+
+
 class _WriteOrderedFileFn(beam.DoFn):
     """A planned output file, written in chunks of consecutive order blocks: each chunk's rows from every
     source, sorted and cut at the file's positions; row groups are cut at the whole file's positions, so the
@@ -139,6 +155,17 @@ class _WriteOrderedFileFn(beam.DoFn):
         self.columns = columns
         self.chunk_rows = chunk_rows
 
+    def _chunk_rows(self, sources, blocks) -> Iterator[pa.Table]:
+        """Each chunk's rows from every source, sorted."""
+        for chunk in _chunks(blocks, max(self.chunk_rows, self.row_group_rows)):
+            tables = []
+            for source, kind, wanted in sources:
+                mine = wanted[np.isin(wanted, chunk)]
+                found = source.rows(mine) if len(mine) else None
+                if found is not None:
+                    tables.append(self.to_rows(found, kind))
+            yield pa.concat_tables(tables).sort_by([(name, "ascending") for name in ORDER_KEYS])
+
     def process(self, task) -> Iterator[dict[str, Any]]:
         number, first, end, position, blocks, parts = task
         sources = [(SortedSource(path, self.columns), kind, np.array(wanted, dtype=np.int64))
@@ -148,14 +175,7 @@ class _WriteOrderedFileFn(beam.DoFn):
         try:
             with storage.writing(part_path(self.directory, self.relative_dir, number)) as sink:
                 writer, pending = None, None
-                for chunk in _chunks(blocks, max(self.chunk_rows, self.row_group_rows)):
-                    tables = []
-                    for source, kind, wanted in sources:
-                        mine = wanted[np.isin(wanted, chunk)]
-                        found = source.rows(mine) if len(mine) else None
-                        if found is not None:
-                            tables.append(self.to_rows(found, kind))
-                    rows = pa.concat_tables(tables).sort_by([(name, "ascending") for name in ORDER_KEYS])
+                for rows in _ahead(self._chunk_rows(sources, blocks)):
                     low, high = max(first - position, 0), min(end - position, rows.num_rows)
                     position += rows.num_rows
                     if high <= low:
