@@ -1,0 +1,52 @@
+"""A worker's threads share one model and call it one at a time (fast tokenizers fail on concurrent calls)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from winnow.pipelines.model_stage import ModelHandler, RunModel, model_lock
+
+
+class _CountingHandler(ModelHandler):
+    """A model whose calls record how many run at once."""
+
+    inside = 0
+    most = 0
+    guard = threading.Lock()
+
+    def tag(self) -> str:
+        return "counting"
+
+    def load(self):
+        return object()
+
+    def order(self, element):
+        return element
+
+    def run(self, model, elements):
+        model()
+        with self.guard:
+            type(self).inside += 1
+            type(self).most = max(type(self).most, type(self).inside)
+        time.sleep(0.02)  # widen the window in which a second call could overlap
+        with self.guard:
+            type(self).inside -= 1
+        return [element * 2 for element in elements]
+
+
+def test_threads_call_a_shared_model_one_at_a_time():
+    handler = _CountingHandler(torch_threads=1)
+    functions = [RunModel(handler) for _ in range(4)]  # one DoFn instance per worker thread, as Beam makes them
+    for function in functions:
+        function.setup()
+
+    def windows(function):
+        return [list(function.process((key, [key, key + 1]))) for key in range(5)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(windows, functions))
+    assert results == [[[2 * key, 2 * key + 2] for key in range(5)]] * 4
+    assert _CountingHandler.most == 1
+    assert model_lock(handler) is model_lock(_CountingHandler(torch_threads=2))  # one lock per model tag
