@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.pipelines import native
+from winnow.pipelines.extra_kinds import arrow_kind, as_meta, value_kind
 from winnow.pipelines.storage import join, write_parquet
 
 EXTRA_PREFIX = "extra:"
@@ -109,7 +110,30 @@ def write_block(directory: str, relative: str, table: pa.Table) -> dict[str, Any
     """Write a block (deterministic name: a retried bundle overwrites it); its file metadata."""
     # texts and ids repeat too little to pay for dictionaries
     size = write_parquet(join(directory, relative), table, BLOCK_ROW_GROUP, dictionary=False)
-    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": table.num_rows, "bytes": size}
+    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": table.num_rows, "bytes": size,
+            "extra_kinds": as_meta(block_kinds(table))}
+
+
+def block_kinds(table: pa.Table) -> dict[str, set[str]]:
+    """{column: value kinds} of a block's passed-through columns: its column types say them, unless a column is
+    all null (no kind: it fits any) or of a type without a kind of its own (each value's). A block without
+    rows has none: its columns carry no value."""
+    kinds: dict[str, set[str]] = {}
+    if not table.num_rows:
+        return kinds
+    for name in table.column_names:
+        if not name.startswith(EXTRA_PREFIX):
+            continue
+        column = table.column(name)
+        found = kinds.setdefault(name[len(EXTRA_PREFIX):], set())
+        if column.null_count == len(column):
+            continue
+        kind = arrow_kind(column.type)
+        if kind is not None:
+            found.add(kind)
+        else:
+            found.update(value_kind(value) for value in column.to_pylist() if value is not None)
+    return kinds
 
 
 def id_hashes(ids: pa.Array | list[str]) -> np.ndarray:

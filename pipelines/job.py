@@ -24,6 +24,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.pipelines.extra_kinds import extra_schema, merge_kinds
 from winnow.pipelines.manifest import build_manifest
 from winnow.pipelines.mix import FRAGMENTS as MIX_FRAGMENTS
 from winnow.pipelines.mix import LEDGER as MIX_LEDGER
@@ -32,7 +33,7 @@ from winnow.pipelines.mix import MixFiles, partition_pass
 from winnow.pipelines.mix import plan as mix_plan
 from winnow.pipelines.options import add_metrics, beam_options, metrics_unavailable, run_pipeline
 from winnow.pipelines.ordered_io import WriteOrderedFiles
-from winnow.pipelines.passes import Pass, run_passes
+from winnow.pipelines.passes import run_passes
 from winnow.pipelines.plan import JobPlan, plan_job
 from winnow.pipelines.publish import OutputError, output_lock, publish
 from winnow.pipelines.records import LEDGER_SCHEMA
@@ -60,11 +61,9 @@ from winnow.pipelines.storage import (
 )
 from winnow.pipelines.write import (
     LEDGER_KEYS,
-    extra_schema,
     file_extra_kinds,
     ledger_rows_table,
     ledger_tally,
-    merge_kinds,
     rows_from_table,
     shard_output,
     value_tally,
@@ -76,20 +75,15 @@ StageCallback = Callable[[str, StageEntry | None], None]
 REMOVED_ROWS, KEPT, LEDGER_FRAGMENT = "removed", "kept", "ledger"
 
 
-def extra_kinds_pass(paths: list[str]) -> Pass:
-    """The schema of the shards' passed-through columns, over the cache files of the records that reach the
-    output (a typed block's column types answer for all its rows)."""
-    def build(pipeline, constants):
-        return (
-            pipeline
-            | "Files" >> beam.Create(paths)
-            | "Spread" >> beam.Reshuffle()
-            | "Kinds" >> beam.Map(file_extra_kinds)
-            | "All" >> beam.combiners.ToList()
-            | "Schema" >> beam.Map(lambda parts: extra_schema(merge_kinds(parts)))
-        )
-
-    return Pass("extra_kinds", build, reads_records=False)
+def output_extra(entry: StageEntry) -> list[tuple[str, str]]:
+    """The shards' passed-through columns: the kinds each of the last stage's record files notes in its
+    metadata, merged (a file whose metadata has none, from an older cache, is read for them)."""
+    parts = []
+    for meta in entry.files:
+        if meta["dir"] == RECORDS and "step" not in meta:
+            noted = meta.get("extra_kinds")
+            parts.append(noted if noted is not None else file_extra_kinds(join(entry.directory, meta["file"])))
+    return extra_schema(merge_kinds(parts))
 
 
 def _ledger_rows(table: pa.Table, kind: str) -> pa.Table:
@@ -216,13 +210,11 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
         removed = [path for entry in entries for path in entry.all_paths(REMOVED)]
         kept = entries[-1].paths(RECORDS)
         mixing = plan.config.mix.enabled
-        passes = (extra_kinds_pass(kept),)
-        if mixing:
-            passes += (partition_pass(plan.config.mix, kept, work, entries[-1].records),)
-        constants = run_passes(options, passes, kept, work, metrics)
-        extra = constants["extra_kinds"]
+        extra = output_extra(entries[-1])
         mixed = None
         if mixing:
+            passes = (partition_pass(plan.config.mix, kept, work, entries[-1].records, extra),)
+            constants = run_passes(options, passes, kept, work, metrics)
             partitions = constants["mix_partitions"]
             summary, placement = mix_plan(plan.config.mix, partitions["counts"], partitions["bits"])
             mixed = (partitions["fragments"], placement, summary)

@@ -139,9 +139,10 @@ class _GatherPartitions(beam.CombineFn):
                 "fragments": {partition: sorted(paths) for partition, paths in sorted(fragments.items())}}
 
 
-def partition_pass(config: MixConfig, paths: list[str], work: str, records: int) -> Pass:
+def partition_pass(config: MixConfig, paths: list[str], work: str, records: int, extra: list[tuple[str, str]]
+                   ) -> Pass:
     """The final records' cache files -> fragments per hash partition (under WORK/_mix) and, per source and
-    hash block, records, tokens and synthetic records. Uses the `extra_kinds` pass's schema."""
+    hash block, records, tokens and synthetic records; `extra` is the shards' schema of passed-through columns."""
     seed, bits = config.seed, partition_bits(records)
 
     def build(pipeline, constants):
@@ -149,7 +150,7 @@ def partition_pass(config: MixConfig, paths: list[str], work: str, records: int)
             pipeline
             | "Files" >> beam.Create(list(enumerate(paths)))
             | "Spread" >> beam.Reshuffle()
-            | "Partition" >> beam.ParDo(_PartitionFn(work, seed, bits), constants["extra_kinds"])
+            | "Partition" >> beam.ParDo(_PartitionFn(work, seed, bits), extra)
             | "Partitions" >> beam.CombineGlobally(_GatherPartitions())
             | "WithBits" >> beam.Map(lambda gathered: {**gathered, "bits": bits})
         )

@@ -44,6 +44,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from winnow.pipelines.blocks import block_records, is_block
+from winnow.pipelines.extra_kinds import as_meta, records_kinds
 from winnow.pipelines.ordered_io import table_bytes
 from winnow.pipelines.storage import (
     delete_file,
@@ -187,7 +188,8 @@ def write_records_file(directory: str, relative: str, elements: Iterable[dict[st
     )
     payload = table_bytes(table, 1_000)
     write_bytes(join(directory, relative), payload)
-    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": len(ordered), "bytes": len(payload)}
+    return {"dir": relative.split("/", 1)[0], "file": relative, "rows": len(ordered), "bytes": len(payload),
+            "extra_kinds": as_meta(records_kinds(ordered))}
 
 
 class _WriteCacheFileFn(beam.DoFn):

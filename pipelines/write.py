@@ -12,16 +12,15 @@ across records is written as JSON text), so every shard reads the same way.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from winnow.pipelines.blocks import is_block
+from winnow.pipelines.blocks import block_kinds, is_block
+from winnow.pipelines.extra_kinds import arrow_kind, records_kinds
 from winnow.pipelines.records import LEDGER_SCHEMA
 from winnow.pipelines.stage_cache import read_cache_table, table_elements
 from winnow.pipelines.storage import open_file
@@ -34,56 +33,7 @@ SHARD_COLUMNS = [
     ("input_row", pa.int64()),
     ("epoch", pa.int64()),
 ]
-_SCALAR_TYPES = {bool: "bool", int: "int64", float: "float64", str: "string"}
 _ARROW_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
-
-
-def value_kind(value: Any) -> str | None:
-    """The column kind a passed-through value asks for; None for a null, which fits any column."""
-    if value is None:
-        return None
-    return _SCALAR_TYPES.get(type(value), "json")
-
-
-class ExtraColumnKinds(beam.CombineFn):
-    """{column: set of value kinds} over all records' passed-through columns."""
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, accumulator, record):
-        for column, value in record["extra"].items():
-            kinds = accumulator.setdefault(column, set())
-            kind = value_kind(value)
-            if kind:
-                kinds.add(kind)
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        merged: dict[str, set] = {}
-        for accumulator in accumulators:
-            for column, kinds in accumulator.items():
-                merged.setdefault(column, set()).update(kinds)
-        return merged
-
-    def extract_output(self, accumulator):
-        return extra_schema(accumulator)
-
-
-def extra_schema(kinds: dict[str, set[str]]) -> list[tuple[str, str]]:
-    """Column kinds -> [(column, arrow kind)] in name order: one scalar kind keeps its type (int with float
-    widens to float), anything else is JSON text."""
-    schema = []
-    for column in sorted(kinds):
-        found = kinds[column]
-        if found <= {"int64", "float64"} and found:
-            kind = "float64" if "float64" in found else "int64"
-        elif len(found) == 1 and found != {"json"}:
-            kind = next(iter(found))
-        else:
-            kind = "json" if found else "string"
-        schema.append((column, kind))
-    return schema
 
 
 def _extra_value(value: Any, kind: str) -> Any:
@@ -131,62 +81,22 @@ ROW_COLUMNS = [
 _RECORD_DEFAULTS = {"variant": 0, "epoch": 0}
 
 
-def _arrow_kind(kind: pa.DataType) -> str | None:
-    """The value kind every non-null value of an Arrow column has, when its type says it; None otherwise."""
-    if pa.types.is_integer(kind):
-        return "int64"
-    if pa.types.is_floating(kind) and not pa.types.is_float16(kind):
-        return "float64"
-    if pa.types.is_boolean(kind):
-        return "bool"
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return "string"
-    return None
-
-
 def file_extra_kinds(path: str) -> dict[str, set[str]]:
-    """{column: value kinds} over one cache file's passed-through columns (what ExtraColumnKinds gathers)."""
+    """{column: value kinds} over one cache file's passed-through columns (what its metadata notes)."""
     with open_file(path) as handle:
         parquet = pq.ParquetFile(handle)
         extra = [name for name in parquet.schema_arrow.names if name.startswith(EXTRA_PREFIX)]
         table = parquet.read(columns=extra if is_block(parquet.schema_arrow) else ["record"])
-    kinds: dict[str, set[str]] = {}
-    if not table.num_rows:  # a block that a stage emptied keeps its columns, but no record carries them
-        return kinds
     if not is_block(table.schema):
-        combine = ExtraColumnKinds()
-        accumulator = combine.create_accumulator()
-        for record in table_elements(table):
-            combine.add_input(accumulator, record)
-        return accumulator
-    for name in table.column_names:
-        if not name.startswith(EXTRA_PREFIX):
-            continue
-        column = table.column(name)
-        found = kinds.setdefault(name[len(EXTRA_PREFIX):], set())
-        if column.null_count == len(column):
-            continue
-        kind = _arrow_kind(column.type)
-        if kind is not None:
-            found.add(kind)
-        else:
-            found.update(value_kind(value) for value in column.to_pylist() if value is not None)
-    return kinds
-
-
-def merge_kinds(parts: Iterable[dict[str, set[str]]]) -> dict[str, set[str]]:
-    merged: dict[str, set[str]] = {}
-    for part in parts:
-        for column, kinds in part.items():
-            merged.setdefault(column, set()).update(kinds)
-    return merged
+        return records_kinds(table_elements(table))
+    return block_kinds(table)
 
 
 def _extra_array(column: pa.ChunkedArray | None, count: int, kind: str) -> pa.Array:
     target = _ARROW_TYPES.get(kind, pa.string())
     if column is None:
         return pa.nulls(count, target)
-    if kind != "json" and _arrow_kind(column.type) is not None:
+    if kind != "json" and arrow_kind(column.type) is not None:
         return column.cast(target).combine_chunks() if count else pa.array([], target)
     return pa.array([_extra_value(value, kind) for value in column.to_pylist()], target)
 

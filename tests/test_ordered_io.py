@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from winnow.pipelines.extra_kinds import extra_schema
 from winnow.pipelines.stage_cache import write_records_file
-from winnow.pipelines.write import extra_schema, file_extra_kinds, rows_table, shard_output
+from winnow.pipelines.write import file_extra_kinds, rows_table, shard_output
 
 
 def test_extra_schema_unifies_kinds():
@@ -30,3 +31,31 @@ def test_shard_table_keeps_one_schema_and_renames_clashing_columns(tmp_path):
     assert table.column("meta").to_pylist() == ['{"k": [1, 2]}', None]
     assert table.column("score").to_pylist() == [1.0, 2.5]
     assert table.column("input_text").to_pylist() == ["dup", None]
+
+
+def test_record_files_note_the_kinds_of_their_passed_through_columns(tmp_path):
+    """The output's schema is merged from the kinds each writer notes (no pass reads the files again): they
+    equal the kinds read back from the file, for pickled records and for a typed block."""
+    import pyarrow as pa
+
+    from winnow.pipelines.blocks import write_block
+    from winnow.pipelines.extra_kinds import merge_kinds
+
+    records = [{"id": "1", "text": "a", "source": "s", "input_file": "f", "input_row": 0, "file_index": 0,
+                "extra": {"score": 1, "meta": {"k": 1}}},
+               {"id": "2", "text": "b", "source": "s", "input_file": "f", "input_row": 1, "file_index": 0,
+                "extra": {"score": None, "tag": "x"}}]
+    pickled = write_records_file(str(tmp_path), "records/pickled.parquet", records)
+    block = pa.table({"file_index": [1, 1], "input_row": [0, 1], "id": ["3", "4"], "text": ["c", "d"],
+                      "extra:score": [0.5, None], "extra:tag": pa.array([None, None], pa.string()),
+                      "extra:nested": [[1], None]})
+    typed = write_block(str(tmp_path), "records/block.parquet", block)
+    empty = write_block(str(tmp_path), "records/empty.parquet", block.slice(0, 0))
+    assert pickled["extra_kinds"] == {"meta": ["json"], "score": ["int64"], "tag": ["string"]}
+    assert typed["extra_kinds"] == {"nested": ["json"], "score": ["float64"], "tag": []}
+    assert empty["extra_kinds"] == {}
+    for meta in (pickled, typed, empty):
+        read_back = file_extra_kinds(str(tmp_path / meta["file"]))
+        assert {column: sorted(kinds) for column, kinds in read_back.items()} == meta["extra_kinds"]
+    assert extra_schema(merge_kinds(meta["extra_kinds"] for meta in (pickled, typed, empty))) == [
+        ("meta", "json"), ("nested", "json"), ("score", "float64"), ("tag", "string")]
