@@ -41,9 +41,10 @@ run-select: setup $(SAE_SAMPLE)
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The whole runner matrix: every stage on a local Dask cluster and on the portable runner against in-process.
+# The whole runner matrix: every stage on a local Dask cluster and on the portable runner against in-process,
+# and the combined job on multi_processing workers.
 test-distributed: setup
-	$(BIN)/python -m pytest -q -m distributed tests/test_distributed.py tests/test_object_storage.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m distributed tests/test_distributed.py tests/test_object_storage.py tests/test_runners.py $(PYTEST_ARGS)
 
 # The default job on a local Dask cluster: a scheduler and two single-threaded workers, started and stopped.
 run-dask: setup

@@ -43,6 +43,7 @@ def test_one_thread_and_a_thread_per_core_give_the_same_output(sample_slice, tmp
     outputs_equal(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.distributed  # 73 s: make test-distributed; the in-process thread modes are compared above
 def test_multi_processing_gives_the_same_output(sample_slice, tmp_path):
     select = {"enabled": True, "method": "bm25", "targets": str(targets_file(tmp_path)), "ratio": 0.3}
     config = job_config(sample_slice / "*", tmp_path / "a", embed={"enabled": True, "window": 64}, select=select,
