@@ -26,7 +26,7 @@ def test_default_runner_is_in_process_and_never_the_prism_download():
 
 def test_in_process_runner_has_a_thread_per_core_unless_told_otherwise():
     direct = beam_options([]).view_as(DirectOptions)
-    assert (direct.direct_running_mode, direct.direct_num_workers) == ("multi_threading", os.cpu_count())
+    assert (direct.direct_running_mode, direct.direct_num_workers) == ("in_memory", os.cpu_count())
     direct = beam_options(["--direct_num_workers=1"]).view_as(DirectOptions)
     assert (direct.direct_running_mode, direct.direct_num_workers) == ("in_memory", 1)
     direct = beam_options(["--direct_running_mode", "multi_processing"]).view_as(DirectOptions)
