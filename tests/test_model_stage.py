@@ -1,4 +1,5 @@
-"""A worker's threads share one model and call it one at a time (fast tokenizers fail on concurrent calls)."""
+"""A worker's threads share one model and call it one at a time (fast tokenizers fail on concurrent calls), and
+take turns in the single-threaded kernel sections."""
 
 from __future__ import annotations
 
@@ -50,3 +51,28 @@ def test_threads_call_a_shared_model_one_at_a_time():
     assert results == [[[2 * key, 2 * key + 2] for key in range(5)]] * 4
     assert _CountingHandler.most == 1
     assert model_lock(handler) is model_lock(_CountingHandler(torch_threads=2))  # one lock per model tag
+
+
+def test_single_threaded_kernels_of_two_threads_take_turns():
+    """BLAS's thread count is process-wide: a second thread's section must not overlap the first's, or the
+    first one leaving would restore the count under the second's running kernel."""
+    from threadpoolctl import threadpool_info
+
+    from winnow.selectors.threads import one_thread
+
+    guard, inside, most, seen = threading.Lock(), [0], [0], []
+
+    def section(_):
+        with one_thread():
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            seen.append({pool["num_threads"] for pool in threadpool_info()})
+            with guard:
+                inside[0] -= 1
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(section, range(8)))
+    assert most[0] == 1
+    assert all(counts <= {1} for counts in seen)
