@@ -106,10 +106,18 @@ def block_records(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[
         yield record
 
 
-def write_block(directory: str, relative: str, table: pa.Table) -> dict[str, Any]:
-    """Write a block (deterministic name: a retried bundle overwrites it); its file metadata."""
+def block_compression(cached: bool) -> str:
+    """Blocks kept in the stage cache are zstd; a run without the cache (`output.cache: false`) writes them
+    plain: each is read once, by the next step of the same job, and deleted with the job (zstd blocks of the
+    tiled Debian corpus took 5x as long to write and 2x to read, for 3.5x less disk)."""
+    return "zstd" if cached else "none"
+
+
+def write_block(directory: str, relative: str, table: pa.Table, compression: str = "zstd") -> dict[str, Any]:
+    """Write a block (deterministic name: a retried bundle overwrites it); its file metadata. `compression`:
+    see `block_compression`."""
     # texts and ids repeat too little to pay for dictionaries
-    size = write_parquet(join(directory, relative), table, BLOCK_ROW_GROUP, dictionary=False)
+    size = write_parquet(join(directory, relative), table, BLOCK_ROW_GROUP, compression, dictionary=False)
     return {"dir": relative.split("/", 1)[0], "file": relative, "rows": table.num_rows, "bytes": size,
             "extra_kinds": as_meta(block_kinds(table))}
 

@@ -86,7 +86,7 @@ class CachedRows:
         return table if keep is None else table.filter(pa.array(keep))
 
     def write(self, directory: str, relative: str, columns: dict[str, pa.Array], keep: np.ndarray | None = None,
-              drop: tuple[str, ...] = ()) -> dict[str, Any]:
+              drop: tuple[str, ...] = (), compression: str = "zstd") -> dict[str, Any]:
         """Write the rows (those where `keep` is true) with `columns` set (one value per row of the file) and
         the fields in `drop` left out, under `relative` in `directory`; the file's metadata."""
         mask = np.ones(len(self), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
@@ -99,7 +99,7 @@ class CachedRows:
                 else:
                     table = table.append_column(name, values)
             table = table.drop_columns([name for name in drop if name in table.column_names])
-            return write_block(directory, relative, table)
+            return write_block(directory, relative, table, compression)
         values = {name: [dict(v) if v is not None else None for v in column.to_pylist()]
                   if pa.types.is_map(column.type) else column.to_pylist() for name, column in columns.items()}
         rows = []

@@ -184,9 +184,10 @@ class _EmbedFileFn(beam.DoFn):
     """A cache file of records -> the same rows with their vectors, written into this stage's cache (a typed
     block for a block, pickled records for pickled records); its file metadata."""
 
-    def __init__(self, plan: EmbedPlan, directory: str):
+    def __init__(self, plan: EmbedPlan, directory: str, compression: str):
         self.plan = plan
         self.directory = directory
+        self.compression = compression
         self.busy_ms = beam.metrics.Metrics.distribution(EmbedHandler.namespace, "busy_ms")
         self.embedded = beam.metrics.Metrics.counter(EmbedHandler.namespace, EmbedHandler.counter)
         self.reused = beam.metrics.Metrics.counter(EmbedHandler.namespace, "texts_reused")
@@ -243,7 +244,7 @@ class _EmbedFileFn(beam.DoFn):
             if table.num_rows:
                 table = table.append_column(VECTOR_COLUMN, vector_array(vectors))
                 table = table.append_column(REUSED_COLUMN, pa.array(reused))
-            yield write_block(self.directory, relative, table)
+            yield write_block(self.directory, relative, table, self.compression)
             return
         records = sorted(table_elements(table), key=lambda r: (r["file_index"], r["input_row"], r.get("variant", 0)))
         vectors, reused = self._vectors(
@@ -333,7 +334,7 @@ def _embed_and_write(plan: EmbedPlan):
         written = (
             files
             | "Spread" >> beam.Reshuffle()
-            | "Embed" >> beam.ParDo(_EmbedFileFn(plan, directory))
+            | "Embed" >> beam.ParDo(_EmbedFileFn(plan, directory, context.compression))
         )
         embeddings = (
             written

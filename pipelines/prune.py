@@ -242,8 +242,10 @@ class _AssignFileFn(beam.DoFn):
     (routed FILES), and the rows' (cluster, order key, id, vector) written into one fragment whose row
     groups are partitions of clusters (routed FRAGMENTS, (partition, (fragment, row group)))."""
 
-    def __init__(self, centroids: np.ndarray, directory: str, scratch: str, partitions: int, drops_vectors: bool):
+    def __init__(self, centroids: np.ndarray, directory: str, scratch: str, partitions: int, drops_vectors: bool,
+                 compression: str):
         self.centroids = centroids
+        self.compression = compression
         self.directory = directory
         self.scratch = scratch
         self.partitions = partitions
@@ -265,7 +267,8 @@ class _AssignFileFn(beam.DoFn):
         self.progress.advance(len(rows))
         drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
         yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {
-            "cluster": pa.array(labels, pa.int64()), "dist_to_centroid": pa.array(dist, pa.float32())}, drop=drop)
+            "cluster": pa.array(labels, pa.int64()), "dist_to_centroid": pa.array(dist, pa.float32())}, drop=drop,
+            compression=self.compression)
         if len(rows):
             members = _by_cluster(_members_table(keys, name, rows.ids(), labels, dist, vectors))
             partitions = _partition_of(members.column("cluster").to_numpy(), len(self.centroids), self.partitions)
@@ -330,7 +333,7 @@ def _clusters(pipeline, paths, context: StepContext) -> StepOutput:
         paths
         | "Spread" >> beam.Reshuffle()
         | "Assign" >> beam.ParDo(_AssignFileFn(centroids, context.directory, context.scratch, partitions,
-                                               context.drops_vectors)),
+                                               context.drops_vectors, context.compression)),
         "Assigned", (FILES, FRAGMENTS))
     pairs = (
         assigned[FRAGMENTS]
@@ -620,8 +623,9 @@ class _JoinFn(beam.DoFn):
     """A record file and the decisions on its rows -> its kept rows (with their cluster and dist_to_centroid)
     written into this step's records, its removed rows' ledger rows into this step's removed rows."""
 
-    def __init__(self, directory: str, strategy: str, drops_vectors: bool):
+    def __init__(self, directory: str, strategy: str, drops_vectors: bool, compression: str):
         self.directory = directory
+        self.compression = compression
         self.strategy = strategy
         self.drops_vectors = drops_vectors
 
@@ -640,7 +644,7 @@ class _JoinFn(beam.DoFn):
         dist = decisions.column("dist_to_centroid").combine_chunks()
         kept = fate == KEPT_FATE
         yield rows.write(self.directory, f"{RECORDS}/{name}", {"cluster": cluster, "dist_to_centroid": dist},
-                         keep=kept, drop=drop)
+                         keep=kept, drop=drop, compression=self.compression)
         if kept.all():
             return
         removed = pa.array(~kept)
@@ -679,7 +683,8 @@ def _decide(pipeline, paths, context: StepContext) -> StepOutput:
     written = (
         {"file": files, "decisions": decisions}
         | "JoinDecisions" >> beam.CoGroupByKey()
-        | "Apply" >> beam.ParDo(_JoinFn(context.directory, config.strategy, context.drops_vectors))
+        | "Apply" >> beam.ParDo(_JoinFn(context.directory, config.strategy, context.drops_vectors,
+                                                 context.compression))
     )
     metadata = [written]
     if summary is not None:

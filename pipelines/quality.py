@@ -50,8 +50,9 @@ class _CheckFileFn(beam.DoFn):
     name, the others' `rejected` ledger rows written into the step's removed rows (routed FILES, metadata), and
     the file's tally (PART: passed and unchecked per source, rejected per rule)."""
 
-    def __init__(self, config: QualityConfig, directory: str, drops_vectors: bool):
+    def __init__(self, config: QualityConfig, directory: str, drops_vectors: bool, compression: str):
         self.rules = rules_from(config)
+        self.compression = compression
         self.languages = None if config.languages is None else frozenset(config.languages)
         self.directory = directory
         self.drops_vectors = drops_vectors
@@ -81,7 +82,8 @@ class _CheckFileFn(beam.DoFn):
         self.passed.inc(sum(tally["passed"].values()))
         self.unchecked.inc(sum(tally["unchecked"].values()))
         self.rejected.inc(len(rules))
-        yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=keep, drop=drop)
+        yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=keep, drop=drop,
+                                compression=self.compression)
         if rules:
             ledger = ledger_rows_table(rows_from_table(rows.rows_table(~keep), []), NAME, pa.array(rules, pa.string()),
                                        pa.array(details, pa.string()), 0, fate="rejected")
@@ -117,7 +119,8 @@ def _filter(pipeline, paths, context: StepContext) -> StepOutput:
     routed = split_routed(
         paths
         | "Spread" >> beam.Reshuffle()
-        | "Check" >> beam.ParDo(_CheckFileFn(config, context.directory, context.drops_vectors)),
+        | "Check" >> beam.ParDo(_CheckFileFn(config, context.directory, context.drops_vectors,
+                                                 context.compression)),
         "Checked", (FILES, PART))
     summary = routed[PART] | "Tallies" >> beam.combiners.ToList() | "Summary" >> beam.FlatMap(_summary, config)
     return StepOutput(None, [], [routed[FILES], summary])

@@ -346,8 +346,9 @@ class _PassThroughFn(beam.DoFn):
     """A record file -> the same rows written into this step's records under the same name (routed FILES,
     file metadata), and its chosen records (CHOSEN), which alone go on to be rephrased."""
 
-    def __init__(self, plan: RephrasePlan, bound, directory: str, drops_vectors: bool):
+    def __init__(self, plan: RephrasePlan, bound, directory: str, drops_vectors: bool, compression: str):
         self.plan = plan
+        self.compression = compression
         self.bound = bound
         self.directory = directory
         self.drops_vectors = drops_vectors
@@ -355,7 +356,8 @@ class _PassThroughFn(beam.DoFn):
     def process(self, path: str) -> Iterator[tuple[str, Any]]:
         drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
         rows = CachedRows.read(path, drop)
-        yield FILES, rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", {}, drop=drop)
+        yield FILES, rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", {}, drop=drop,
+                                compression=self.compression)
         chosen = chosen_rows(rows, self.plan, self.bound)
         if chosen.any():
             for record in table_elements(rows.rows_table(chosen), drop):
@@ -411,7 +413,7 @@ def _rephrase(plan: RephrasePlan):
             paths
             | "Spread" >> beam.Reshuffle()
             | "PassThrough" >> beam.ParDo(_PassThroughFn(plan, choice["bound"], context.directory,
-                                                         context.drops_vectors)),
+                                                         context.drops_vectors, context.compression)),
             "Read", (FILES, CHOSEN))
         rephrased = read[CHOSEN] | "Rephrase" >> RephraseRecords(plan, choice)
         synthetic = rephrased[SYNTHETIC] | "CacheSynthetic" >> WriteCache(context.directory, RECORDS, "synthetic")

@@ -157,8 +157,9 @@ class _DecideFileFn(beam.DoFn):
     FILES, file metadata); its scores (SCORES) and, for mona, its values of the reported features (HITS)."""
 
     def __init__(self, plan: SelectPlan, threshold: tuple | None, wanted: int, directory: str,
-                 reported: frozenset[int] | None, drops_vectors: bool):
+                 reported: frozenset[int] | None, drops_vectors: bool, compression: str):
         self.plan = plan
+        self.compression = compression
         self.threshold = threshold
         self.wanted = wanted
         self.directory = directory
@@ -172,7 +173,8 @@ class _DecideFileFn(beam.DoFn):
         ids = rows.ids().to_pylist()
         kept = selected(scores, ids, self.threshold, self.plan.seed)
         yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=kept,
-                                drop=(FEATURES_COLUMN, VECTOR_COLUMN) if self.drops_vectors else (FEATURES_COLUMN,))
+                                drop=(FEATURES_COLUMN, VECTOR_COLUMN) if self.drops_vectors else (FEATURES_COLUMN,),
+                                compression=self.compression)
         if not kept.all():
             method = self.plan.method
             details = [f"score {score:.6g} below the top {self.wanted} ({method})" for score in scores[~kept].tolist()]
@@ -287,7 +289,7 @@ def _build_summary(parts, plan: SelectPlan, prototype: np.ndarray | None) -> dic
 
 
 def decide_files(paths, plan: SelectPlan, prototype: np.ndarray | None, threshold: Threshold, directory: str,
-                 drops_vectors: bool = False):
+                 drops_vectors: bool = False, compression: str = "zstd"):
     """The decision of selection: scored record files -> (metadata of the kept records' and the removed rows'
     files, the summary): the exact top n by score (ties by a seeded hash), the rest `not_selected`;
     `prototype` (mona) names the features the summary reports."""
@@ -297,7 +299,7 @@ def decide_files(paths, plan: SelectPlan, prototype: np.ndarray | None, threshol
         paths
         | "Spread" >> beam.Reshuffle()
         | "Decide" >> beam.ParDo(_DecideFileFn(plan, threshold.key, threshold.wanted, directory, reported,
-                                               drops_vectors)),
+                                               drops_vectors, compression)),
         "Decided",
         (FILES, SCORES, HITS),
     )
@@ -332,7 +334,7 @@ DECISION_KEYS = ("count", "ratio", "seed", "top_features", "feature_examples")
 def _scores(plan: SelectPlan):
     def build(pipeline, paths, context: StepContext) -> StepOutput:
         written = score_files(paths, plan, context.directory, context.constants["prototype"],
-                              context.constants.get("bm25"), context.drops_vectors)
+                              context.constants.get("bm25"), context.drops_vectors, context.compression)
         return StepOutput(None, [], written)
     return build
 
@@ -341,7 +343,8 @@ def _decide(plan: SelectPlan):
     def build(pipeline, paths, context: StepContext) -> StepOutput:
         prototype = read_prototype(context.previous.directory) if METHODS[plan.method].sparse_features else None
         threshold = place_threshold(context.constants, plan)
-        files, summary = decide_files(paths, plan, prototype, threshold, context.directory, context.drops_vectors)
+        files, summary = decide_files(paths, plan, prototype, threshold, context.directory, context.drops_vectors,
+                                      context.compression)
         return StepOutput(None, [], [files, summary])
     return build
 

@@ -325,8 +325,9 @@ class _ScoreFileFn(beam.DoFn):
     for mona `sae_score` and `select_features`); its file metadata. The method's models are loaded once per
     worker, on the first window that needs them."""
 
-    def __init__(self, plan: SelectPlan, directory: str, prototype, stats, drops_vectors: bool):
+    def __init__(self, plan: SelectPlan, directory: str, prototype, stats, drops_vectors: bool, compression: str):
         self.handler = SelectHandler(plan, prototype, stats)
+        self.compression = compression
         self.directory = directory
         self.drops_vectors = drops_vectors
         self.busy_ms = beam.metrics.Metrics.distribution(SelectHandler.namespace, "busy_ms")
@@ -372,17 +373,19 @@ class _ScoreFileFn(beam.DoFn):
             columns["sae_score"] = pa.array(scores, pa.float64())
             columns[FEATURES_COLUMN] = pa.array([list(f.items()) for f in features],
                                                 pa.map_(pa.int64(), pa.float64()))
-        yield rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", columns, drop=drop)
+        yield rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", columns, drop=drop,
+                         compression=self.compression)
 
 
-def score_files(paths, plan: SelectPlan, directory: str, prototype, stats=None, drops_vectors: bool = False):
+def score_files(paths, plan: SelectPlan, directory: str, prototype, stats=None, drops_vectors: bool = False,
+                compression: str = "zstd"):
     """The scores of selection: the previous step's record files, the prototype and (BM25) the pool statistics
     from the passes -> (metadata of the record files written with their scores; of the prototype file, mona
     only)."""
     written = [
         paths
         | "Spread" >> beam.Reshuffle()
-        | "Score" >> beam.ParDo(_ScoreFileFn(plan, directory, prototype, stats, drops_vectors))
+        | "Score" >> beam.ParDo(_ScoreFileFn(plan, directory, prototype, stats, drops_vectors, compression))
     ]
     if METHODS[plan.method].sparse_features:
         written.append(

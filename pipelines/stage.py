@@ -58,6 +58,7 @@ class StepContext:
     constants: dict[str, Any] = field(default_factory=dict)
     drops_vectors: bool = False  # no later step reads the embeddings: a files step writes its records without
     scratch: str = ""  # a folder for the step's temporary files (its passes' too), deleted when the step is done
+    compression: str = "zstd"  # of the blocks the step writes (blocks.block_compression)
 
 
 StepBuild = Callable[[Any, Any, StepContext], StepOutput]

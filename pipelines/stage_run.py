@@ -16,6 +16,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from winnow.pipelines.blocks import block_compression
 from winnow.pipelines.options import add_metrics, run_pipeline
 from winnow.pipelines.passes import run_passes
 from winnow.pipelines.stage import StepContext
@@ -48,9 +49,10 @@ def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], dir
     elif not definition.reads_input:
         with_vectors = definition.reads_vectors or planned_step.keeps_vectors
         records = pipeline | "ReadCached" >> ReadCache(upstream, () if with_vectors else ("embedding",))
-    output = definition.build(pipeline, records, StepContext(job or planned.job, directory, previous,
-                                                             constants or {}, planned_step.drops_vectors,
-                                                             scratch))
+    job = job or planned.job
+    output = definition.build(pipeline, records, StepContext(job, directory, previous, constants or {},
+                                                             planned_step.drops_vectors, scratch,
+                                                             block_compression(job.config.output.cache)))
     written = [*output.metadata]
     if not definition.reads_files:  # a files step wrote its records itself (their metadata is in `metadata`)
         records = output.records

@@ -381,8 +381,9 @@ class _ValidateTaskFn(beam.DoFn):
     whose id may be shared (for the GroupByKey by id), and per-source counts of changed records."""
 
     def __init__(self, config: InputConfig, max_bytes: int, control_characters: str, directory: str,
-                 candidates: np.ndarray, total: int | None):
+                 candidates: np.ndarray, total: int | None, compression: str):
         self.config = config
+        self.compression = compression
         self.max_bytes = max_bytes
         self.control_characters = control_characters
         self.directory = directory
@@ -407,7 +408,7 @@ class _ValidateTaskFn(beam.DoFn):
                 records += list(block_records(kept.filter(shared)))
                 kept = kept.filter(~shared)
         if kept is not None and kept.num_rows:
-            yield FILES, write_block(self.directory, f"{RECORDS_DIR}/block-{name}.parquet", kept)
+            yield FILES, write_block(self.directory, f"{RECORDS_DIR}/block-{name}.parquet", kept, self.compression)
         for record in records:
             yield SHARED, (record["id"], record)
         if checked.rejected:
@@ -465,7 +466,7 @@ def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
         | "Spread" >> beam.Reshuffle()
         | "Validate" >> beam.ParDo(_ValidateTaskFn(
             config.input, validate.max_text_bytes, validate.control_characters, context.directory,
-            context.constants["duplicate_ids"], expected_rows(job.tasks)))
+            context.constants["duplicate_ids"], expected_rows(job.tasks), context.compression))
     )
     parts = split_routed(routed, "Validated", (FILES, SHARED, CHANGED))
     unique = split_routed(

@@ -31,17 +31,44 @@ def stages(manifest: dict) -> list[tuple[str, bool]]:
     return [(entry["stage"], entry["reused"]) for entry in manifest["stages"]]
 
 
+@pytest.fixture
+def block_writes(monkeypatch) -> list[tuple[str, str]]:
+    """(path, compression) of every block the job writes."""
+    from winnow.pipelines import blocks
+
+    seen = []
+    original = blocks.write_parquet
+
+    def spy(uri, table, row_group_rows, compression="zstd", dictionary=True):
+        seen.append((str(uri), compression))
+        return original(uri, table, row_group_rows, compression, dictionary)
+
+    monkeypatch.setattr(blocks, "write_parquet", spy)
+    return seen
+
+
+def stage_compressions(writes: list[tuple[str, str]]) -> dict[str, set[str]]:
+    """{stage: compressions of the blocks it wrote}, the stage named by the cache entry's folder."""
+    found: dict[str, set[str]] = {}
+    for path, compression in writes:
+        stage = next(name for name in (part.lstrip(".").split("-")[0] for part in Path(path).parts)
+                     if name in ("validate", "embed", "prune"))
+        found.setdefault(stage, set()).add(compression)
+    return found
+
+
 def output_bytes(output: Path) -> dict[str, bytes]:
     """Every data file of an output (shards, ledger, embeddings) by relative path."""
     return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*.parquet"))}
 
 
 @pytest.mark.slow
-def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slice, tmp_path):
+def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slice, tmp_path, block_writes):
     output = tmp_path / "out"
     config = job_config(sample_slice / "*", output, **PIPELINE)
     first = run(config)
     assert stages(first) == [("validate", False), ("embed", False), ("prune", False)]
+    assert stage_compressions(block_writes) == {stage: {"zstd"} for stage in ("validate", "embed", "prune")}
     assert first["embeddings"]["computed_rows"] == 260
     first_bytes = output_bytes(output)
 
@@ -106,13 +133,19 @@ def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path):
 
 
 @pytest.mark.slow
-def test_without_the_cache_nothing_is_kept_beside_the_output(sample_slice, tmp_path):
+def test_without_the_cache_nothing_is_kept_beside_the_output(sample_slice, tmp_path, block_writes):
     config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
     config["output"]["cache"] = False
     run(config)
+    assert stage_compressions(block_writes) == {stage: {"none"} for stage in ("validate", "embed", "prune")}, \
+        "blocks read once by the same job are written plain"
+    first_bytes = output_bytes(tmp_path / "out")
     second = run(config)
     assert stages(second) == [("validate", False), ("embed", False), ("prune", False)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]
+    config["output"].update(cache=True, path=str(tmp_path / "cached"))
+    run(config)
+    assert output_bytes(tmp_path / "cached") == first_bytes, "plain blocks give the bytes zstd blocks give"
 
 
 def test_stage_keys_follow_code_and_chain(tmp_path, monkeypatch):
