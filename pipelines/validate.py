@@ -24,18 +24,15 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from winnow.pipelines.blocks import CORE_COLUMNS, block_records, block_table, id_hashes, write_block
 from winnow.pipelines.config import InputConfig
-from winnow.pipelines.passes import Pass
 from winnow.pipelines.progress import Progress
 from winnow.pipelines.read import (
     ReadTask,
     broken_records,
     expected_rows,
     jsonl_records,
-    open_on_worker,
     read_row_group,
     row_record,
     table_records,
@@ -51,11 +48,12 @@ from winnow.pipelines.records import (
 )
 from winnow.pipelines.stage import Stage, Step, StepContext, StepOutput, config_section
 from winnow.pipelines.stage_cache import REMOVED as REMOVED_DIR
-from winnow.pipelines.stage_cache import write_records_file
+from winnow.pipelines.stage_cache import read_cache_table, write_records_file
+from winnow.pipelines.storage import delete_file, join
 
 NAME = "validate"
 VALID, REJECTED, CHANGED, SUMMARY = "valid", "rejected", "changed", "summary"
-FILES, SHARED = "files", "shared"
+FILES, SHARED, BLOCK, HASHES = "files", "shared", "block", "hashes"
 RECORDS_DIR = "records"
 
 
@@ -140,18 +138,6 @@ def first_of_duplicates(
     first, rest = ordered[0], ordered[1:]
     where = position_id(first["input_file"], first["input_row"])
     return first, [ledger_row(r, "rejected", NAME, "duplicate_id", f"same id as {where}") for r in rest]
-
-
-class _DeduplicateIdsFn(beam.DoFn):
-    def __init__(self):
-        self.duplicates = beam.metrics.Metrics.counter("winnow.validate", "duplicate_id")
-
-    def process(self, element: tuple[str, Iterable[dict[str, Any]]]) -> Iterator[Any]:
-        first, rejected = first_of_duplicates(element[1])
-        yield VALID, first
-        for row in rejected:
-            self.duplicates.inc()
-            yield REJECTED, row
 
 
 CONTROL_PATTERN = "[\\x00-\\x08\\x0e-\\x1f\\x7f]"
@@ -287,52 +273,12 @@ def check_records(numbered: Iterable[tuple[int, dict[str, Any]]], max_bytes: int
     return kept, rejected, changed
 
 
-def _kept_ids(checked: CheckedBlock) -> list[str]:
-    ids = checked.kept.column("id").to_pylist() if checked.kept is not None else []
-    return ids + [record["id"] for record in checked.kept_records]
+HASH_RANGE_BITS = 4  # the id hashes meet in 16 ranges: a GroupByKey element holds a sixteenth of them
 
 
-class _DuplicateCandidates(beam.CombineFn):
-    """64-bit id hashes of every block -> the sorted hashes that occur more than once."""
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, accumulator, hashes):
-        accumulator.append(hashes)
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        return [part for accumulator in accumulators for part in accumulator]  # concatenated once, at the end
-
-    def extract_output(self, accumulator):
-        hashes = accumulator[0] if len(accumulator) == 1 else np.concatenate([np.zeros(0, np.uint64), *accumulator])
-        accumulator.clear()
-        hashes.sort()  # in place: 8 bytes per record, no second copy
-        return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
-
-
-def _task_id_hashes(task: ReadTask, config: InputConfig, max_bytes: int, control_characters: str) -> np.ndarray:
-    """The id hashes of a task's rows that can be valid: with an id column, every non-null id (a superset:
-    the step confirms on the ids themselves); without one, the content ids of the validated rows."""
-    if config.columns.id and task.fmt == "parquet":
-        try:
-            with open_on_worker(task.path) as handle:
-                ids = pq.ParquetFile(handle).read_row_group(task.row_group, columns=[config.columns.id])
-            values = pc.drop_null(ids.column(0).cast(pa.string()))
-        except Exception:  # noqa: BLE001 - unreadable or undecodable: validation judges these rows
-            values = _kept_ids(check_task(task, config, max_bytes, control_characters))
-        return id_hashes(values)
-    return id_hashes(_kept_ids(check_task(task, config, max_bytes, control_characters)))
-
-
-HASH_RANGE_BITS = 4  # the id hashes meet in 16 ranges: a merge holds a sixteenth of them
-
-
-def _hash_ranges(task: ReadTask, config: InputConfig, max_bytes: int, control_characters: str
-                 ) -> Iterator[tuple[int, np.ndarray]]:
-    """A task's id hashes, sorted and cut into the ranges of their top HASH_RANGE_BITS bits."""
-    hashes = np.sort(_task_id_hashes(task, config, max_bytes, control_characters))
+def _hash_ranges(hashes: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Id hashes, sorted and cut into the ranges of their top HASH_RANGE_BITS bits."""
+    hashes = np.sort(hashes)
     ranges = 1 << HASH_RANGE_BITS
     bounds = np.searchsorted(hashes, np.arange(ranges + 1, dtype=np.uint64) << np.uint64(64 - HASH_RANGE_BITS))
     bounds[-1] = len(hashes)  # the last bound overflows to 0: the end
@@ -341,53 +287,32 @@ def _hash_ranges(task: ReadTask, config: InputConfig, max_bytes: int, control_ch
             yield index, hashes[bounds[index]:bounds[index + 1]]
 
 
-class _AllCandidates(beam.CombineFn):
-    """(range, its duplicated hashes) -> every duplicated hash, sorted."""
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, accumulator, element):
-        accumulator.append(element[1])
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        return [part for accumulator in accumulators for part in accumulator]
-
-    def extract_output(self, accumulator):
-        return np.sort(np.concatenate([np.zeros(0, np.uint64), *accumulator]))
-
-
-def duplicate_ids_pass(config, tasks: list[ReadTask]) -> Pass:
-    """The hashes of ids that more than one row may share: the step sends only those rows through a
-    GroupByKey by id, and writes every other row straight into its block."""
-    max_bytes, control = config.validate_.max_text_bytes, config.validate_.control_characters
-
-    def build(pipeline, constants):
-        return (
-            pipeline
-            | "Tasks" >> beam.Create(tasks)
-            | "Spread" >> beam.Reshuffle()
-            | "IdHashes" >> beam.FlatMap(_hash_ranges, config.input, max_bytes, control)
-            | "DuplicatedInRange" >> beam.CombinePerKey(_DuplicateCandidates())
-            | "Duplicated" >> beam.CombineGlobally(_AllCandidates())
-        )
-
-    return Pass("duplicate_ids", build, reads_records=False)
+def _shared_in_range(element: tuple[int, Iterable[tuple[str, np.ndarray]]]) -> Iterator[tuple[str, np.ndarray]]:
+    """(range, [(task, its kept rows' id hashes in the range)]) -> (task, its hashes that occur more than once
+    in the range) for every task that has any: the rows whose id another row may share."""
+    parts = list(element[1])
+    hashes = np.sort(np.concatenate([hashes for _, hashes in parts]))
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    if not len(repeated):
+        return
+    for task, mine in parts:
+        shared = mine[np.isin(mine, repeated)]
+        if len(shared):
+            yield task, shared
 
 
 class _ValidateTaskFn(beam.DoFn):
-    """A read task -> its block and rejected rows written to the cache (their file metadata), the records
-    whose id may be shared (for the GroupByKey by id), and per-source counts of changed records."""
+    """A read task -> its block written to the cache (routed BLOCK: (task, file metadata)), its kept rows' id
+    hashes by range (HASHES), its JSON Lines records (SHARED: they always meet in the GroupByKey by id), its
+    rejected rows' file (FILES) and per-source counts of changed records (CHANGED)."""
 
     def __init__(self, config: InputConfig, max_bytes: int, control_characters: str, directory: str,
-                 candidates: np.ndarray, total: int | None, compression: str):
+                 total: int | None, compression: str):
         self.config = config
         self.compression = compression
         self.max_bytes = max_bytes
         self.control_characters = control_characters
         self.directory = directory
-        self.candidates = candidates
         self.total = total
         self.rows = beam.metrics.Metrics.counter("winnow.read", "rows")
         self.stripped = beam.metrics.Metrics.counter("winnow.validate", "control_characters_stripped")
@@ -400,17 +325,17 @@ class _ValidateTaskFn(beam.DoFn):
     def process(self, task: ReadTask) -> Iterator[tuple[str, Any]]:
         checked = check_task(task, self.config, self.max_bytes, self.control_characters)
         name = f"{task.file_index:05d}-{task.row_group or 0:05d}"
-        records = list(checked.kept_records)
-        kept = checked.kept
-        if kept is not None and len(self.candidates):
-            shared = np.isin(id_hashes(kept.column("id")), self.candidates)
-            if shared.any():
-                records += list(block_records(kept.filter(shared)))
-                kept = kept.filter(~shared)
+        kept, records = checked.kept, checked.kept_records
+        ids = [] if kept is None else [kept.column("id")]
         if kept is not None and kept.num_rows:
-            yield FILES, write_block(self.directory, f"{RECORDS_DIR}/block-{name}.parquet", kept, self.compression)
+            yield BLOCK, (name, write_block(self.directory, f"{RECORDS_DIR}/block-{name}.parquet", kept,
+                                            self.compression))
+        if records:
+            ids.append(pa.array([record["id"] for record in records], pa.string()))
         for record in records:
             yield SHARED, (record["id"], record)
+        for index, hashes in _hash_ranges(np.concatenate([np.zeros(0, np.uint64), *map(id_hashes, ids)])):
+            yield HASHES, (index, (name, hashes))
         if checked.rejected:
             yield FILES, write_records_file(self.directory, f"{REMOVED_DIR}/block-{name}.parquet", checked.rejected)
         if checked.changed:
@@ -422,6 +347,35 @@ class _ValidateTaskFn(beam.DoFn):
         self.rejected.inc(len(checked.rejected))
         self.stripped.inc(sum(checked.changed.values()))
         self.progress.advance(count)
+
+
+class _SettleBlockFn(beam.DoFn):
+    """(task, {block: its block's metadata, shared: its id hashes that other rows share}) -> the block's
+    metadata (FILES); a block with shared ids is written again without those rows, which go to the GroupByKey
+    by id (SHARED). Duplicate ids are rare: most blocks are written once and never read here."""
+
+    def __init__(self, directory: str, compression: str):
+        self.directory = directory
+        self.compression = compression
+
+    def process(self, element) -> Iterator[tuple[str, Any]]:
+        _, joined = element
+        blocks, shared = list(joined[BLOCK]), list(joined[SHARED])
+        if not blocks:  # a JSON Lines task: its records went to the GroupByKey already
+            return
+        (meta,) = blocks
+        if not shared:
+            yield FILES, meta
+            return
+        path = join(self.directory, meta["file"])
+        table = read_cache_table(path)
+        hit = np.isin(id_hashes(table.column("id")), np.concatenate(shared))
+        for record in block_records(table.filter(hit)):
+            yield SHARED, (record["id"], record)
+        if hit.all():
+            delete_file(path)
+        else:
+            yield FILES, write_block(self.directory, meta["file"], table.filter(~hit), self.compression)
 
 
 class _DeduplicateIdsFn(beam.DoFn):
@@ -455,8 +409,10 @@ def _manifest(context) -> dict[str, Any]:
 
 
 def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
-    """Read tasks are validated and written as blocks where they are read; only rows whose id another row
-    may share (the duplicate_ids pass) meet in a GroupByKey by id, where the first in input order is kept."""
+    """Read tasks are validated and written as blocks where they are read. Their id hashes meet by hash range
+    (8 bytes a row); only rows whose id another row may share are taken out of their block again and meet in a
+    GroupByKey by id, where the first in input order is kept. No value computed from the data is broadcast
+    (winnow.pipelines.passes): the shared hashes reach their blocks through a CoGroupByKey by task."""
     job = context.job
     config = job.config
     validate = config.validate_
@@ -466,11 +422,20 @@ def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
         | "Spread" >> beam.Reshuffle()
         | "Validate" >> beam.ParDo(_ValidateTaskFn(
             config.input, validate.max_text_bytes, validate.control_characters, context.directory,
-            context.constants["duplicate_ids"], expected_rows(job.tasks), context.compression))
+            expected_rows(job.tasks), context.compression))
     )
-    parts = split_routed(routed, "Validated", (FILES, SHARED, CHANGED))
+    parts = split_routed(routed, "Validated", (BLOCK, HASHES, FILES, SHARED, CHANGED))
+    shared = parts[HASHES] | "HashesByRange" >> beam.GroupByKey() | "SharedInRange" >> beam.FlatMap(_shared_in_range)
+    settled = split_routed(
+        {BLOCK: parts[BLOCK], SHARED: shared}
+        | "ByTask" >> beam.CoGroupByKey()
+        | "Settle" >> beam.ParDo(_SettleBlockFn(context.directory, context.compression)),
+        "Settled",
+        (FILES, SHARED),
+    )
     unique = split_routed(
-        parts[SHARED]
+        (parts[SHARED], settled[SHARED])
+        | "AllShared" >> beam.Flatten()
         | "GroupById" >> beam.GroupByKey()
         | "FirstOfId" >> beam.ParDo(_DeduplicateIdsFn()),
         "Unique",
@@ -482,14 +447,13 @@ def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
         | "GatherChanged" >> beam.GroupByKey()
         | "Summary" >> beam.Map(_summary, validate.control_characters)
     )
-    return StepOutput(unique[VALID], [unique[REJECTED]], [parts[FILES], summary])
+    return StepOutput(unique[VALID], [unique[REJECTED]], [parts[FILES], settled[FILES], summary])
 
 
 def _steps(plan, config) -> list[Step]:
     settings = {"input": config_section(config, "input"), "validate": config_section(config, "validate_"),
                 "inputs": plan["files"]}
-    return [Step(NAME, _read_and_validate, settings, reads_input=True,
-                 passes=(duplicate_ids_pass(config, plan["tasks"]),))]
+    return [Step(NAME, _read_and_validate, settings, reads_input=True)]
 
 
 def _input_files(context) -> list[dict[str, Any]]:

@@ -137,3 +137,39 @@ def test_default_config_runs_on_the_bundled_sample(tmp_path, monkeypatch):
     assert "1,840 input records: " in page and f"{manifest['mix']['total']:,} records in 4 shards" in page
     for source, entry in manifest["mix"]["sources"].items():
         assert f"<td>{source}</td><td>{entry['size']:,}</td><td>{entry['rows']:,}</td>" in page
+
+
+def test_duplicate_ids_keep_the_first_in_input_order_within_and_across_blocks_files_and_formats(tmp_path):
+    """Duplicate ids meet by hash range; the blocks that hold one are written again without it: within a
+    block, across row groups and files, a block of nothing but duplicates, and a JSON Lines record."""
+    import pyarrow as pa
+
+    source = tmp_path / "input"
+    source.mkdir()
+    files = {"a.parquet": (["u1", "d1", "u2", "d1", "d2", "d1"], 3), "b.parquet": (["d2", "d3", "d1", "d3"], 2)}
+    for name, (ids, row_group) in files.items():
+        texts = [f"text {row} of {name}" for row in range(len(ids))]
+        pq.write_table(pa.table({"id": ids, "text": texts, "source": ["s"] * len(ids)}), source / name,
+                       row_group_size=row_group)
+    (source / "c.jsonl").write_text("".join(json.dumps({"id": i, "text": f"line {i}", "source": "s"}) + "\n"
+                                            for i in ("d3", "u3")))
+    output = tmp_path / "out"
+    manifest = run(job_config(source / "*", output))
+    result = read_output(output)
+    rows = [(Path(r["input_file"]).name, r["input_row"], r["fate"], r["reason"], r["detail"])
+            for r in result["ledger"].to_pylist()]
+    assert [row[:3] for row in rows if row[2] == "kept"] == [
+        ("a.parquet", 0, "kept"), ("a.parquet", 1, "kept"), ("a.parquet", 2, "kept"), ("a.parquet", 4, "kept"),
+        ("b.parquet", 1, "kept"), ("c.jsonl", 1, "kept")]
+    assert [row for row in rows if row[2] != "kept"] == [
+        ("a.parquet", 3, "rejected", "duplicate_id", "same id as a.parquet#1"),
+        ("a.parquet", 5, "rejected", "duplicate_id", "same id as a.parquet#1"),
+        ("b.parquet", 0, "rejected", "duplicate_id", "same id as a.parquet#4"),
+        ("b.parquet", 2, "rejected", "duplicate_id", "same id as a.parquet#1"),
+        ("b.parquet", 3, "rejected", "duplicate_id", "same id as b.parquet#1"),
+        ("c.jsonl", 0, "rejected", "duplicate_id", "same id as b.parquet#1"),
+    ]
+    assert result["shards"].column("id").to_pylist() == ["u1", "d1", "u2", "d2", "d3", "u3"]
+    assert result["shards"].column("text").to_pylist()[:2] == ["text 0 of a.parquet", "text 1 of a.parquet"]
+    assert manifest["counts"]["by_fate"] == {"kept": 6, "rejected": 6}
+    assert manifest["metrics"]["winnow.validate.duplicate_id"] == 6
