@@ -17,6 +17,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +280,28 @@ def delete_tree(prefix: str) -> None:
     """Remove a directory or every object under a prefix; what is already gone is no error."""
     prefix = str(prefix).rstrip("/")
     if not is_remote(prefix):
-        shutil.rmtree(prefix, ignore_errors=True)
+        _delete_local_tree(Path(prefix))
         return
     delete_files(sorted(list_files(prefix)))
+
+
+def _delete_local_tree(root: Path) -> None:
+    """rmtree with the files unlinked by a few threads: a job's temporary files are hundreds of files and a
+    gigabyte or more, and on a disk mounted with `discard` each unlink of a big file waits for the device
+    (0.22 s of a 1M-record job's end, one file at a time)."""
+    files, folders = [], []
+    for folder, _, found in os.walk(root):
+        folders.append(folder)
+        files.extend(os.path.join(folder, name) for name in found)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(_unlink, files))
+    for folder in reversed(folders):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def delete_file(uri: str) -> None:

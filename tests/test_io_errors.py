@@ -95,3 +95,22 @@ def test_a_run_whose_every_record_is_unreadable_fails(tmp_path):
                                              "workers run"):
         run_job(plan_job(build_config(config), []))
     assert not (tmp_path / "out").exists()
+
+
+def test_deleting_a_local_tree_removes_every_file_and_folder_and_leaves_its_neighbours(tmp_path):
+    from winnow.pipelines.storage import delete_tree
+
+    root = tmp_path / "work"
+    for index in range(30):
+        path = root / f"dir-{index % 3}" / f"sub-{index % 2}" / f"part-{index}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * index)
+    (root / "empty").mkdir()
+    (root / "link").symlink_to(tmp_path / "kept", target_is_directory=True)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "file").write_text("stays")
+    delete_tree(str(root))
+    assert not root.exists()
+    assert (tmp_path / "kept" / "file").read_text() == "stays", "a link inside is removed, not followed"
+    delete_tree(str(root))  # what is already gone is no error
+    delete_tree(str(tmp_path / "never"))
