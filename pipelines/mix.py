@@ -56,17 +56,23 @@ def _hashed_rows(path: str, seed: int, extra: list[tuple[str, str]]) -> pa.Table
 
 
 def _block_counts(rows: pa.Table) -> dict[str, tuple[np.ndarray, ...]]:
-    """{source: (hash blocks, rows per block, tokens per block, synthetic rows per block)} of some rows."""
+    """{source: (hash blocks, rows per block, tokens per block, synthetic rows per block)} of some rows: one
+    bincount over (source, block) for each, not a sort per source."""
+    if not rows.num_rows:
+        return {}
     blocks = (rows.column("hash").to_numpy() >> np.uint64(64 - BLOCK_BITS)).astype(np.int64)
-    sources = rows.column("source").to_numpy(zero_copy_only=False)
-    tokens = rows.column("tokens").to_numpy()
+    encoded = pc.dictionary_encode(rows.column("source")).combine_chunks()
+    names = encoded.dictionary.to_pylist()
+    keys = (encoded.indices.to_numpy().astype(np.int64) << BLOCK_BITS) | blocks
+    size = len(names) << BLOCK_BITS
     synthetic = pc.fill_null(pc.not_equal(rows.column("parent_id"), ""), False).to_numpy(zero_copy_only=False)
+    found = [np.bincount(keys, minlength=size).reshape(len(names), -1),
+             np.bincount(keys, weights=rows.column("tokens").to_numpy(), minlength=size).reshape(len(names), -1),
+             np.bincount(keys, weights=synthetic, minlength=size).reshape(len(names), -1)]
     counts = {}
-    for source in np.unique(sources).tolist():
-        mine = sources == source
-        found, inverse = np.unique(blocks[mine], return_inverse=True)
-        counts[source] = (found, np.bincount(inverse), np.bincount(inverse, weights=tokens[mine]).astype(np.int64),
-                          np.bincount(inverse, weights=synthetic[mine]).astype(np.int64))
+    for index, source in sorted(enumerate(names), key=lambda pair: pair[1]):
+        present = np.flatnonzero(found[0][index])
+        counts[source] = (present, *(values[index][present].astype(np.int64) for values in found))
     return counts
 
 
