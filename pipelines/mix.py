@@ -242,7 +242,8 @@ class _PlaceFn(beam.DoFn):
 
     def process(self, element) -> Iterator[tuple[str, Any]]:
         partition, fragments = element
-        rows = pa.concat_tables([_read(path) for path in sorted(fragments)])
+        # one chunk per column: Table.take over the fragments' chunks took 3x as long as over one chunk
+        rows = pa.concat_tables([_read(path) for path in sorted(fragments)]).combine_chunks()
         order = pc.sort_indices(rows.select(["source", "hash", "id"]), sort_keys=[
             ("source", "ascending"), ("hash", "ascending"), ("id", "ascending")]).to_numpy()
         sources = rows.column("source").take(order).to_numpy(zero_copy_only=False)
@@ -347,7 +348,7 @@ class _WriteShardFn(beam.DoFn):
                         parts.insert(0, pending)
                     if not parts:
                         continue
-                    chunk = pa.concat_tables(parts).sort_by("shuffle")
+                    chunk = pa.concat_tables(parts).combine_chunks().sort_by("shuffle")
                     last = index == ranges - 1
                     cut = chunk.num_rows if last else chunk.num_rows - chunk.num_rows % self.row_group_rows
                     done, pending = chunk.slice(0, cut), chunk.slice(cut)

@@ -164,7 +164,7 @@ class _WriteOrderedFileFn(beam.DoFn):
                 found = source.rows(mine) if len(mine) else None
                 if found is not None:
                     tables.append(self.to_rows(found, kind))
-            yield pa.concat_tables(tables).sort_by([(name, "ascending") for name in ORDER_KEYS])
+            yield pa.concat_tables(tables).combine_chunks().sort_by([(name, "ascending") for name in ORDER_KEYS])
 
     def process(self, task) -> Iterator[dict[str, Any]]:
         number, first, end, position, blocks, parts = task
