@@ -16,7 +16,9 @@ Records move as Arrow tables through files, never through a GroupByKey:
 2. each partition is read alone, sorted by (source, hash, id), ranked from its offsets, and its copies are
    written into one fragment per shard, its ledger rows into one fragment;
 3. each shard is its fragments, sorted by the shuffle key.
-Only file names cross the GroupByKey; memory is a cache file, a partition or a shard.
+Only file names (and each shard fragment's first key per batch) cross the GroupByKey; memory is a cache file,
+a partition or a shard's key range. The partition and shard fragments are Arrow IPC files (nothing to encode
+or decode), the ledger fragments plain Parquet (ordered_io finds order-key ranges by row group statistics).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from winnow.pipelines.config import MixConfig
 from winnow.pipelines.ordered_io import ORDER_KEYS, part_meta, part_path
 from winnow.pipelines.passes import Pass
 from winnow.pipelines.records import seeded_hashes, split_routed, token_counts
-from winnow.pipelines.storage import join, open_file, write_parquet, writing
+from winnow.pipelines.storage import join, read_arrow, reading_arrow, write_arrow, write_parquet, writing
 from winnow.pipelines.write import ledger_rows_table, rows_table, shard_output, value_tally
 from winnow.selectors import mixing
 
@@ -43,9 +45,10 @@ SHARDS, LEDGER, SUMMARY = "shards", "ledger", "summary"
 BLOCK_BITS = 14
 SYNTHETIC, REAL = "synthetic", "real"
 PARTITION_ROWS = 200_000
+PARTITION_BATCH_ROWS = 65_536
 SHARD_CHUNK_ROWS = 50_000  # a shard is written this many rows at a time
 LEDGER_ROW_GROUP = 2_048  # ledger fragments are read by input-order ranges, each spanning the whole input
-FRAGMENT_ROW_GROUP = 1_024  # shard fragments are read by key range: a range takes about this many rows of each
+FRAGMENT_BATCH_ROWS = 1_024  # shard fragments are read by key range: a range takes about this many rows of each
 FRAGMENTS = "_mix"
 
 
@@ -112,8 +115,8 @@ class _PartitionFn(beam.DoFn):
             if self.bits else np.zeros(rows.num_rows, dtype=np.int64)
         written = []
         for partition in np.unique(partitions).tolist():
-            fragment = join(self.work, FRAGMENTS, f"partition-{partition:05d}", f"part-{index:05d}.parquet")
-            _write(fragment, rows.filter(pa.array(partitions == partition)))
+            fragment = join(self.work, FRAGMENTS, f"partition-{partition:05d}", f"part-{index:05d}.arrow")
+            write_arrow(fragment, rows.filter(pa.array(partitions == partition)), PARTITION_BATCH_ROWS)
             written.append((partition, fragment))
         yield _block_counts(rows), written
 
@@ -218,20 +221,17 @@ def plan(config: MixConfig, counts: dict[str, tuple[np.ndarray, ...]], bits: int
     return summary, placement
 
 
-def _read(path: str) -> pa.Table:
-    with open_file(path) as handle:
-        return pq.read_table(handle)
-
-
-def _write(path: str, table: pa.Table, row_group_rows: int = 65_536) -> None:
-    """A fragment: read once, soon, by the same job, so written without compression or dictionaries (zstd
-    took 7x as long to write and 3x to read, for a third of the disk)."""
+def _write(path: str, table: pa.Table, row_group_rows: int) -> None:
+    """A ledger fragment: read by order-key ranges (ordered_io), soon, by the same job, so Parquet (whose row
+    group statistics find the ranges) without compression or dictionaries (zstd took 7x as long to write and
+    3x to read, for a third of the disk)."""
     write_parquet(path, table, row_group_rows, compression="none", dictionary=False)
 
 
 class _PlaceFn(beam.DoFn):
     """A hash partition -> its records ranked in their sources, their copies written into one fragment per
-    shard, their ledger rows into one fragment; routed (SHARDS, (shard, fragment)) and (LEDGER, fragment)."""
+    shard, their ledger rows into one fragment; routed (SHARDS, (shard, (fragment, rows, first shuffle key of
+    each batch))) and (LEDGER, fragment)."""
 
     def __init__(self, work: str, seed: int, placement: dict[str, Any]):
         self.work = work
@@ -243,7 +243,7 @@ class _PlaceFn(beam.DoFn):
     def process(self, element) -> Iterator[tuple[str, Any]]:
         partition, fragments = element
         # one chunk per column: Table.take over the fragments' chunks took 3x as long as over one chunk
-        rows = pa.concat_tables([_read(path) for path in sorted(fragments)]).combine_chunks()
+        rows = pa.concat_tables([read_arrow(path) for path in sorted(fragments)]).combine_chunks()
         order = pc.sort_indices(rows.select(["source", "hash", "id"]), sort_keys=[
             ("source", "ascending"), ("hash", "ascending"), ("id", "ascending")]).to_numpy()
         sources = rows.column("source").take(order).to_numpy(zero_copy_only=False)
@@ -273,14 +273,14 @@ class _PlaceFn(beam.DoFn):
         placed = rows.take(pa.array(order[owner[by_shard]], pa.int64()))
         placed = placed.set_column(placed.schema.get_field_index("epoch"), "epoch",
                                    pa.array(epochs[by_shard], pa.int64()))
-        placed = placed.append_column("shuffle", pa.array(shuffle[by_shard], pa.uint64()))
-        shard_of_copy = shard_of_copy[by_shard]
+        shuffle, shard_of_copy = shuffle[by_shard], shard_of_copy[by_shard]
+        placed = placed.append_column("shuffle", pa.array(shuffle, pa.uint64()))
         shards, first = np.unique(shard_of_copy, return_index=True)
         for shard, start, stop in zip(shards.tolist(), first.tolist(), [*first[1:].tolist(), len(shard_of_copy)],
                                       strict=True):
-            fragment = join(self.work, FRAGMENTS, f"shard-{shard:05d}", f"part-{partition:05d}.parquet")
-            _write(fragment, placed.slice(start, stop - start), FRAGMENT_ROW_GROUP)
-            yield SHARDS, (shard, fragment)
+            fragment = join(self.work, FRAGMENTS, f"shard-{shard:05d}", f"part-{partition:05d}.arrow")
+            write_arrow(fragment, placed.slice(start, stop - start), FRAGMENT_BATCH_ROWS)
+            yield SHARDS, (shard, (fragment, stop - start, shuffle[start:stop:FRAGMENT_BATCH_ROWS]))
         copies = copies[np.argsort(order)]  # back in the rows' own order for their ledger rows
         kept = copies > 0
         detail = pc.if_else(pa.array(kept), pc.binary_join_element_wise(pa.array(copies).cast(pa.string()),
@@ -298,28 +298,30 @@ class _PlaceFn(beam.DoFn):
 
 
 class _SortedFragment:
-    """A shard fragment sorted by its shuffle key, open for reading the rows of a key range."""
+    """A shard fragment (Arrow IPC, record batches of FRAGMENT_BATCH_ROWS rows) sorted by its shuffle key, open
+    for reading the rows of a key range; `first_keys` is each batch's first key, from the placement."""
 
-    def __init__(self, path: str):
-        self.handle = open_file(path)
-        self.file = pq.ParquetFile(self.handle)
-        self.keys = self.file.read(columns=["shuffle"]).column(0).to_numpy()
-        sizes = [self.file.metadata.row_group(group).num_rows for group in range(self.file.num_row_groups)]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    def __init__(self, path: str, rows: int, first_keys: np.ndarray):
+        self.opened = reading_arrow(path)
+        self.reader = self.opened.__enter__()
+        self.count = rows
+        self.first_keys = first_keys
 
     def rows(self, low: int, high: int | None) -> pa.Table | None:
         """Rows whose key is in [low, high) (high None: to the end)."""
-        first = int(np.searchsorted(self.keys, np.uint64(low), side="left"))
-        end = len(self.keys) if high is None else int(np.searchsorted(self.keys, np.uint64(high), side="left"))
+        first = max(0, int(np.searchsorted(self.first_keys, np.uint64(low), side="left")) - 1)
+        end = len(self.first_keys) if high is None else \
+            int(np.searchsorted(self.first_keys, np.uint64(high), side="left"))
         if end <= first:
             return None
-        groups = list(range(int(np.searchsorted(self.starts, first, side="right")) - 1,
-                            int(np.searchsorted(self.starts, end, side="left"))))
-        table = self.file.read_row_groups(groups)
-        return table.slice(first - int(self.starts[groups[0]]), end - first)
+        table = pa.Table.from_batches([self.reader.get_batch(index) for index in range(first, end)])
+        keys = table.column("shuffle").to_numpy()
+        start = int(np.searchsorted(keys, np.uint64(low), side="left"))
+        stop = len(keys) if high is None else int(np.searchsorted(keys, np.uint64(high), side="left"))
+        return table.slice(start, stop - start) if stop > start else None
 
     def close(self) -> None:
-        self.handle.close()
+        self.opened.__exit__(None, None, None)
 
 
 class _WriteShardFn(beam.DoFn):
@@ -334,9 +336,9 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, element) -> Iterator[dict[str, Any]]:
         shard, paths = element
-        fragments = [_SortedFragment(path) for path in sorted(paths)]
+        fragments = [_SortedFragment(*found) for found in sorted(paths, key=lambda found: found[0])]
         try:
-            total = sum(len(fragment.keys) for fragment in fragments)
+            total = sum(fragment.count for fragment in fragments)
             ranges = max(1, -(-total // SHARD_CHUNK_ROWS))
             bounds = [(index << 64) // ranges for index in range(ranges)] + [None]
             with writing(part_path(self.work, "shards", shard)) as sink:

