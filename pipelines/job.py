@@ -29,10 +29,10 @@ from winnow.pipelines.manifest import build_manifest
 from winnow.pipelines.mix import FRAGMENTS as MIX_FRAGMENTS
 from winnow.pipelines.mix import LEDGER as MIX_LEDGER
 from winnow.pipelines.mix import SHARDS as MIX_SHARDS
-from winnow.pipelines.mix import MixFiles, partition_pass
+from winnow.pipelines.mix import MixFiles, partition_pass, shard_writer
 from winnow.pipelines.mix import plan as mix_plan
 from winnow.pipelines.options import add_metrics, beam_options, metrics_unavailable, run_pipeline
-from winnow.pipelines.ordered_io import WriteOrderedFiles
+from winnow.pipelines.ordered_io import PlanOrderedFiles, WriteTasks, ordered_file_writer
 from winnow.pipelines.passes import run_passes
 from winnow.pipelines.plan import JobPlan, plan_job
 from winnow.pipelines.publish import OutputError, output_lock, publish
@@ -73,6 +73,7 @@ __all__ = ["OutputError", "beam_options", "build_output_graph", "build_stage_gra
 
 StageCallback = Callable[[str, StageEntry | None], None]
 REMOVED_ROWS, KEPT, LEDGER_FRAGMENT = "removed", "kept", "ledger"
+SHARDS, LEDGER = "shards", "ledger"  # the output files' kinds
 
 
 def output_extra(entry: StageEntry) -> list[tuple[str, str]]:
@@ -128,29 +129,30 @@ def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: li
     plan."""
     config, work = plan.config, plan.work_dir
     output = config.output
-    written = []
+    written, tasks, writers = [], {}, {}
     removed = pipeline | "Removed" >> beam.Create([(path, REMOVED_ROWS) for path in removed_paths])
     if config.mix.enabled:
         fragments, placement, summary = mixed
-        placed = pipeline | "Mix" >> MixFiles(config.mix, work, fragments, extra, placement, output.row_group_rows)
-        written.append(placed[MIX_SHARDS])
+        placed = pipeline | "Mix" >> MixFiles(config.mix, work, fragments, placement)
+        tasks[SHARDS] = placed[MIX_SHARDS]
+        writers[SHARDS] = shard_writer(work, extra, output.row_group_rows)
         written.append(pipeline | "MixSummary" >> beam.Create([summary]))
         kept = placed[MIX_LEDGER] | "Fragments" >> beam.Map(lambda path: (path, LEDGER_FRAGMENT))
     else:
-        written.append(
+        tasks[SHARDS] = (
             pipeline
             | "Kept" >> beam.Create([(path, KEPT) for path in records_paths])
-            | "Shards" >> WriteOrderedFiles(
-                work, "shards", output.shard_rows, lambda table, kind: rows_from_table(table, extra),
-                functools.partial(shard_output, extra=extra), output.row_group_rows, _source_tally,
-                columns=_without_vectors))
+            | "PlanShards" >> PlanOrderedFiles(output.shard_rows))
+        writers[SHARDS] = ordered_file_writer(
+            work, "shards", lambda table, kind: rows_from_table(table, extra),
+            functools.partial(shard_output, extra=extra), output.row_group_rows, _source_tally,
+            columns=_without_vectors)
         kept = pipeline | "KeptRows" >> beam.Create([(path, KEPT) for path in records_paths])
-    written.append(
-        (removed, kept)
-        | "LedgerSources" >> beam.Flatten()
-        | "Ledger" >> WriteOrderedFiles(work, "ledger", output.ledger_rows, _ledger_rows, _ledger_output,
-                                        output.row_group_rows, ledger_tally, {"copies": _copies},
-                                        columns=_without_vectors))
+    tasks[LEDGER] = (removed, kept) | "LedgerSources" >> beam.Flatten() | "PlanLedger" >> PlanOrderedFiles(
+        output.ledger_rows)
+    writers[LEDGER] = ordered_file_writer(work, "ledger", _ledger_rows, _ledger_output, output.row_group_rows,
+                                          ledger_tally, {"copies": _copies}, columns=_without_vectors)
+    written.append(tasks | "WriteFiles" >> WriteTasks(writers))
     _ = (
         written
         | "AllFiles" >> beam.Flatten()

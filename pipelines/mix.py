@@ -369,19 +369,22 @@ class _WriteShardFn(beam.DoFn):
         yield part_meta("shards", shard, total, sink.size, sink.sha256(), tally, {"tokens": tokens})
 
 
-class MixFiles(beam.PTransform):
-    """The hash partitions' fragments (`partition_pass`) -> {shards: shard file metadata, ledger: ledger
-    fragment files}, placed by the allocation from `plan`."""
+def shard_writer(work: str, extra, row_group_rows: int) -> beam.DoFn:
+    """The DoFn that writes a shard task of `MixFiles` ((shard, its fragments)) as WORK/shards/part-NNNNN.parquet
+    and yields its metadata."""
+    return _WriteShardFn(work, extra, row_group_rows)
 
-    def __init__(self, config: MixConfig, work: str, fragments: dict[int, list[str]], extra,
-                 placement: dict[str, Any], row_group_rows: int):
+
+class MixFiles(beam.PTransform):
+    """The hash partitions' fragments (`partition_pass`) -> {shards: one task per shard (its number and
+    fragments) for `shard_writer`, ledger: ledger fragment files}, placed by the allocation from `plan`."""
+
+    def __init__(self, config: MixConfig, work: str, fragments: dict[int, list[str]], placement: dict[str, Any]):
         super().__init__()
         self.config = config
         self.work = work
         self.fragments = fragments
-        self.extra = extra
         self.placement = placement
-        self.row_group_rows = row_group_rows
 
     def expand(self, pbegin):
         if not self.placement:
@@ -394,9 +397,4 @@ class MixFiles(beam.PTransform):
             "Placed",
             (SHARDS, LEDGER),
         )
-        shards = (
-            placed[SHARDS]
-            | "ByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShardFn(self.work, self.extra, self.row_group_rows))
-        )
-        return {SHARDS: shards, LEDGER: placed[LEDGER]}
+        return {SHARDS: placed[SHARDS] | "ByShard" >> beam.GroupByKey(), LEDGER: placed[LEDGER]}

@@ -224,28 +224,14 @@ def part_meta(relative_dir: str, number: int, rows: int, size: int, sha256: str,
     return meta
 
 
-class WriteOrderedFiles(beam.PTransform):
-    """(path, kind) of files whose rows carry ORDER_KEYS, each sorted by them -> DIRECTORY/RELATIVE_DIR/
-    part-NNNNN.parquet of `rows_per_file` consecutive rows in that order; returns their metadata. No GroupByKey
-    holds the rows: each source's order-block counts are gathered (small), each output file is planned from
-    them, and its task reads, a chunk of about `chunk_rows` rows at a time, only the row groups of its
-    sources that hold the chunk's blocks. `to_rows(table, kind)` turns a source's rows (the columns that
-    `columns(names)` picks, all by default) into rows with ORDER_KEYS, `to_output(rows)` makes the file's
-    table; `tally(rows)` and `sums` give its metadata."""
+class PlanOrderedFiles(beam.PTransform):
+    """(path, kind) of files whose rows carry ORDER_KEYS, each sorted by them -> one task per output file of
+    `rows_per_file` consecutive rows in that order, for `ordered_file_writer`: each source's order-block counts are
+    gathered (small) and each output file is planned from them; no GroupByKey holds the rows."""
 
-    def __init__(self, directory: str, relative_dir: str, rows_per_file: int, to_rows, to_output,
-                 row_group_rows: int, tally, sums=None, columns=None, chunk_rows: int = 100_000):
+    def __init__(self, rows_per_file: int):
         super().__init__()
-        self.directory = directory
-        self.relative_dir = relative_dir
         self.rows_per_file = rows_per_file
-        self.to_rows = to_rows
-        self.to_output = to_output
-        self.row_group_rows = row_group_rows
-        self.tally = tally
-        self.sums = sums or {}
-        self.columns = columns
-        self.chunk_rows = chunk_rows
 
     def expand(self, sources):
         rows_per_file = self.rows_per_file
@@ -255,7 +241,58 @@ class WriteOrderedFiles(beam.PTransform):
             | "AllBlocks" >> beam.GroupByKey()
             | "Plan" >> beam.FlatMapTuple(lambda _, found: plan_ordered_files(found, rows_per_file))
             | "Spread" >> beam.Reshuffle()
-            | "Write" >> beam.ParDo(_WriteOrderedFileFn(
-                self.directory, self.relative_dir, self.to_rows, self.to_output, self.row_group_rows,
-                self.tally, self.sums, self.columns, self.chunk_rows))
         )
+
+
+def ordered_file_writer(directory: str, relative_dir: str, to_rows, to_output, row_group_rows: int, tally,
+                      sums=None, columns=None, chunk_rows: int = 100_000) -> beam.DoFn:
+    """The DoFn that writes the tasks of `PlanOrderedFiles` as DIRECTORY/RELATIVE_DIR/part-NNNNN.parquet, a chunk
+    of about `chunk_rows` rows at a time, reading only the row groups of its sources that hold the chunk's
+    blocks; it yields each file's metadata. `to_rows(table, kind)` turns a source's rows (the columns that
+    `columns(names)` picks, all by default) into rows with ORDER_KEYS, `to_output(rows)` makes the file's
+    table; `tally(rows)` and `sums` give its metadata."""
+    return _WriteOrderedFileFn(directory, relative_dir, to_rows, to_output, row_group_rows, tally, sums or {},
+                               columns, chunk_rows)
+
+
+class WriteOrderedFiles(beam.PTransform):
+    """(path, kind) of files whose rows carry ORDER_KEYS, each sorted by them -> DIRECTORY/RELATIVE_DIR/
+    part-NNNNN.parquet of `rows_per_file` consecutive rows in that order; returns their metadata
+    (`PlanOrderedFiles`, then `ordered_file_writer`'s DoFn, whose arguments the rest are)."""
+
+    def __init__(self, directory: str, relative_dir: str, rows_per_file: int, to_rows, to_output,
+                 row_group_rows: int, tally, sums=None, columns=None, chunk_rows: int = 100_000):
+        super().__init__()
+        self.rows_per_file = rows_per_file
+        self.writer = ordered_file_writer(directory, relative_dir, to_rows, to_output, row_group_rows, tally, sums,
+                                        columns, chunk_rows)
+
+    def expand(self, sources):
+        return sources | "Plan" >> PlanOrderedFiles(self.rows_per_file) | "Write" >> beam.ParDo(self.writer)
+
+
+class _WriteTasksFn(beam.DoFn):
+    """(kind, task) -> what the writer DoFn of that kind yields for the task."""
+
+    def __init__(self, writers: dict[str, beam.DoFn]):
+        self.writers = writers
+
+    def process(self, element) -> Iterator[Any]:
+        kind, task = element
+        yield from self.writers[kind].process(task)
+
+
+class WriteTasks(beam.PTransform):
+    """{kind: PCollection of tasks} -> what `writers[kind]` yields for each, in one stage: a job's output files
+    of every kind (shards, the ledger) are written side by side by all workers, so a kind with fewer files
+    than workers (the ledger: one file per million records) does not run alone at the end of the job. The
+    writers are plain DoFns whose `process` is all they use."""
+
+    def __init__(self, writers: dict[str, beam.DoFn]):
+        super().__init__()
+        self.writers = writers
+
+    def expand(self, tasks: dict[str, Any]):
+        tagged = [tasks[kind] | f"Tag{kind.title()}" >> beam.Map(lambda task, kind=kind: (kind, task))
+                  for kind in sorted(tasks)]
+        return tagged | "AllTasks" >> beam.Flatten() | "WriteAll" >> beam.ParDo(_WriteTasksFn(self.writers))

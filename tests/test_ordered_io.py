@@ -59,3 +59,26 @@ def test_record_files_note_the_kinds_of_their_passed_through_columns(tmp_path):
         assert {column: sorted(kinds) for column, kinds in read_back.items()} == meta["extra_kinds"]
     assert extra_schema(merge_kinds(meta["extra_kinds"] for meta in (pickled, typed, empty))) == [
         ("meta", "json"), ("nested", "json"), ("score", "float64"), ("tag", "string")]
+
+
+class _Labelled:
+    """A writer that yields (its label, the task)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def process(self, task):
+        yield self.label, task
+
+
+def test_output_tasks_of_every_kind_reach_their_own_writer_in_one_graph_step():
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from winnow.pipelines.ordered_io import WriteTasks
+
+    with beam.Pipeline() as pipeline:
+        tasks = {"shards": pipeline | "Shards" >> beam.Create([1, 2, 3]),
+                 "ledger": pipeline | "Ledger" >> beam.Create(["a"])}
+        written = tasks | WriteTasks({"shards": _Labelled("S"), "ledger": _Labelled("L")})
+        assert_that(written, equal_to([("S", 1), ("S", 2), ("S", 3), ("L", "a")]))
