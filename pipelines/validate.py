@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.pipelines import native
 from winnow.pipelines.blocks import CORE_COLUMNS, block_records, block_table, id_hashes, write_block
 from winnow.pipelines.config import InputConfig
 from winnow.pipelines.progress import Progress
@@ -140,9 +141,6 @@ def first_of_duplicates(
     return first, [ledger_row(r, "rejected", NAME, "duplicate_id", f"same id as {where}") for r in rest]
 
 
-CONTROL_PATTERN = "[\\x00-\\x08\\x0e-\\x1f\\x7f]"
-
-
 @dataclass
 class CheckedBlock:
     """A read task after validation: its valid rows as a block (blocks.py), or as record dicts for a JSON Lines
@@ -171,10 +169,10 @@ def _plain_rows(table: pa.Table, config: InputConfig, max_bytes: int, control_ch
         table.validate(full=True)
     except pa.ArrowInvalid:
         return None
-    plain = pc.and_(pc.match_substring_regex(text, NOT_WHITESPACE),
-                    pc.less_equal(pc.binary_length(text), max_bytes))
+    has_text, has_control = native.text_flags(text)
+    plain = pc.and_(pa.array(has_text), pc.less_equal(pc.binary_length(text), max_bytes))
     if control_characters != "keep":
-        plain = pc.and_(plain, pc.invert(pc.match_substring_regex(text, CONTROL_PATTERN)))
+        plain = pc.and_(plain, pa.array(~has_control))
     if columns.id:
         ids = table.column(columns.id)
         if pa.types.is_integer(ids.type):

@@ -61,3 +61,19 @@ def test_record_hashes_equal_the_per_record_functions_on_the_sample():
     assert id_hashes(ids).tolist() == [
         int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") for value in ids.to_pylist()]
     assert seeded_hashes(1, []).dtype == np.uint64 and id_hashes([]).size == 0
+
+
+def test_text_flags_equal_strip_and_the_control_rule_on_every_code_point():
+    import sys
+
+    from winnow.pipelines.validate import CONTROL_CHARACTERS
+
+    characters = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
+    texts = [*characters, *(f" {c}\u3000" for c in characters), *(f"\x1b{c}" for c in characters[:300]),
+             "", "   ", "\u2028\u2029\u00a0\u0085", "ok\tline\r\n", "x" * 200 + "\x7f"]
+    chunked = pa.chunked_array([pa.array(texts[:5000]), pa.array(texts[5000:] + [None]), pa.array([], pa.string())])
+    text, control = native.text_flags(chunked)
+    assert text.tolist() == [bool(t.strip()) for t in texts] + [False]
+    assert control.tolist() == [bool(CONTROL_CHARACTERS.search(t)) for t in texts] + [False]
+    large = native.text_flags(pa.array(["a\x01", " "], pa.large_string()))
+    assert large[0].tolist() == [True, False] and large[1].tolist() == [True, False]
