@@ -332,8 +332,7 @@ def _embed_and_write(plan: EmbedPlan):
         output = context.job.config.output
         directory = context.directory
         written = (
-            files
-            | "Spread" >> beam.Reshuffle()
+            files  # stage_run's Create of the files spreads them (a Reshuffle)
             | "Embed" >> beam.ParDo(_EmbedFileFn(plan, directory, context.compression))
         )
         embeddings = (

@@ -157,8 +157,7 @@ def partition_pass(config: MixConfig, paths: list[str], work: str, records: int,
     def build(pipeline, constants):
         return (
             pipeline
-            | "Files" >> beam.Create(list(enumerate(paths)))
-            | "Spread" >> beam.Reshuffle()
+            | "Files" >> beam.Create(list(enumerate(paths)))  # Create spreads its elements (a Reshuffle)
             | "Partition" >> beam.ParDo(_PartitionFn(work, seed, bits), extra)
             | "Partitions" >> beam.CombineGlobally(_GatherPartitions())
             | "WithBits" >> beam.Map(lambda gathered: {**gathered, "bits": bits})
@@ -391,8 +390,7 @@ class MixFiles(beam.PTransform):
             return {SHARDS: pbegin | "NoShards" >> beam.Create([]), LEDGER: pbegin | "NoFragments" >> beam.Create([])}
         placed = split_routed(
             pbegin
-            | "Partitions" >> beam.Create(sorted(self.fragments.items()))
-            | "Spread" >> beam.Reshuffle()
+            | "Partitions" >> beam.Create(sorted(self.fragments.items()))  # spread by Create's Reshuffle
             | "Place" >> beam.ParDo(_PlaceFn(self.work, self.config.seed, self.placement)),
             "Placed",
             (SHARDS, LEDGER),

@@ -57,7 +57,7 @@ def build_pass_graph(pipeline: beam.Pipeline, definition: Pass, inputs: list[str
     source = pipeline
     if definition.reads_files:
         paths = inputs if definition.reads_files == RECORDS else previous.paths(definition.reads_files)
-        source = pipeline | "Files" >> beam.Create(paths) | "Spread" >> beam.Reshuffle()
+        source = pipeline | "Files" >> beam.Create(paths)  # Create spreads its elements (a Reshuffle)
     elif definition.reads_records:
         source = pipeline | "ReadCached" >> ReadCache(inputs, () if definition.reads_vectors else ("embedding",))
     _ = (

@@ -330,8 +330,7 @@ def _clusters(pipeline, paths, context: StepContext) -> StepOutput:
     centroids = fit(sample, settings)
     partitions = _partitions(sample[3], len(centroids))
     assigned = split_routed(
-        paths
-        | "Spread" >> beam.Reshuffle()
+        paths  # stage_run's Create of the files spreads them (a Reshuffle)
         | "Assign" >> beam.ParDo(_AssignFileFn(centroids, context.directory, context.scratch, partitions,
                                                context.drops_vectors, context.compression)),
         "Assigned", (FILES, FRAGMENTS))

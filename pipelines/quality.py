@@ -117,8 +117,7 @@ def _summary(tallies: list[dict[str, dict[str, int]]], config: QualityConfig) ->
 def _filter(pipeline, paths, context: StepContext) -> StepOutput:
     config = context.job.config.quality
     routed = split_routed(
-        paths
-        | "Spread" >> beam.Reshuffle()
+        paths  # stage_run's Create of the files spreads them (a Reshuffle)
         | "Check" >> beam.ParDo(_CheckFileFn(config, context.directory, context.drops_vectors,
                                                  context.compression)),
         "Checked", (FILES, PART))

@@ -410,8 +410,7 @@ def _rephrase(plan: RephrasePlan):
     def build(pipeline, paths, context: StepContext) -> StepOutput:
         choice = context.constants["choice"]
         read = split_routed(
-            paths
-            | "Spread" >> beam.Reshuffle()
+            paths  # stage_run's Create of the files spreads them (a Reshuffle)
             | "PassThrough" >> beam.ParDo(_PassThroughFn(plan, choice["bound"], context.directory,
                                                          context.drops_vectors, context.compression)),
             "Read", (FILES, CHOSEN))

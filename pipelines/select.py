@@ -296,8 +296,7 @@ def decide_files(paths, plan: SelectPlan, prototype: np.ndarray | None, threshol
     reported = frozenset(top_features(prototype, plan.top_features).tolist()) \
         if METHODS[plan.method].sparse_features else None
     decided = split_routed(
-        paths
-        | "Spread" >> beam.Reshuffle()
+        paths  # stage_run's Create of the files spreads them (a Reshuffle)
         | "Decide" >> beam.ParDo(_DecideFileFn(plan, threshold.key, threshold.wanted, directory, reported,
                                                drops_vectors, compression)),
         "Decided",

@@ -383,8 +383,7 @@ def score_files(paths, plan: SelectPlan, directory: str, prototype, stats=None, 
     from the passes -> (metadata of the record files written with their scores; of the prototype file, mona
     only)."""
     written = [
-        paths
-        | "Spread" >> beam.Reshuffle()
+        paths  # stage_run's Create of the files spreads them (a Reshuffle)
         | "Score" >> beam.ParDo(_ScoreFileFn(plan, directory, prototype, stats, drops_vectors, compression))
     ]
     if METHODS[plan.method].sparse_features:

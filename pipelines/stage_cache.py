@@ -268,8 +268,7 @@ class ReadCache(beam.PTransform):
         drop = self.drop
         return (
             pbegin
-            | "Files" >> beam.Create(self.paths)
-            | "Spread" >> beam.Reshuffle()
+            | "Files" >> beam.Create(self.paths)  # Create spreads its elements (a Reshuffle)
             | "Records" >> beam.FlatMap(read_cache_file, drop)
         )
 

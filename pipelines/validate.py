@@ -416,8 +416,7 @@ def _read_and_validate(pipeline, records, context: StepContext) -> StepOutput:
     validate = config.validate_
     routed = (
         pipeline
-        | "Tasks" >> beam.Create(job.tasks)
-        | "Spread" >> beam.Reshuffle()
+        | "Tasks" >> beam.Create(job.tasks)  # Create spreads its elements (a Reshuffle)
         | "Validate" >> beam.ParDo(_ValidateTaskFn(
             config.input, validate.max_text_bytes, validate.control_characters, context.directory,
             expected_rows(job.tasks), context.compression))
