@@ -147,7 +147,6 @@ def block_kinds(table: pa.Table) -> dict[str, set[str]]:
 def id_hashes(ids: pa.Array | list[str]) -> np.ndarray:
     """64-bit BLAKE2b of each id (little-endian): duplicate candidates are found on these, then confirmed on
     the ids."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
+    ids = native.one_chunk(ids)
     ids = ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
     return native.digest_integers(ids, "little") if len(ids) else np.zeros(0, dtype=np.uint64)

@@ -120,10 +120,16 @@ def _digests(data, offsets, digest_size):
     return out
 
 
+def one_chunk(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """An array as one Arrow array: a chunked array of one chunk is that chunk (combine_chunks copies it)."""
+    if not isinstance(values, pa.ChunkedArray):
+        return values
+    return values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
+
+
 def _utf8_buffers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The UTF-8 bytes and int64 offsets of a string or binary array without nulls."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+    values = one_chunk(values)
     if values.null_count:
         raise ValueError("cannot hash null values")
     return _buffers(values)
@@ -227,9 +233,7 @@ def _token_counts(data, offsets):
 
 def token_counts(texts: pa.Array) -> np.ndarray:
     """`len(text.split())` of every non-null text of a string array (0 for a null), as int64."""
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    data, offsets = _buffers(texts)
+    data, offsets = _buffers(one_chunk(texts))
     return _token_counts(data, offsets)
 
 

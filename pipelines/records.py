@@ -67,8 +67,7 @@ def content_ids(texts: pa.Array) -> pa.Array:
 
 
 def _strings(values: pa.Array | list[str]) -> pa.Array:
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+    values = native.one_chunk(values)
     return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
 
 
@@ -145,8 +144,7 @@ NOT_WHITESPACE = ("[^\\t-\\r\\x{1c}- \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\
 
 def token_counts(texts) -> pa.Array:
     """`token_count` of every text of an Arrow string array (null stays null), counted in native code."""
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
+    texts = native.one_chunk(texts)
     texts = texts if pa.types.is_large_string(texts.type) else texts.cast(pa.string())
     nulls = texts.is_null().to_numpy(zero_copy_only=False) if texts.null_count else None
     return pa.array(native.token_counts(texts), mask=nulls)
