@@ -98,12 +98,20 @@ class SortedSource:
         self.low, self.high = np.array(self.low, dtype=np.int64), np.array(self.high, dtype=np.int64)
 
     def rows(self, blocks: np.ndarray) -> pa.Table | None:
-        """The rows whose order block is one of `blocks` (sorted)."""
+        """The rows whose order block is one of `blocks` (sorted; consecutive among this file's blocks, as a
+        chunk's are): a slice of the row groups that can hold them where their keys are in order (copying
+        them with a filter took a third of a ledger file's time), else those rows filtered."""
         groups = np.flatnonzero((self.high >= blocks[0]) & (self.low <= blocks[-1]))
         if not len(groups):
             return None
         table = self.file.read_row_groups(groups.tolist(), columns=self.columns)
-        table = table.filter(pa.array(np.isin(_order_blocks(table), blocks)))
+        keys = _order_blocks(table)
+        if len(keys) and np.all(keys[1:] >= keys[:-1]):
+            start = int(np.searchsorted(keys, blocks[0], side="left"))
+            stop = int(np.searchsorted(keys, blocks[-1], side="right"))
+            table = table.slice(start, stop - start)
+        else:
+            table = table.filter(pa.array(np.isin(keys, blocks)))
         return table if table.num_rows else None
 
     def close(self) -> None:

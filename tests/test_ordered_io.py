@@ -82,3 +82,21 @@ def test_output_tasks_of_every_kind_reach_their_own_writer_in_one_graph_step():
                  "ledger": pipeline | "Ledger" >> beam.Create(["a"])}
         written = tasks | WriteTasks({"shards": _Labelled("S"), "ledger": _Labelled("L")})
         assert_that(written, equal_to([("S", 1), ("S", 2), ("S", 3), ("L", "a")]))
+
+
+def test_a_sorted_source_gives_the_rows_of_its_blocks_and_so_does_one_out_of_order(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from winnow.pipelines.ordered_io import ORDER_BLOCK_ROWS, SortedSource
+
+    rows = np.arange(0, 6 * ORDER_BLOCK_ROWS, 997)
+    table = pa.table({"file_index": np.zeros(len(rows), dtype=np.int64), "input_row": rows, "value": rows * 2})
+    shuffled = table.take(pa.array(np.random.default_rng(1).permutation(len(rows))))
+    for name, source in (("sorted", table), ("shuffled", shuffled)):
+        pq.write_table(source, tmp_path / f"{name}.parquet", row_group_size=7)
+        found = SortedSource(str(tmp_path / f"{name}.parquet")).rows(np.array([1, 2, 3]))
+        wanted = sorted(int(r) for r in rows if 1 <= r // ORDER_BLOCK_ROWS <= 3)
+        assert sorted(found.column("input_row").to_pylist()) == wanted, name
+        assert found.column("value").to_pylist() == [2 * r for r in found.column("input_row").to_pylist()]
