@@ -23,9 +23,11 @@ $(VENV)/.deps: pyproject.toml
 	touch $@
 
 # The package itself. Strict editable mode links pipelines/, selectors/ and rephrase/ as winnow.* subpackages
-# (selectors/ must not shadow the standard library); new files need this relink, edits do not.
+# (selectors/ must not shadow the standard library); new files need this relink, edits do not. Then numba
+# compiles the native loops once (pipelines/native.py; cached beside the module), not in a job's first run.
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES) pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	$(BIN)/python -m winnow.pipelines.native
 	touch $@
 
 run: setup

@@ -268,3 +268,20 @@ def text_flags(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarra
     if not flags:
         return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
     return np.concatenate([f[0] for f in flags]), np.concatenate([f[1] for f in flags])
+
+
+def compile_all() -> None:
+    """Compile (or load from numba's cache) every loop here: `make setup` runs it once after an install, so
+    that a job's first run does not spend its first 20 s compiling."""
+    texts = pa.array(["a b", " \u3000x"])
+    digests(texts, 8)
+    token_counts(texts)
+    text_flags(texts)
+
+
+if __name__ == "__main__":
+    import time
+
+    started = time.perf_counter()
+    compile_all()
+    print(f"winnow.pipelines.native: compiled loops ready ({time.perf_counter() - started:.1f} s)")
