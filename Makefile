@@ -24,10 +24,10 @@ $(VENV)/.deps: pyproject.toml
 
 # The package itself. Strict editable mode links pipelines/, selectors/ and rephrase/ as winnow.* subpackages
 # (selectors/ must not shadow the standard library); new files need this relink, edits do not. Then numba
-# compiles the native loops once (pipelines/native.py; cached beside the module), not in a job's first run.
+# compiles the native loops once (pipelines/io/native.py; cached beside the module), not in a job's first run.
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES) pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=strict
-	$(BIN)/python -m winnow.pipelines.native
+	$(BIN)/python -m winnow.pipelines.io.native
 	touch $@
 
 run: setup
@@ -50,7 +50,7 @@ test-distributed: setup
 
 # The default job on a local Dask cluster: a scheduler and two single-threaded workers, started and stopped.
 run-dask: setup
-	$(BIN)/python -m winnow.pipelines.dask_cluster --workers 2 --threads 1 -- \
+	$(BIN)/python -m winnow.pipelines.engine.dask_cluster --workers 2 --threads 1 -- \
 		$(BIN)/winnow run configs/default.yaml --set output.path=out/dask $(ARGS) -- \
 		--runner=DaskRunner --dask_client_address={address}
 

@@ -67,7 +67,7 @@ def main() -> int:
         started = time.perf_counter()
         manifest = run_job(plan_job(config, []), force=True)
         beam_s = time.perf_counter() - started
-        from winnow.pipelines.embed import read_embeddings
+        from winnow.pipelines.stages.embed import read_embeddings
 
         _, beam_vectors = read_embeddings(Path(scratch) / "out")
         max_diff = float(abs(beam_vectors - plain).max())

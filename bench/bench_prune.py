@@ -57,7 +57,7 @@ def run_size(size: int, cache: str) -> dict:
     import faiss
     from sklearn.cluster import MiniBatchKMeans
 
-    from winnow.pipelines.embed import read_embeddings
+    from winnow.pipelines.stages.embed import read_embeddings
     from winnow.selectors import clustering
     from winnow.selectors.pruning import PruneSettings, cluster_quotas, dedup_cluster, pool_budget, select_in_cluster
 

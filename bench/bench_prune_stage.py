@@ -33,7 +33,7 @@ def write_upstream(vectors: np.ndarray, directory: Path) -> list[dict]:
     """N records with their vectors as embed-stage blocks under directory/records; their file metadata."""
     import pyarrow as pa
 
-    from winnow.pipelines.blocks import REUSED_COLUMN, VECTOR_COLUMN, block_table, vector_array, write_block
+    from winnow.pipelines.io.blocks import REUSED_COLUMN, VECTOR_COLUMN, block_table, vector_array, write_block
 
     files = []
     for number, start in enumerate(range(0, len(vectors), BLOCK_ROWS)):
@@ -63,11 +63,12 @@ def reset_peak_rss() -> None:
 
 def run_size(size: int, cache: str, base_rows: int) -> dict:
     from winnow.pipelines.config import build_config
-    from winnow.pipelines.embed import read_embeddings
-    from winnow.pipelines.options import beam_options
+    from winnow.pipelines.engine.options import beam_options
+    from winnow.pipelines.engine.stage_cache import StageCache, StageEntry
+    from winnow.pipelines.engine.stage_run import run_stage
+    from winnow.pipelines.io.cache_files import RECORDS, REMOVED
     from winnow.pipelines.plan import plan_job
-    from winnow.pipelines.stage_cache import RECORDS, REMOVED, StageCache, StageEntry
-    from winnow.pipelines.stage_run import run_stage
+    from winnow.pipelines.stages.embed import read_embeddings
 
     _, base = read_embeddings(cache)
     vectors = tiled(base[:base_rows], size)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
 from winnow.pipelines.config import build_config  # noqa: E402
-from winnow.pipelines.dask_cluster import local_cluster  # noqa: E402
+from winnow.pipelines.engine.dask_cluster import local_cluster  # noqa: E402
 from winnow.pipelines.job import plan_job, run_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

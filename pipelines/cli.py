@@ -76,6 +76,14 @@ def _summary(manifest: dict, output: str) -> str:
     )
 
 
+def _cache_line(cache: dict) -> str:
+    line = (f"winnow: cache: {cache['entries']} entries, {cache['bytes'] / 2**20:,.1f} MiB "
+            f"(output.cache_max_bytes {cache['max_bytes'] / 2**20:,.0f} MiB)")
+    if cache["dropped"]:
+        line += f"; dropped {len(cache['dropped'])} of earlier runs ({cache['dropped_bytes'] / 2**20:,.1f} MiB)"
+    return line
+
+
 def _stage_line(name: str, entry) -> None:
     if entry is None:
         print(f"winnow: {name}: running", flush=True)
@@ -90,8 +98,8 @@ def _stage_line(name: str, entry) -> None:
 
 def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     logging.getLogger().setLevel(logging.ERROR)
+    from winnow.pipelines.io.read import InputError
     from winnow.pipelines.job import OutputError, plan_job, run_job
-    from winnow.pipelines.read import InputError
     from winnow.selectors.embedding import ModelNotFound
 
     try:
@@ -111,6 +119,8 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         print(f"winnow: error: the job failed: {last} (rerun with --traceback for details)", file=sys.stderr)
         return EXIT_FAILED
+    if "cache" in manifest:
+        print(_cache_line(manifest["cache"]))
     print(_summary(manifest, str(plan.output)))
     return EXIT_OK
 
@@ -118,7 +128,7 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
 def sae_train_command(args: argparse.Namespace) -> int:
     import json
 
-    from winnow.pipelines.read import InputError
+    from winnow.pipelines.io.read import InputError
     from winnow.pipelines.sae_train import train_command
     from winnow.selectors.embedding import ModelNotFound
 
@@ -132,10 +142,11 @@ def sae_train_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from winnow.pipelines.report import build_report
-    from winnow.pipelines.storage import exists, join, resolve, share_filesystem_options
+    from winnow.pipelines.engine.options import share_with_workers
+    from winnow.pipelines.io.storage import exists, join, resolve
+    from winnow.pipelines.outputs.report import build_report
 
-    share_filesystem_options(list(beam_args))
+    share_with_workers(list(beam_args))
     args.output = resolve(args.output)
     if not exists(join(args.output, "manifest.json")):
         print(f"winnow: error: {args.output}: no manifest.json (not a finished winnow output)", file=sys.stderr)
@@ -145,10 +156,10 @@ def report_command(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def verify_command(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from winnow.pipelines.storage import share_filesystem_options
-    from winnow.pipelines.verify import verify
+    from winnow.pipelines.engine.options import share_with_workers
+    from winnow.pipelines.outputs.verify import verify
 
-    share_filesystem_options(list(beam_args))
+    share_with_workers(list(beam_args))
 
     problems = verify(args.output)
     for problem in problems:

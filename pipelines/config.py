@@ -21,6 +21,24 @@ class ConfigError(ValueError):
     """A config that cannot run; the message is one line and names the key."""
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str) -> int:
+    """'500MB', '20 GiB', '1000' -> bytes; anything else is a ValueError that names the units."""
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = None
+    if amount is None or unit not in _BYTE_UNITS or amount < 0:
+        raise ValueError(f"{value!r} is not a size (a number of bytes, or with a unit: KB MB GB TB KiB MiB GiB TiB)")
+    return int(amount * _BYTE_UNITS[unit])
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -64,6 +82,16 @@ class OutputConfig(_Section):
         True, description="keep each stage's output in .OUT.cache/ beside OUT and reuse it while its input, "
         "config, code and models are unchanged",
     )
+    cache_max_bytes: int = Field(
+        10 * 2**30, ge=0, description="size bound of the stage cache: after a run, entries of earlier runs are "
+        "dropped least recently used first until the cache fits (the run's own are always kept); 0 keeps only "
+        "the latest run's. Bytes, or a string with a unit: 500MB, 20GiB",
+    )
+
+    @field_validator("cache_max_bytes", mode="before")
+    @classmethod
+    def _bytes_with_unit(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
 
 
 class QualityConfig(_Section):

@@ -24,42 +24,37 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from winnow.pipelines.extra_kinds import extra_schema, merge_kinds
-from winnow.pipelines.manifest import build_manifest
-from winnow.pipelines.mix import FRAGMENTS as MIX_FRAGMENTS
-from winnow.pipelines.mix import LEDGER as MIX_LEDGER
-from winnow.pipelines.mix import SHARDS as MIX_SHARDS
-from winnow.pipelines.mix import MixFiles, partition_pass, shard_writer
-from winnow.pipelines.mix import plan as mix_plan
-from winnow.pipelines.options import add_metrics, beam_options, metrics_unavailable, run_pipeline
-from winnow.pipelines.ordered_io import PlanOrderedFiles, WriteTasks, ordered_file_writer
-from winnow.pipelines.passes import run_passes
-from winnow.pipelines.plan import JobPlan, plan_job
-from winnow.pipelines.publish import OutputError, output_lock, publish
-from winnow.pipelines.records import LEDGER_SCHEMA
-from winnow.pipelines.selfcheck import SelfCheckError, check_stages, failed_stages
-from winnow.pipelines.stage_cache import (
+from winnow.pipelines.engine.options import (
+    add_metrics,
+    beam_options,
+    metrics_unavailable,
+    run_pipeline,
+    share_with_workers,
+)
+from winnow.pipelines.engine.passes import run_passes
+from winnow.pipelines.engine.stage_cache import StageCache, StageEntry
+from winnow.pipelines.engine.stage_run import build_stage_graph, run_stage
+from winnow.pipelines.io.cache_files import (
     FILES_META,
     RECORDS,
     REMOVED,
-    StageCache,
-    StageEntry,
     read_files_meta,
     table_elements,
     write_files_meta,
 )
-from winnow.pipelines.stage_run import build_stage_graph, run_stage
-from winnow.pipelines.storage import (
+from winnow.pipelines.io.extra_kinds import extra_schema, merge_kinds
+from winnow.pipelines.io.ordered_io import PlanOrderedFiles, WriteTasks, ordered_file_writer
+from winnow.pipelines.io.records import LEDGER_SCHEMA
+from winnow.pipelines.io.storage import (
     copy_file,
     delete_file,
     delete_tree,
     is_remote,
     join,
-    share_filesystem_options,
     sibling,
     split,
 )
-from winnow.pipelines.write import (
+from winnow.pipelines.io.write import (
     LEDGER_KEYS,
     file_extra_kinds,
     ledger_rows_table,
@@ -68,6 +63,15 @@ from winnow.pipelines.write import (
     shard_output,
     value_tally,
 )
+from winnow.pipelines.outputs.manifest import build_manifest
+from winnow.pipelines.outputs.mix import FRAGMENTS as MIX_FRAGMENTS
+from winnow.pipelines.outputs.mix import LEDGER as MIX_LEDGER
+from winnow.pipelines.outputs.mix import SHARDS as MIX_SHARDS
+from winnow.pipelines.outputs.mix import MixFiles, partition_pass, shard_writer
+from winnow.pipelines.outputs.mix import plan as mix_plan
+from winnow.pipelines.outputs.publish import OutputError, output_lock, publish
+from winnow.pipelines.outputs.selfcheck import SelfCheckError, check_stages, failed_stages
+from winnow.pipelines.plan import JobPlan, plan_job
 
 __all__ = ["OutputError", "beam_options", "build_output_graph", "build_stage_graph", "plan_job", "run_job"]
 
@@ -162,8 +166,10 @@ def build_output_graph(pipeline: beam.Pipeline, plan: JobPlan, records_paths: li
 
 
 def run_job(plan: JobPlan, force: bool = False, on_stage: StageCallback | None = None) -> dict[str, Any]:
-    """Run the planned job and publish OUT, holding the output's lock; returns the manifest (see `_run_job`)."""
-    share_filesystem_options(plan.beam_args)
+    """Run the planned job and publish OUT, holding the output's lock; returns the manifest (see `_run_job`), with
+    `cache`: what the stage cache holds after the run and what it dropped (not in the published manifest, which
+    is written before the cache is trimmed)."""
+    share_with_workers(plan.beam_args)
     with output_lock(plan.output):
         return _run_job(plan, force, on_stage)
 
@@ -251,7 +257,7 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
                     cache.discard(entry.directory)  # never reused by a later run
             raise SelfCheckError("; ".join(problems) + " (the output was not published)")
         if plan.config.output.report:
-            from winnow.pipelines.report import REPORT_DIR, build_report
+            from winnow.pipelines.outputs.report import REPORT_DIR, build_report
 
             report = f"{split(work)[1]}/{REPORT_DIR}/index.html" if is_remote(plan.output) else \
                 f"{REPORT_DIR}/index.html"
@@ -266,7 +272,9 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
         raise
     publish(work, plan.output, payload)
     if cached:
-        cache.keep_only(entries)
+        use = cache.remember(entries, plan.config.output.cache_max_bytes)
+        manifest["cache"] = {"entries": use.entries, "bytes": use.bytes, "dropped": use.dropped,
+                             "dropped_bytes": use.dropped_bytes, "max_bytes": plan.config.output.cache_max_bytes}
     else:
         delete_tree(cache.root)
     return manifest
@@ -276,7 +284,7 @@ def embed_corpus(path: str, output: str, text_column: str = "text", id_column: s
     """Embed a Parquet/JSONL corpus with the job (default model, reusing what `output` already holds) and
     return (ids, unit float32 matrix) in input order: what evaluations and benchmarks start from."""
     from winnow.pipelines.config import build_config
-    from winnow.pipelines.embed import read_embeddings
+    from winnow.pipelines.stages.embed import read_embeddings
 
     config = build_config({
         "input": {"path": path, "columns": {"id": id_column, "text": text_column}},

@@ -12,15 +12,15 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from winnow.pipelines.config import WinnowConfig
-from winnow.pipelines.options import beam_options, worker_processes
-from winnow.pipelines.publish import RUN_PREFIX, OutputError, check_output
-from winnow.pipelines.read import InputError, ReadTask, error_text, expected_rows, plan_reads
-from winnow.pipelines.stage import PlanContext, Stage, Step
-from winnow.pipelines.stage_cache import code_hash, library_versions, stage_key
+from winnow.pipelines.engine.options import beam_options, worker_processes
+from winnow.pipelines.engine.stage import PlanContext, Stage, Step
+from winnow.pipelines.engine.stage_cache import code_hash, library_versions, stage_key
+from winnow.pipelines.io.read import InputError, ReadTask, error_text, expected_rows, plan_reads
+from winnow.pipelines.io.storage import is_remote, join, resolve, s3_problem, sibling, split
+from winnow.pipelines.outputs.publish import RUN_PREFIX, OutputError, check_output
 from winnow.pipelines.stages import job_stages
-from winnow.pipelines.storage import is_remote, join, resolve, s3_problem, sibling, split
 
-STEP_RUNNER = "winnow.pipelines.stage_run"  # wraps every step in cache reading and writing: part of its code
+STEP_RUNNER = "winnow.pipelines.engine.stage_run"  # wraps every step in cache reading and writing: part of its code
 
 
 @dataclass

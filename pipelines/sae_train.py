@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_texts(pattern: str, column: str, limit: int, seed: int) -> list[str]:
     """Usable texts of the corpus, in input order; a seeded sample of `limit` when there are more."""
-    from winnow.pipelines.read import InputError, expand_paths, read_column
-    from winnow.pipelines.validate import check_text
+    from winnow.pipelines.io.read import InputError, expand_paths, read_column
+    from winnow.pipelines.io.text_checks import check_text
 
     texts: list[str] = []
     for file in expand_paths(pattern):

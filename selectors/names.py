@@ -1,5 +1,5 @@
 """The names a config may choose, in one dependency-free module: the config schema validates against them and
-each registry (selectors.pruning.QUOTAS, winnow.pipelines.select_scores.METHODS) checks at import that it
+each registry (selectors.pruning.QUOTAS, winnow.pipelines.stages.select.scores.METHODS) checks at import that it
 implements exactly these. Kept apart so that a stage's cache key, which covers every module it imports
 (config included), does not depend on the algorithms of other stages."""
 

@@ -108,7 +108,7 @@ def dask_address(tmp_path_factory):
     """A Dask cluster of separate processes on 127.0.0.1 (a scheduler and two single-threaded workers, each in
     its own working directory), shared by the tests that run on it."""
     pytest.importorskip("distributed")
-    from winnow.pipelines.dask_cluster import local_cluster
+    from winnow.pipelines.engine.dask_cluster import local_cluster
 
     with local_cluster(workers=2, threads=1, directory=tmp_path_factory.mktemp("dask")) as address:
         yield address

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from winnow.pipelines.blocks import block_records
 from winnow.pipelines.config import InputConfig
-from winnow.pipelines.ordered_io import WriteOrderedFiles, plan_ordered_files
-from winnow.pipelines.read import ReadTask, table_records
-from winnow.pipelines.records import token_count, token_counts
-from winnow.pipelines.validate import check_block, check_records
+from winnow.pipelines.io.blocks import block_records
+from winnow.pipelines.io.ordered_io import WriteOrderedFiles, plan_ordered_files
+from winnow.pipelines.io.read import ReadTask, table_records
+from winnow.pipelines.io.records import token_count, token_counts
+from winnow.pipelines.stages.validate.checks import check_block, check_records
 
 TEXTS = [
     "a usable text", "   ", "\u3000\u2003", "\x1c\x1f", "", None, "tab\tand newline\n ok", "ctrl \x01 inside",
@@ -126,10 +126,10 @@ def test_write_ordered_files_merges_sources_in_input_order_in_chunks_with_one_wr
 
 
 def test_a_shard_written_in_key_ranges_is_the_file_one_write_gives(tmp_path, monkeypatch):
-    from winnow.pipelines import mix
-    from winnow.pipelines.ordered_io import table_bytes
-    from winnow.pipelines.storage import write_arrow
-    from winnow.pipelines.write import ROW_COLUMNS, shard_output
+    from winnow.pipelines.io.ordered_io import table_bytes
+    from winnow.pipelines.io.storage import write_arrow
+    from winnow.pipelines.io.write import ROW_COLUMNS, shard_output
+    from winnow.pipelines.outputs import mix
 
     rng = np.random.default_rng(3)
     count = 97
@@ -157,8 +157,8 @@ def test_a_block_a_stage_emptied_passes_no_column_through_to_the_shards(tmp_path
     """Passed-through columns are those some output record carries: a block with no rows left (pruned or not
     selected) still has its input's columns but adds none of them (a record that has the column, even null,
     does)."""
-    from winnow.pipelines.blocks import block_table
-    from winnow.pipelines.write import file_extra_kinds
+    from winnow.pipelines.io.blocks import block_table
+    from winnow.pipelines.io.write import file_extra_kinds
 
     core = {name: [] for name in ("file_index", "input_row", "id", "text", "source", "input_file", "text_hash",
                                   "note")}

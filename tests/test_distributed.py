@@ -123,7 +123,7 @@ def test_a_dask_worker_gives_torch_its_own_thread_count(dask_address, tmp_path):
     """Auto torch threads are left to the worker (0 from the driver); a Dask worker answers its --nthreads."""
     import apache_beam as beam
 
-    from winnow.pipelines.options import beam_options, run_pipeline, worker_processes
+    from winnow.pipelines.engine.options import beam_options, run_pipeline, worker_processes
     from winnow.selectors.embedding import threads_per_worker, worker_threads
 
     options = beam_options(["--runner=DaskRunner", f"--dask_client_address={dask_address}"])

@@ -8,8 +8,8 @@ import pytest
 from conftest import job_config
 
 from winnow.pipelines.config import build_config
-from winnow.pipelines.embed import read_embeddings
 from winnow.pipelines.job import plan_job, run_job
+from winnow.pipelines.stages.embed import read_embeddings
 from winnow.selectors import embedding
 
 pytestmark = pytest.mark.slow

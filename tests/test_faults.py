@@ -19,7 +19,7 @@ from conftest import SAMPLE, job_config
 
 from winnow.pipelines.config import build_config
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.verify import verify
+from winnow.pipelines.outputs.verify import verify
 
 pytestmark = pytest.mark.slow
 

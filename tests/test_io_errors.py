@@ -9,8 +9,8 @@ import pytest
 from conftest import job_config
 
 from winnow.pipelines.config import build_config
+from winnow.pipelines.io.read import InputError, absolute_uri, expand_paths
 from winnow.pipelines.job import OutputError, plan_job, run_job
-from winnow.pipelines.read import InputError, absolute_uri, expand_paths
 
 
 def test_a_relative_local_path_becomes_absolute_and_a_uri_stays(tmp_path, monkeypatch):
@@ -77,7 +77,7 @@ def test_a_run_whose_every_record_is_unreadable_fails(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from winnow.pipelines.selfcheck import SelfCheckError
+    from winnow.pipelines.outputs.selfcheck import SelfCheckError
 
     path = tmp_path / "in" / "damaged.parquet"
     path.parent.mkdir()
@@ -98,7 +98,7 @@ def test_a_run_whose_every_record_is_unreadable_fails(tmp_path):
 
 
 def test_deleting_a_local_tree_removes_every_file_and_folder_and_leaves_its_neighbours(tmp_path):
-    from winnow.pipelines.storage import delete_tree
+    from winnow.pipelines.io.storage import delete_tree
 
     root = tmp_path / "work"
     for index in range(30):

@@ -86,7 +86,7 @@ def test_content_hash_ids_when_the_input_has_none(sample_slice, tmp_path):
     config["input"]["columns"] = {"text": "text"}
     manifest = run(config)
     shards = read_output(tmp_path / "out")["shards"]
-    from winnow.pipelines.records import content_id
+    from winnow.pipelines.io.records import content_id
 
     assert shards.column("id").to_pylist() == [content_id(t) for t in shards.column("text").to_pylist()]
     assert set(shards.column("source").to_pylist()) == {"default"}

@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from winnow.pipelines.model_stage import ModelHandler, RunModel, model_lock
+from winnow.pipelines.engine.model_stage import ModelHandler, RunModel, model_lock
 
 
 class _CountingHandler(ModelHandler):

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from winnow.pipelines import native
-from winnow.pipelines.blocks import id_hashes
-from winnow.pipelines.records import content_id, content_ids, seeded_hash, seeded_hashes
+from winnow.pipelines.io import native
+from winnow.pipelines.io.blocks import id_hashes
+from winnow.pipelines.io.records import content_id, content_ids, seeded_hash, seeded_hashes
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -66,7 +66,7 @@ def test_record_hashes_equal_the_per_record_functions_on_the_sample():
 def test_text_flags_equal_strip_and_the_control_rule_on_every_code_point():
     import sys
 
-    from winnow.pipelines.validate import CONTROL_CHARACTERS
+    from winnow.pipelines.io.text_checks import CONTROL_CHARACTERS
 
     characters = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
     texts = [*characters, *(f" {c}\u3000" for c in characters), *(f"\x1b{c}" for c in characters[:300]),

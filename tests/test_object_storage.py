@@ -19,9 +19,9 @@ import pytest
 from conftest import job_config, targets_file
 
 from winnow.pipelines.config import build_config
+from winnow.pipelines.io.filesystems import share_filesystem_options
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.storage import share_filesystem_options
-from winnow.pipelines.verify import verify
+from winnow.pipelines.outputs.verify import verify
 
 pytestmark = pytest.mark.slow
 boto3 = pytest.importorskip("boto3")
@@ -138,7 +138,7 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
 
 
 def test_the_lock_is_a_conditional_create_on_s3_and_on_disk(s3_server, tmp_path):
-    from winnow.pipelines.storage import create_if_absent
+    from winnow.pipelines.io.storage import create_if_absent
 
     url, s3_args = s3_server
     upload(url, "locks", {})
@@ -153,8 +153,8 @@ def test_the_lock_is_a_conditional_create_on_s3_and_on_disk(s3_server, tmp_path)
 
 def test_a_missing_bucket_or_an_endpoint_that_does_not_answer_stops_at_planning(s3_server, sample_slice, tmp_path):
     """One request without retries names the problem at once (Beam's own client retries for minutes)."""
-    from winnow.pipelines.publish import OutputError
-    from winnow.pipelines.read import InputError
+    from winnow.pipelines.io.read import InputError
+    from winnow.pipelines.outputs.publish import OutputError
 
     url, s3_args = s3_server
     missing = build_config(job_config("s3://no-such-bucket/in/*.parquet", tmp_path / "out"))

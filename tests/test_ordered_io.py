@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from winnow.pipelines.extra_kinds import extra_schema
-from winnow.pipelines.stage_cache import write_records_file
-from winnow.pipelines.write import file_extra_kinds, rows_table, shard_output
+from winnow.pipelines.io.cache_files import write_records_file
+from winnow.pipelines.io.extra_kinds import extra_schema
+from winnow.pipelines.io.write import file_extra_kinds, rows_table, shard_output
 
 
 def test_extra_schema_unifies_kinds():
@@ -38,8 +38,8 @@ def test_record_files_note_the_kinds_of_their_passed_through_columns(tmp_path):
     equal the kinds read back from the file, for pickled records and for a typed block."""
     import pyarrow as pa
 
-    from winnow.pipelines.blocks import write_block
-    from winnow.pipelines.extra_kinds import merge_kinds
+    from winnow.pipelines.io.blocks import write_block
+    from winnow.pipelines.io.extra_kinds import merge_kinds
 
     records = [{"id": "1", "text": "a", "source": "s", "input_file": "f", "input_row": 0, "file_index": 0,
                 "extra": {"score": 1, "meta": {"k": 1}}},
@@ -75,7 +75,7 @@ def test_output_tasks_of_every_kind_reach_their_own_writer_in_one_graph_step():
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from winnow.pipelines.ordered_io import WriteTasks
+    from winnow.pipelines.io.ordered_io import WriteTasks
 
     with beam.Pipeline() as pipeline:
         tasks = {"shards": pipeline | "Shards" >> beam.Create([1, 2, 3]),
@@ -89,7 +89,7 @@ def test_a_sorted_source_gives_the_rows_of_its_blocks_and_so_does_one_out_of_ord
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from winnow.pipelines.ordered_io import ORDER_BLOCK_ROWS, SortedSource
+    from winnow.pipelines.io.ordered_io import ORDER_BLOCK_ROWS, SortedSource
 
     rows = np.arange(0, 6 * ORDER_BLOCK_ROWS, 997)
     table = pa.table({"file_index": np.zeros(len(rows), dtype=np.int64), "input_row": rows, "value": rows * 2})

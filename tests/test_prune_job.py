@@ -12,9 +12,9 @@ import pytest
 from conftest import job_config
 
 from winnow.pipelines.config import build_config
-from winnow.pipelines.embed import read_embeddings
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.prune import settings_from
+from winnow.pipelines.stages.embed import read_embeddings
+from winnow.pipelines.stages.prune.common import settings_from
 from winnow.selectors.pruning import prune_pool
 
 pytestmark = pytest.mark.slow

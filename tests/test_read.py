@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from winnow.pipelines.config import InputConfig
-from winnow.pipelines.read import InputError, jsonl_records, plan_reads
+from winnow.pipelines.io.read import InputError, jsonl_records, plan_reads
 
 
 def config(path, **columns) -> InputConfig:

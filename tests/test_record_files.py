@@ -8,15 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.pipelines.blocks import block_table, vector_array
-from winnow.pipelines.cached_rows import CachedRows
-from winnow.pipelines.prune import (
-    DECISION_SCHEMA,
-    SmallestRows,
-    _read_groups,
-    _write_decisions,
-)
-from winnow.pipelines.stage_cache import read_cache_file, write_records_file
+from winnow.pipelines.io.blocks import block_table, vector_array
+from winnow.pipelines.io.cache_files import read_cache_file, write_records_file
+from winnow.pipelines.io.cached_rows import CachedRows
+from winnow.pipelines.io.row_groups import read_groups
+from winnow.pipelines.stages.prune.common import DECISION_SCHEMA, SmallestRows
+from winnow.pipelines.stages.prune.decide import write_decisions
 
 
 def test_the_fit_sample_is_the_smallest_hashes_then_input_order_whatever_the_split():
@@ -86,22 +83,22 @@ def test_each_record_file_reads_back_exactly_its_decisions(tmp_path):
         pa.array(rng.integers(0, 3, 40).astype(np.int8)), pa.array(rng.integers(0, 9, 40)),
         pa.array(rng.random(40).astype(np.float32)), pa.array([None] * 40, pa.string()),
         pa.array([None] * 40, pa.string())], schema=DECISION_SCHEMA)
-    halves = [_write_decisions(str(tmp_path / f"part-{i}.parquet"), decisions.slice(20 * i, 20)) for i in range(2)]
+    halves = [write_decisions(str(tmp_path / f"part-{i}.parquet"), decisions.slice(20 * i, 20)) for i in range(2)]
     refs: dict[str, list] = {}
     for block, ref in halves[0] + halves[1]:
         refs.setdefault(block, []).append(ref)
     assert sorted(refs) == sorted(set(blocks.tolist()))
     for block, block_refs in refs.items():
-        read = _read_groups(block_refs, DECISION_SCHEMA).sort_by("input_row")
+        read = read_groups(block_refs, DECISION_SCHEMA).sort_by("input_row")
         assert read.column("block").to_pylist() == [block] * read.num_rows
         assert read.column("input_row").to_pylist() == sorted(rows[blocks == block].tolist())
-    assert _read_groups([], DECISION_SCHEMA).num_rows == 0
+    assert read_groups([], DECISION_SCHEMA).num_rows == 0
 
 
 def test_the_rephrase_choice_per_file_equals_the_per_record_filters():
     from types import SimpleNamespace
 
-    from winnow.pipelines.rephrase import _choice_key, _chosen, chosen_rows
+    from winnow.pipelines.stages.rephrase.choice import _choice_key, _chosen, chosen_rows
 
     count = 300
     records = [{"id": f"doc-{i}", "source": ("en", "de", "fr")[i % 3]} for i in range(count)]

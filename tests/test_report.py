@@ -12,8 +12,8 @@ from conftest import SAMPLE, job_config
 
 from winnow.pipelines.cli import main as cli_main
 from winnow.pipelines.config import build_config
+from winnow.pipelines.engine.progress import Progress
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.progress import Progress
 
 
 def sections(page: str) -> list[str]:

@@ -12,8 +12,8 @@ from conftest import SAE_LAYER, SAMPLE, job_config
 
 from winnow.pipelines.cli import main as cli_main
 from winnow.pipelines.config import build_config
-from winnow.pipelines.embed import read_embeddings
 from winnow.pipelines.job import plan_job, run_job
+from winnow.pipelines.stages.embed import read_embeddings
 from winnow.selectors import embedding, lm, task_selection
 from winnow.selectors import sae as sae_lib
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import job_config, targets_file
 
-from winnow.pipelines import select as select_stage
 from winnow.pipelines.config import build_config
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.selfcheck import SelfCheckError
-from winnow.pipelines.verify import verify
+from winnow.pipelines.outputs.selfcheck import SelfCheckError
+from winnow.pipelines.outputs.verify import verify
+from winnow.pipelines.stages.select import decide as select_decide
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_a_run_whose_decision_lost_its_threshold_fails_and_publishes_nothing(sam
     def keep_everything(scores, ids, threshold, seed):
         return np.ones(len(ids), dtype=bool)
 
-    monkeypatch.setattr(select_stage, "selected", keep_everything)
+    monkeypatch.setattr(select_decide, "selected", keep_everything)
     select = {"enabled": True, "method": "bm25", "targets": str(targets_file(tmp_path)), "count": 40}
     config = job_config(sample_slice / "*", tmp_path / "out", select=select)
     with pytest.raises(SelfCheckError, match=r"self-check select: selected 40 of a pool of 260, but the ledger "

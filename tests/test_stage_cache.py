@@ -16,8 +16,8 @@ import pytest
 from conftest import job_config
 
 from winnow.pipelines.config import build_config
+from winnow.pipelines.engine.stage_cache import StageCache, StageEntry, source_hash, stage_key
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.stage_cache import StageCache, source_hash, stage_key
 
 PIPELINE = {"embed": {"enabled": True}, "prune": {"enabled": True, "keep_fraction": 0.6},
             "mix": {"enabled": True, "shards": 2}}
@@ -34,7 +34,7 @@ def stages(manifest: dict) -> list[tuple[str, bool]]:
 @pytest.fixture
 def block_writes(monkeypatch) -> list[tuple[str, str]]:
     """(path, compression) of every block the job writes."""
-    from winnow.pipelines import blocks
+    from winnow.pipelines.io import blocks
 
     seen = []
     original = blocks.write_parquet
@@ -85,16 +85,90 @@ def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slic
     assert output_bytes(output) == first_bytes, "reused stages give the same bytes as computed ones"
 
 
+def cache_entries(root: Path) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in root.iterdir() if p.name != "history.json")
+
+
 @pytest.mark.slow
-def test_a_changed_stage_config_recomputes_that_stage_and_later_ones_only(sample_slice, tmp_path):
-    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+def test_a_decision_switched_back_reuses_the_first_runs_entry(sample_slice, tmp_path):
+    output = tmp_path / "out"
+    config = job_config(sample_slice / "*", output, **PIPELINE)
     first = run(config)
+    first_bytes = output_bytes(output)
     config["prune"]["keep_fraction"] = 0.4
     second = run(config)
     assert stages(second) == [("validate", True), ("embed", True), ("prune", False)]
+    assert [step["reused"] for step in second["stages"][2]["steps"]] == [True, False], "only the decision runs"
     assert second["counts"]["by_fate"]["kept"] < first["counts"]["by_fate"]["kept"]
-    cache = sorted(p.name.split("-")[0] for p in (tmp_path / ".out.cache").iterdir())
-    assert cache == ["embed", "prune", "validate"], "entries the latest run did not use are removed"
+    assert cache_entries(tmp_path / ".out.cache") == ["embed", "prune", "prune", "validate"], \
+        "the cache remembers the sweep: both decisions are kept"
+    assert second["cache"]["dropped"] == []
+    config["prune"]["keep_fraction"] = 0.6
+    third = run(config)
+    assert stages(third) == [("validate", True), ("embed", True), ("prune", True)], "0.6's decision is reused"
+    assert third["counts"] == first["counts"]
+    assert output_bytes(output) == first_bytes
+
+
+@pytest.mark.slow
+def test_a_cache_bound_of_zero_keeps_only_the_latest_runs_entries(sample_slice, tmp_path):
+    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+    config["output"]["cache_max_bytes"] = 0
+    run(config)
+    config["prune"]["keep_fraction"] = 0.4
+    second = run(config)
+    assert stages(second) == [("validate", True), ("embed", True), ("prune", False)]
+    assert cache_entries(tmp_path / ".out.cache") == ["embed", "prune", "validate"], \
+        "entries the latest run did not use are removed"
+    assert [name.split("-")[0] for name in second["cache"]["dropped"]] == ["prune"]
+
+
+def fake_entry(cache: StageCache, name: str, key: str, size: int) -> StageEntry:
+    """A committed entry holding one file of `size` bytes (plus its stage.json)."""
+    directory = cache.begin(name, key)
+    (Path(directory) / "records").mkdir()
+    (Path(directory) / "records" / "part.parquet").write_bytes(b"x" * size)
+    return cache.commit(name, key, directory, [{"dir": "records", "file": "records/part.parquet", "rows": 1,
+                                                "bytes": size}], 0.1, {}, {})
+
+
+def test_the_cache_drops_entries_of_earlier_runs_least_recently_used_first_within_its_bound(tmp_path):
+    cache = StageCache(tmp_path / "cache")
+    a, b, c = (fake_entry(cache, "prune", key, 10_000) for key in "abc")
+    size = {entry.key: sum(f.stat().st_size for f in Path(entry.directory).rglob("*") if f.is_file())
+            for entry in (a, b, c)}
+    assert cache.remember([a], 10**9).dropped == []
+    assert cache.remember([b], 10**9).dropped == []
+    assert cache.remember([c], 10**9).dropped == []
+    assert cache.remember([a], 10**9).dropped == [], "a reused entry becomes the most recently used"
+    # last used: b (run 2), c (run 3), a (run 4); a bound of two entries drops b, the least recently used
+    (tmp_path / "cache" / ".prune-d.tmp-123").mkdir()  # what a killed run left
+    use = cache.remember([a], size["a"] + size["c"])
+    assert use.dropped == [split_name(b)] and use.dropped_bytes == size["b"]
+    assert use.entries == 2 and use.bytes == size["a"] + size["c"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["history.json", split_name(a), split_name(c)]
+    assert cache.lookup("prune", "b") is None and cache.lookup("prune", "c") is not None
+    use = cache.remember([c, a], 0)
+    assert use.dropped == [] and use.entries == 2, "the latest run's entries stay, whatever the bound"
+    assert cache.remember([a], size["a"] + size["c"] - 1).dropped == [split_name(c)], "one byte over drops c"
+    assert cache.lookup("prune", "a") is not None
+
+
+def split_name(entry: StageEntry) -> str:
+    return Path(entry.directory).name
+
+
+def test_a_cache_size_may_be_given_with_a_unit():
+    from winnow.pipelines.config import ConfigError
+
+    base = {"input": {"path": "x.parquet"}, "output": {"path": "out"}}
+    sizes = {"500MB": 500 * 10**6, "20GiB": 20 * 2**30, "1.5 kib": 1536, "0": 0, 1234: 1234}
+    for given, expected in sizes.items():
+        config = build_config({**base, "output": {"path": "out", "cache_max_bytes": given}})
+        assert config.output.cache_max_bytes == expected
+    assert build_config(base).output.cache_max_bytes == 10 * 2**30
+    with pytest.raises(ConfigError, match="output.cache_max_bytes"):
+        build_config({**base, "output": {"path": "out", "cache_max_bytes": "lots"}})
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, job_config
 
-from winnow.pipelines import stage_cache
 from winnow.pipelines.config import ConfigError, build_config
+from winnow.pipelines.engine import stage_cache
+from winnow.pipelines.engine.stage_cache import module_closure
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.stage_cache import module_closure
 from winnow.pipelines.stages import STAGES, job_stages
 
 
@@ -56,12 +56,12 @@ def test_a_pipeline_list_that_cannot_run_is_a_config_error(tmp_path, pipeline, e
 
 
 def test_code_keys_follow_each_stage_imports():
-    closure = module_closure(["winnow.pipelines.prune"])
+    closure = module_closure(["winnow.pipelines.stages.prune"])
     assert {"winnow.selectors.semdedup", "winnow.selectors.dbp", "winnow.selectors.clustering",
-            "winnow.pipelines.records"} <= set(closure)
+            "winnow.pipelines.io.records"} <= set(closure)
     assert "winnow.pipelines.stages" not in closure, "a stage's key never depends on the other stages"
-    assert "winnow.pipelines.select" not in closure
-    assert "winnow.selectors.semdedup" not in module_closure(["winnow.pipelines.embed"])
+    assert "winnow.pipelines.stages.select" not in closure
+    assert "winnow.selectors.semdedup" not in module_closure(["winnow.pipelines.stages.embed"])
 
 
 def test_editing_a_helper_changes_that_stage_key_and_no_earlier_one(sample_slice, tmp_path, monkeypatch):

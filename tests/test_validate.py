@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from winnow.pipelines.records import content_id, position_id
-from winnow.pipelines.validate import check_text, first_of_duplicates
+from winnow.pipelines.io.records import content_id, position_id
+from winnow.pipelines.io.text_checks import check_text
+from winnow.pipelines.stages.validate.checks import first_of_duplicates
 
 
 def test_content_id_is_blake2b_128_of_the_utf8_text():
@@ -48,7 +49,7 @@ def test_first_of_duplicates_keeps_the_first_in_input_order():
 
 
 def test_strip_removes_ansi_escape_sequences_and_other_controls():
-    from winnow.pipelines.validate import strip_controls
+    from winnow.pipelines.io.text_checks import strip_controls
 
     coloured = "\x1b[1;31m错误\x1b[0m: 文件 \x1b]0;title\x07未找到\x1b(B\x07"
     assert strip_controls(coloured) == ("错误: 文件 未找到", 4, 1)

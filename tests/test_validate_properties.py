@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from winnow.pipelines.config import InputConfig
-from winnow.pipelines.read import ReadTask, make_record
-from winnow.pipelines.validate import CONTROL_CHARACTERS, REJECTED, VALID, check_record, first_of_duplicates
-from winnow.pipelines.write import ledger_table
+from winnow.pipelines.io.read import ReadTask, make_record
+from winnow.pipelines.io.text_checks import CONTROL_CHARACTERS
+from winnow.pipelines.io.write import ledger_table
+from winnow.pipelines.stages.validate.checks import REJECTED, VALID, check_record, first_of_duplicates
 
 REASONS = {"null_text", "non_string_text", "invalid_utf8", "empty_text", "text_too_long", "missing_text",
            "missing_id", "invalid_id", "invalid_source",

@@ -14,7 +14,7 @@ from conftest import job_config
 from winnow.pipelines.cli import main as cli_main
 from winnow.pipelines.config import build_config
 from winnow.pipelines.job import plan_job, run_job
-from winnow.pipelines.verify import verify
+from winnow.pipelines.outputs.verify import verify
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,1 @@
+"""The machinery that plans, caches and runs stages: the stage contract, the stage cache, passes, runner options."""

@@ -1,0 +1,1 @@
+"""What a run writes and checks after its stages: the mix into shards, manifest, publish, report, verify."""

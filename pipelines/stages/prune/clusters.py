@@ -1,0 +1,171 @@
+"""Prune's first step, `clusters`: centroids fitted on the fit sample, every record file assigned (its rows gain
+`cluster` and `dist_to_centroid`), partitions of clusters written with SemDeDup's pairs inside each cluster
+(which do not depend on the order a decision resolves them in), and the centroids file."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+from winnow.pipelines.config import PruneConfig
+from winnow.pipelines.engine.passes import Pass
+from winnow.pipelines.engine.progress import Progress
+from winnow.pipelines.engine.stage import (
+    StepContext,
+    StepOutput,
+)
+from winnow.pipelines.io.blocks import VECTOR_COLUMN, vector_matrix
+from winnow.pipelines.io.cache_files import RECORDS
+from winnow.pipelines.io.cached_rows import CachedRows
+from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
+from winnow.pipelines.io.records import split_routed
+from winnow.pipelines.io.row_groups import group_runs, read_groups, write_groups
+from winnow.pipelines.io.storage import join, read_bytes
+from winnow.pipelines.stages.prune.common import (
+    CENTROIDS,
+    FILES,
+    FRAGMENTS,
+    MEMBER_SCHEMA,
+    MEMBERS,
+    PAIRS,
+    SmallestRows,
+    assign_windows,
+    by_cluster,
+    file_candidates,
+    fit,
+    members_table,
+    partition_count,
+    partition_of,
+    settings_from,
+)
+from winnow.selectors.pruning import (
+    PruneSettings,
+)
+from winnow.selectors.semdedup import near_pairs
+
+
+def fit_pass(config: PruneConfig) -> Pass:
+    """The step's record files -> (the fit sample, how many records)."""
+    def build(paths, constants):
+        return (paths
+                | "Candidates" >> beam.Map(file_candidates, config.seed, config.kmeans.fit_sample)
+                | "Sample" >> beam.CombineGlobally(SmallestRows(config.kmeans.fit_sample)))
+
+    return Pass("fit", build, reads_files=RECORDS)
+
+
+class _AssignFileFn(beam.DoFn):
+    """A record file -> the same rows with `cluster` and `dist_to_centroid`, written into this step's records
+    (routed FILES), and the rows' (cluster, order key, id, vector) written into one fragment whose row
+    groups are partitions of clusters (routed FRAGMENTS, (partition, (fragment, row group)))."""
+
+    def __init__(self, centroids: np.ndarray, directory: str, scratch: str, partitions: int, drops_vectors: bool,
+                 compression: str):
+        self.centroids = centroids
+        self.compression = compression
+        self.directory = directory
+        self.scratch = scratch
+        self.partitions = partitions
+        self.drops_vectors = drops_vectors
+        self.busy_ms = beam.metrics.Metrics.distribution("winnow.prune", "busy_ms")
+        self.assigned = beam.metrics.Metrics.counter("winnow.prune", "records_assigned")
+
+    def setup(self):
+        self.progress = Progress("prune:assign")
+
+    def process(self, path: str) -> Iterator[tuple[str, Any]]:
+        name = posixpath.basename(path)
+        rows = CachedRows.read(path)
+        keys, vectors = rows.keys(), rows.vectors()
+        started = time.perf_counter()
+        labels, dist = assign_windows(keys, vectors, self.centroids)
+        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
+        self.assigned.inc(len(rows))
+        self.progress.advance(len(rows))
+        drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
+        yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {
+            "cluster": pa.array(labels, pa.int64()), "dist_to_centroid": pa.array(dist, pa.float32())}, drop=drop,
+            compression=self.compression)
+        if len(rows):
+            members = by_cluster(members_table(keys, name, rows.ids(), labels, dist, vectors))
+            partitions = partition_of(members.column("cluster").to_numpy(), len(self.centroids), self.partitions)
+            for ref in write_groups(join(self.scratch, "fragments", name), members, partitions):
+                yield FRAGMENTS, ref
+
+
+class _NearPairsFn(beam.DoFn):
+    """A partition of clusters -> its members (sorted by cluster and input order, with their vectors) and the
+    SemDeDup pairs inside each cluster (first < second, positions in that members file, cosine past 1 - eps),
+    which do not depend on the order a decision resolves them in."""
+
+    def __init__(self, settings: PruneSettings, directory: str):
+        self.settings = settings
+        self.directory = directory
+        self.busy_ms = beam.metrics.Metrics.distribution("winnow.semdedup", "busy_ms")
+
+    def process(self, element) -> Iterator[dict[str, Any]]:
+        partition, refs = element
+        members = by_cluster(read_groups(refs, MEMBER_SCHEMA))
+        started = time.perf_counter()
+        first, second, cosine = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        if self.settings.semdedup:
+            vectors = vector_matrix(members.column(VECTOR_COLUMN))
+            for start, stop in group_runs(members.column("cluster").to_numpy()):
+                i, j, value = near_pairs(vectors[start:stop], self.settings.eps, self.settings.strict)
+                first.append(i + start)
+                second.append(j + start)
+                cosine.append(value)
+        self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
+        pairs = pa.table({"first": np.concatenate(first), "second": np.concatenate(second),
+                          "cosine": np.concatenate(cosine)})
+        name = f"part-{partition:05d}.parquet"
+        for kind, table in ((MEMBERS, members), (PAIRS, pairs)):
+            payload = table_bytes(table, 65_536, compression="none", dictionary=False)
+            write_bytes(join(self.directory, kind, name), payload)
+            yield {"dir": kind, "file": f"{kind}/{name}", "rows": table.num_rows, "bytes": len(payload),
+                   "partition": partition}
+
+
+def _write_centroids(centroids: np.ndarray, directory: str) -> dict[str, Any]:
+    payload = io.BytesIO()
+    np.save(payload, np.asarray(centroids, dtype=np.float32))
+    write_bytes(f"{directory}/{CENTROIDS}", payload.getvalue())
+    dimension = int(centroids.shape[1]) if centroids.ndim == 2 else 0
+    return {"dir": "centroids", "file": CENTROIDS, "rows": int(len(centroids)), "dimension": dimension,
+            "bytes": payload.tell()}
+
+
+def read_centroids(directory: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(join(directory, CENTROIDS))))
+
+
+def build_clusters(pipeline, paths, context: StepContext) -> StepOutput:
+    """Centroids fitted on the driver from the fit pass; every record file assigned (its rows gain `cluster`
+    and `dist_to_centroid`); partitions of clusters written with their SemDeDup pairs; the centroids file."""
+    settings = settings_from(context.job.config.prune)
+    sample = context.constants["fit"]
+    centroids = fit(sample, settings)
+    partitions = partition_count(sample[3], len(centroids))
+    assigned = split_routed(
+        paths  # stage_run's Create of the files spreads them (a Reshuffle)
+        | "Assign" >> beam.ParDo(_AssignFileFn(centroids, context.directory, context.scratch, partitions,
+                                               context.drops_vectors, context.compression)),
+        "Assigned", (FILES, FRAGMENTS))
+    pairs = (
+        assigned[FRAGMENTS]
+        | "ByPartition" >> beam.GroupByKey()
+        | "NearPairs" >> beam.ParDo(_NearPairsFn(settings, context.directory))
+    )
+    written = (
+        pipeline
+        | "Centroids" >> beam.Create([None])
+        | "WriteCentroids" >> beam.Map(lambda _, c, d: _write_centroids(c, d), centroids, context.directory)
+    )
+    return StepOutput(None, [], [assigned[FILES], pairs, written])
