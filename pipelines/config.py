@@ -126,6 +126,36 @@ class QualityConfig(_Section):
         description="n -> largest share of characters in repeated n-grams")
 
 
+class DedupConfig(_Section):
+    """Exact and MinHash near-duplicate removal (docs/ALGORITHMS.md section 7)."""
+
+    enabled: bool = False
+    exact: bool = Field(True, description="remove exact copies (a digest of the normalised text)")
+    normalise: Literal["none", "whitespace", "datatrove"] = Field(
+        "whitespace", description="the exact digest's normalisation: none; whitespace (runs -> one space, ends "
+        "trimmed); datatrove (lower case, numbers -> 0, punctuation removed, accents stripped)")
+    near: bool = Field(True, description="remove near duplicates: MinHash of word n-grams, LSH, components")
+    ngram: int = Field(5, gt=0, description="words per shingle (texts with fewer words are left to the exact pass)")
+    bands: int = Field(14, gt=0, le=127, description="LSH bands")
+    rows: int = Field(8, gt=0, description="hashes per band")
+    seed: int = Field(1, ge=0, description="seed of the MinHash permutations")
+    threshold: float | None = Field(
+        0.8, ge=0, le=1, description="Jaccard similarity of the shingles a candidate pair must reach to count "
+        "(checked on the texts); null: every pair that shares a band counts")
+    keep: Literal["first", "longest", "column"] = Field(
+        "first", description="the survivor of a component: first in input order, the longest text, or the highest "
+        "dedup.keep_column; ties go to the first in input order")
+    keep_column: str | None = Field(None, description="the input column dedup.keep: column compares (a number)")
+
+    @model_validator(mode="after")
+    def _column_named(self) -> DedupConfig:
+        if self.keep == "column" and not self.keep_column:
+            raise ValueError("dedup.keep_column must name a column when dedup.keep is column")
+        if self.enabled and not (self.exact or self.near):
+            raise ValueError("dedup.exact and dedup.near are both false: nothing to remove (disable dedup instead)")
+        return self
+
+
 class EmbedConfig(_Section):
     enabled: Literal["auto"] | bool = Field(
         "auto", description="auto: only when a later stage needs embeddings; true: always (written to OUT)"
@@ -283,6 +313,7 @@ class WinnowConfig(_Section):
     )
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     quality: QualityConfig = QualityConfig()
+    dedup: DedupConfig = DedupConfig()
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
     prune: PruneConfig = PruneConfig()

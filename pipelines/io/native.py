@@ -273,7 +273,10 @@ def text_flags(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarra
 def compile_all() -> None:
     """Compile (or load from numba's cache) every loop here: `make setup` runs it once after an install, so
     that a job's first run does not spend its first 20 s compiling."""
+    from winnow.selectors import minhash
+
     texts = pa.array(["a b", " \u3000x"])
+    minhash.compile_all()
     digests(texts, 8)
     token_counts(texts)
     text_flags(texts)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from winnow.pipelines.config import ConfigError, WinnowConfig
 from winnow.pipelines.engine.stage import Stage
-from winnow.pipelines.stages import embed, prune, quality, rephrase, select, validate
+from winnow.pipelines.stages import dedup, embed, prune, quality, rephrase, select, validate
 
 STAGES: tuple[Stage, ...] = (
-    validate.STAGE, quality.STAGE, embed.STAGE, prune.STAGE, select.STAGE, rephrase.STAGE,
+    validate.STAGE, quality.STAGE, dedup.STAGE, embed.STAGE, prune.STAGE, select.STAGE, rephrase.STAGE,
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 EMBED = embed.STAGE.name

@@ -1,0 +1,118 @@
+"""The dedup stage inside the job: exact copies and near duplicates of real texts are removed with a ledger row
+naming their survivor, short and Chinese texts behave as documented, and a decision change reuses the hashing."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE, job_config
+
+from winnow.pipelines.config import build_config
+from winnow.pipelines.job import plan_job, run_job
+
+pytestmark = pytest.mark.slow
+ZH = ("我们今天下午一起去城市中心的公园散步，然后在湖边的小餐馆吃了一顿很好吃的晚饭。饭后我们沿着河岸慢慢走回家，"
+      "一路上看到很多人在跳舞、唱歌和下棋，孩子们在草地上放风筝，天空中的云彩被夕阳染成了金色。")
+
+
+def run(config):
+    return run_job(plan_job(build_config(config), []))
+
+
+def near_copy(text: str, every: int = 100) -> str:
+    """The text with every `every`-th word replaced: 5 of its 5-grams changed per replaced word (a Jaccard
+    similarity of about 0.9 for a text of 120 words)."""
+    words = text.split()
+    return " ".join("CHANGED" if i % every == every - 1 else word for i, word in enumerate(words))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """160 real docs paragraphs, with planted copies after them: exact, whitespace and case changed, near
+    (every 25th word replaced), short texts (exact twins and different ones) and Chinese texts."""
+    root = tmp_path_factory.mktemp("dedup")
+    docs = pq.read_table(SAMPLE / "docs_paragraphs.parquet").to_pylist()
+    long_docs = [row for row in docs if len(row["text"].split()) >= 120][:160]
+    rows = [{"id": f"doc-{i}", "text": row["text"], "source": "docs"} for i, row in enumerate(long_docs)]
+    planted_rows = [
+        {"id": "exact-0", "text": long_docs[0]["text"], "source": "copies"},
+        {"id": "exact-0-again", "text": long_docs[0]["text"], "source": "copies"},
+        {"id": "spaced-1", "text": "  " + "   ".join(long_docs[1]["text"].split()) + "\n", "source": "copies"},
+        {"id": "near-2", "text": near_copy(long_docs[2]["text"]), "source": "copies"},
+        {"id": "near-3", "text": near_copy(long_docs[3]["text"]).upper(), "source": "copies"},
+        {"id": "short-a", "text": "Hello world", "source": "short"},
+        {"id": "short-a-twin", "text": "Hello world", "source": "short"},
+        {"id": "short-b", "text": "Goodbye world", "source": "short"},
+        {"id": "zh-0", "text": ZH, "source": "zh"},
+        {"id": "zh-0-near", "text": ZH.replace("晚饭", "午饭"), "source": "zh"},
+        {"id": "zh-1", "text": "这个软件包提供了处理图像文件的命令行工具和开发库，支持多种格式。", "source": "zh"},
+    ]
+    (root / "input").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), root / "input" / "a.parquet", row_group_size=64)
+    pq.write_table(pa.Table.from_pylist(planted_rows), root / "input" / "b.parquet")
+    return root
+
+
+def output_bytes(output) -> dict[str, bytes]:
+    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*.parquet"))}
+
+
+def ledger_of(output) -> dict[str, dict]:
+    return {row["id"]: row for row in pq.read_table(output / "ledger").to_pylist()}
+
+
+def test_planted_duplicates_are_removed_and_name_their_survivor(planted):
+    output = planted / "out"
+    manifest = run(job_config(planted / "input" / "*", output, dedup={"enabled": True}))
+    ledger = ledger_of(output)
+    removed = {i: (row["reason"], row["duplicate_of"]) for i, row in ledger.items() if row["fate"] == "deduplicated"}
+    assert removed == {
+        "exact-0": ("exact_duplicate", "doc-0"),
+        "exact-0-again": ("exact_duplicate", "doc-0"),
+        "spaced-1": ("exact_duplicate", "doc-1"),
+        "near-2": ("near_duplicate", "doc-2"),
+        "near-3": ("near_duplicate", "doc-3"),
+        "short-a-twin": ("exact_duplicate", "short-a"),
+        "zh-0-near": ("near_duplicate", "zh-0"),
+    }
+    assert all(row["stage"] == "dedup" for i, row in ledger.items() if i in removed)
+    assert "Jaccard" in ledger["near-2"]["detail"] and "component of 2" in ledger["near-2"]["detail"]
+    assert "component of 3" in ledger["exact-0"]["detail"]
+    assert ledger["short-b"]["fate"] == "kept", "texts too short for a 5-gram never merge by their empty signature"
+    summary = manifest["dedup"]
+    assert summary["removed"] == 7 and summary["components"] == 6
+    assert summary["removed_by_reason"] == {"exact_duplicate": 4, "near_duplicate": 3}
+    assert summary["removed_by_source"] == {"copies": 5, "short": 1, "zh": 1}
+    assert summary["component_sizes"] == {"2": 5, "3-4": 1}
+    assert summary["largest"][0]["size"] == 3 and summary["largest"][0]["survivor"] == "doc-0"
+
+
+def test_the_longest_text_survives_when_asked(planted, tmp_path):
+    run(job_config(planted / "input" / "*", tmp_path / "out", dedup={"enabled": True, "keep": "longest",
+                                                                     "near": False}))
+    ledger = ledger_of(tmp_path / "out")
+    assert ledger["spaced-1"]["fate"] == "kept", "the copy with more whitespace is the longest"
+    assert ledger["doc-1"]["duplicate_of"] == "spaced-1"
+    assert ledger["near-2"]["fate"] == "kept", "near: false leaves near duplicates alone"
+
+
+def test_a_decision_change_reuses_the_candidates_and_reruns_are_identical(planted, tmp_path):
+    config = job_config(planted / "input" / "*", tmp_path / "out", dedup={"enabled": True})
+    first = run(config)
+    first_bytes = output_bytes(tmp_path / "out")
+    config["dedup"]["threshold"] = 0.99
+    second = run(config)
+    steps = next(entry for entry in second["stages"] if entry["stage"] == "dedup")["steps"]
+    assert [(step["step"], step["reused"]) for step in steps] == [("candidates", True), ("decide", False)]
+    ledger = ledger_of(tmp_path / "out")
+    assert ledger["near-2"]["fate"] == "kept" and ledger["exact-0"]["fate"] == "deduplicated", \
+        "a stricter check keeps the near copies; exact copies need no check"
+    config["dedup"]["threshold"] = 0.8
+    third = run(config)
+    assert [entry["reused"] for entry in third["stages"]] == [True, True]
+    assert output_bytes(tmp_path / "out") == first_bytes
+    assert third["counts"] == first["counts"]
+    forced = run_job(plan_job(build_config(config), []), force=True)
+    assert forced["counts"] == first["counts"]
+    assert output_bytes(tmp_path / "out") == first_bytes
