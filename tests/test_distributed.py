@@ -94,6 +94,7 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
         "rephrase": {"rephrase": {"enabled": True, "styles": ["medium"], "greedy": True, "max_new_tokens": 8,
                                   "max_records": 2, "max_segment_tokens": 60, "batch_size": 2, "cache": False}},
         "mix": {"mix": MIX},
+        "dedup": {"dedup": {"enabled": True, "threshold": 0.5}, "mix": MIX},
     }
     if tiny_sae is not None:
         cases["select_mona"] = {"select": {"enabled": True, "method": "mona", "targets": targets, "count": 40,
@@ -102,7 +103,7 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
 
 
 CASE_NAMES = ["embed", "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_embedding",
-              "select_bm25", "select_random", "rephrase", "mix"]
+              "select_bm25", "select_random", "rephrase", "mix", "dedup"]
 
 
 @pytest.mark.distributed
@@ -117,6 +118,8 @@ def test_matrix(case, runner, request, sample_slice, tmp_path):
         assert manifest["select"]["selected"] == 40
     if "rephrase" in sections:
         assert manifest["rephrase"]["records_chosen"] == 2
+    if "dedup" in sections:
+        assert manifest["dedup"]["removed"] > 0, "the slice's Debian siblings are near duplicates"
 
 
 def test_a_dask_worker_gives_torch_its_own_thread_count(dask_address, tmp_path):

@@ -107,10 +107,11 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
     targets = targets_file(tmp_path)
     upload(url, bucket, {f"in/{p.name}": p for p in sample_slice.glob("*.parquet")} | {"targets.jsonl": targets})
     select = {"enabled": True, "method": "bm25", "count": 40}
+    dedup = {"enabled": True, "threshold": 0.5}
     local = job_config(sample_slice / "*", tmp_path / "local", select={**select, "targets": str(targets)},
-                       mix={"enabled": True, "shards": 2})
+                       dedup=dedup, mix={"enabled": True, "shards": 2})
     remote = job_config(f"s3://{bucket}/in/*.parquet", f"s3://{bucket}/out",
-                        select={**select, "targets": f"s3://{bucket}/targets.jsonl"},
+                        select={**select, "targets": f"s3://{bucket}/targets.jsonl"}, dedup=dedup,
                         mix={"enabled": True, "shards": 2})
     run_job(plan_job(build_config(local), []))
     extra = {"in-process": [], "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]}
@@ -118,7 +119,7 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
         extra["dask"] = ["--runner=DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_address')}"]
     args = [*s3_args, *extra[runner]]
     first = run_job(plan_job(build_config(remote), args))
-    assert first["select"]["selected"] == 40
+    assert first["select"]["selected"] == 40 and first["dedup"]["removed"] > 0
     manifest = download_output(url, bucket, "out", tmp_path / "remote")
     same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", f"s3://{bucket}/in/")
     runs = {key.split("/")[1] for key in keys(url, bucket, "out/") if key != "out/manifest.json"}
@@ -133,7 +134,8 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
     assert [s["file"] for s in second["shards"]] != [s["file"] for s in first["shards"]], "a new run prefix"
     runs = {key.split("/")[1] for key in keys(url, bucket, "out/") if key != "out/manifest.json"}
     assert runs == {second["shards"][0]["file"].split("/")[0]}, "the first run's prefix is gone"
-    assert {key.split("/")[1].rsplit("-", 1)[0] for key in keys(url, bucket, ".out.cache/")} == {"validate", "select"}
+    assert {key.split("/")[1].rsplit("-", 1)[0] for key in keys(url, bucket, ".out.cache/")} == \
+        {"validate", "dedup", "select", "history.json"}, "the run's entries and the cache's history"
     assert keys(url, bucket, ".out.lock") == [], "the lock is released"
 
 

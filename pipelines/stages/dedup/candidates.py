@@ -1,14 +1,19 @@
-"""Dedup's first step, `candidates`: what does not depend on the decision, cached.
+"""Dedup's first step, `candidates`: the pairs of records that may be duplicates, with their similarity, cached
+apart from the decision. Rows move through files, never through a GroupByKey (io/row_groups.py): a task writes
+its rows into a fragment with one row group per partition of a hash range and sends on references; the task of a
+partition reads its row groups, sorts them and links every later record of a run of equal keys to the first
+(star edges: as many as records, however large a group).
 
-Each record file is read once: its texts normalised, an exact digest (BLAKE2b-128 of the `dedup.normalise`d
-text) and the MinHash band keys of its word n-grams (selectors/minhash.py) computed over the whole file, and its
-rows written back unchanged. The digests and band keys are written into a fragment per record file, one row
-group per partition of their hash range (io/row_groups.py); each partition is gathered by one task, which sorts
-it and links every later record of a run of equal keys to the first (star edges: as many as records, however
-large a group). Near pairs are then checked: the shingle sets of the records in a near pair are computed again
-where their files are read, and the pair's Jaccard similarity is computed where both meet. The step writes
-`pairs/part-P.parquet` (first key, second key, kind exact/near, similarity; pairs appear once, exact pairs
-before near ones) for the decision.
+  exact   each record file's digests (BLAKE2b-128 of the `dedup.normalise`d text) -> digest partitions -> exact
+          pairs, and per record file the rows that are exact copies of an earlier record
+  near    each record file read again with those rows left out (an exact copy is as near to anything as its
+          original is); MinHash band keys of its word n-grams (selectors/minhash.py) -> band partitions -> near
+          pairs, distinct within a partition
+  pairs   exact and near pairs meet by pair partition; a pair found in several bands or as exact and near counts
+          once, exact first. Near pairs are checked: the shingle sets of their records are computed again where
+          their files are read, and the Jaccard similarity where both meet. Written as `pairs/part-P.parquet`
+          (first, second, kind, similarity), sorted.
+The step's records are its input's, written back unchanged.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ from winnow.selectors import minhash
 
 PAIRS = "pairs"
 EXACT, NEAR = 0, 1
-PARTITIONS = 16  # hash ranges of the digests and band keys: a task gathers one at a time
-FILES, BUCKETS, RANGES = "files", "buckets", "ranges"
-BUCKET_SCHEMA = pa.schema([("band", pa.int8()), ("hash_high", pa.uint64()), ("hash_low", pa.uint64()),
-                           ("key", pa.int64())])
+PARTITIONS = 16  # hash ranges of digests, band keys and pairs: a task holds one at a time
+FILES, BUCKETS, RANGES, SKIP, EXACT_PAIRS, CHECK = "files", "buckets", "ranges", "skip", "exact_pairs", "check"
+DIGEST_SCHEMA = pa.schema([("high", pa.uint64()), ("low", pa.uint64()), ("key", pa.int64()), ("name", pa.string())])
+BUCKET_SCHEMA = pa.schema([("band", pa.int8()), ("hash", pa.uint64()), ("key", pa.int64())])
+EDGE_SCHEMA = pa.schema([("first", pa.int64()), ("second", pa.int64()), ("kind", pa.int8())])
+SKIP_SCHEMA = pa.schema([("name", pa.string()), ("key", pa.int64())])
 PAIR_SCHEMA = pa.schema([("first", pa.int64()), ("second", pa.int64()), ("kind", pa.int8()),
                          ("similarity", pa.float32())])
-EXACT_BAND = -1  # the band value of the exact digests' rows
 FILE_BITS, ROW_BITS, VARIANT_BITS = 20, 36, 7
 
 
@@ -56,6 +62,12 @@ def record_keys(keys: np.ndarray) -> np.ndarray:
 
 def file_index_of(key: int) -> int:
     return int(key) >> (ROW_BITS + VARIANT_BITS)
+
+
+def spread(values: np.ndarray) -> np.ndarray:
+    """A partition (0 .. PARTITIONS - 1) of each int64 or uint64 value, mixed so that low bits do not decide."""
+    mixed = values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(PARTITIONS)).astype(np.int64)
 
 
 def record_texts(rows: CachedRows) -> pa.Array:
@@ -79,18 +91,75 @@ def near_band_keys(texts: pa.Array, config: DedupConfig) -> tuple[np.ndarray, np
     return minhash.band_keys(signatures, config.bands, config.rows), np.diff(offsets) > 0
 
 
-def shingle_sets(texts: pa.Array, ngram: int) -> list[np.ndarray]:
-    return minhash.shingle_sets(minhash.normalise(texts, "datatrove"), ngram)
+def _runs_of(*columns: np.ndarray) -> np.ndarray:
+    """Rows sorted by `columns` -> a group number per row, new where any column changes."""
+    if not len(columns[0]):
+        return np.zeros(0, np.int64)
+    change = np.zeros(len(columns[0]) - 1, dtype=bool)
+    for column in columns:
+        change |= column[1:] != column[:-1]
+    return np.cumsum(np.r_[0, change])
 
 
-def _partition(hashes: np.ndarray) -> np.ndarray:
-    return (hashes >> np.uint64(60)).astype(np.int64) * PARTITIONS // 16
+def _write_edges(path: str, first: np.ndarray, second: np.ndarray, kind: int) -> list[tuple[int, tuple[str, int]]]:
+    partition = spread(first)
+    order = np.lexsort((second, first, partition))
+    table = pa.Table.from_arrays([pa.array(first[order]), pa.array(second[order]),
+                                  pa.array(np.full(len(first), kind, np.int8))], schema=EDGE_SCHEMA)
+    return write_groups(path, table, partition[order])
+
+
+class _DigestFileFn(beam.DoFn):
+    """A record file -> its exact digests written into a fragment by digest partition: (partition, ref)."""
+
+    def __init__(self, normalisation: str, scratch: str):
+        self.normalisation = normalisation
+        self.scratch = scratch
+
+    def process(self, path: str) -> Iterator[tuple[int, tuple[str, int]]]:
+        rows = CachedRows.read(path, (VECTOR_COLUMN,))
+        if not len(rows):
+            return
+        name = posixpath.basename(path)
+        keys = record_keys(rows.keys())
+        digest = exact_digests(record_texts(rows), self.normalisation)
+        partition = spread(digest[:, 0])
+        order = np.lexsort((keys, digest[:, 1], digest[:, 0], partition))
+        table = pa.Table.from_arrays([pa.array(digest[order, 0]), pa.array(digest[order, 1]),
+                                      pa.array(keys[order]), pa.repeat(pa.scalar(name, pa.string()), len(keys))],
+                                     schema=DIGEST_SCHEMA)
+        yield from write_groups(join(self.scratch, "digests", name), table, partition[order])
+
+
+class _ExactFn(beam.DoFn):
+    """A digest partition -> exact pairs (EXACT_PAIRS, (pair partition, ref)) and, per record file, its rows that
+    copy an earlier record (SKIP, (file name, ref))."""
+
+    def __init__(self, scratch: str):
+        self.scratch = scratch
+
+    def process(self, element) -> Iterator[tuple[str, Any]]:
+        partition, refs = element
+        table = read_groups(refs, DIGEST_SCHEMA).sort_by([("high", "ascending"), ("low", "ascending"),
+                                                          ("key", "ascending")])
+        group = _runs_of(table.column("high").to_numpy(), table.column("low").to_numpy())
+        first, second = minhash.star_edges(group, table.column("key").to_numpy())
+        if not len(first):
+            return
+        later = np.r_[False, group[1:] == group[:-1]]
+        for ref in _write_edges(join(self.scratch, "exact-pairs", f"{partition:05d}"), first, second, EXACT):
+            yield EXACT_PAIRS, ref
+        copies = table.filter(pa.array(later)).select(["name", "key"]).sort_by([("name", "ascending"),
+                                                                                ("key", "ascending")])
+        for ref in write_groups(join(self.scratch, "copies", f"{partition:05d}"), copies,
+                                copies.column("name").to_numpy(zero_copy_only=False)):
+            yield SKIP, ref
 
 
 class _SignFileFn(beam.DoFn):
-    """A record file -> its rows written back unchanged (FILES), its exact digests and band keys written into
-    one fragment, a row group per partition (BUCKETS, (partition, (fragment, row group))), and its key range
-    (RANGES, (file_index, (path, first key, last key)))."""
+    """(file name, {file: [path], skip: refs}) -> the file's rows written back unchanged (FILES), the band keys of
+    its rows that are not exact copies written into a fragment by band partition (BUCKETS, (partition, ref)),
+    and its key range per input file (RANGES, (file_index, (path, first key, last key)))."""
 
     def __init__(self, config: DedupConfig, directory: str, scratch: str, drops_vectors: bool, compression: str):
         self.config = config
@@ -100,72 +169,79 @@ class _SignFileFn(beam.DoFn):
         self.compression = compression
         self.signed = beam.metrics.Metrics.counter("winnow.dedup", "records_signed")
 
-    def process(self, path: str) -> Iterator[tuple[str, Any]]:
-        name = posixpath.basename(path)
+    def process(self, element) -> Iterator[tuple[str, Any]]:
+        name, joined = element
+        (path,) = joined["file"]
         drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
         rows = CachedRows.read(path, drop)
         yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, drop=drop, compression=self.compression)
         if not len(rows):
             return
         keys = record_keys(rows.keys())
-        texts = record_texts(rows)
-        parts = []
-        if self.config.exact:
-            digest = exact_digests(texts, self.config.normalise)
-            parts.append((np.full(len(keys), EXACT_BAND, np.int8), digest[:, 0], digest[:, 1], keys))
-        if self.config.near:
-            bands, signed = near_band_keys(texts, self.config)
-            count, width = int(signed.sum()), bands.shape[1]
-            parts.append((np.repeat(np.arange(width, dtype=np.int8)[None, :], count, axis=0).reshape(-1),
-                          bands[signed].reshape(-1), np.zeros(count * width, np.uint64),
-                          np.repeat(keys[signed], width)))
-        self.signed.inc(len(keys))
-        band, high, low, key = (np.concatenate(column) for column in zip(*parts, strict=True))
-        partition = _partition(high)
-        order = np.lexsort((key, low, high, band, partition))
-        table = pa.Table.from_arrays([pa.array(band[order]), pa.array(high[order]), pa.array(low[order]),
-                                      pa.array(key[order])], schema=BUCKET_SCHEMA)
-        for ref in write_groups(join(self.scratch, "buckets", name), table, partition[order]):
-            yield BUCKETS, ref
         file_index = rows.keys()[:, 0]
         for index in np.unique(file_index).tolist():
             mine = keys[file_index == index]
             yield RANGES, (index, (path, int(mine.min()), int(mine.max())))
+        if not self.config.near:
+            return
+        copies = read_groups(list(joined["skip"]), SKIP_SCHEMA).column("key").to_numpy()
+        wanted = ~np.isin(keys, copies)
+        bands, signed = near_band_keys(record_texts(rows).filter(pa.array(wanted)), self.config)
+        keys = keys[wanted][signed]
+        bands = bands[signed]
+        self.signed.inc(len(keys))
+        width = bands.shape[1]
+        band = np.tile(np.arange(width, dtype=np.int8), len(keys))
+        hashes, members = bands.reshape(-1), np.repeat(keys, width)
+        partition = spread(hashes)
+        order = np.lexsort((members, hashes, band, partition))
+        table = pa.Table.from_arrays([pa.array(band[order]), pa.array(hashes[order]), pa.array(members[order])],
+                                     schema=BUCKET_SCHEMA)
+        for ref in write_groups(join(self.scratch, "buckets", name), table, partition[order]):
+            yield BUCKETS, ref
 
 
-def _bucket_pairs(element) -> Iterator[tuple[tuple[int, int], int]]:
-    """A partition's digests and band keys -> ((first, second), kind) for every star edge of a run of equal
-    (band, hash): exact pairs from the digests, near pairs from the bands."""
-    _, refs = element
-    table = read_groups(refs, BUCKET_SCHEMA).sort_by([("band", "ascending"), ("hash_high", "ascending"),
-                                                       ("hash_low", "ascending"), ("key", "ascending")])
-    band = table.column("band").to_numpy()
-    high, low = table.column("hash_high").to_numpy(), table.column("hash_low").to_numpy()
-    group = np.zeros(len(band), np.int64)
-    if len(band):
-        group = np.cumsum(np.r_[0, (band[1:] != band[:-1]) | (high[1:] != high[:-1]) | (low[1:] != low[:-1])])
-    first, second = minhash.star_edges(group, table.column("key").to_numpy())
-    later = np.flatnonzero(np.r_[False, group[1:] == group[:-1]]) if len(group) else np.zeros(0, np.int64)
-    is_exact = band[later] == EXACT_BAND
-    for a, b, exact in zip(first.tolist(), second.tolist(), is_exact.tolist(), strict=True):
-        yield (a, b), EXACT if exact else NEAR
+class _NearFn(beam.DoFn):
+    """A band partition -> its distinct near pairs, written by pair partition: (pair partition, ref)."""
+
+    def __init__(self, scratch: str):
+        self.scratch = scratch
+
+    def process(self, element) -> Iterator[tuple[int, tuple[str, int]]]:
+        partition, refs = element
+        table = read_groups(refs, BUCKET_SCHEMA).sort_by([("band", "ascending"), ("hash", "ascending"),
+                                                          ("key", "ascending")])
+        group = _runs_of(table.column("band").to_numpy(), table.column("hash").to_numpy())
+        first, second = minhash.star_edges(group, table.column("key").to_numpy())
+        if not len(first):
+            return
+        pairs = np.unique(np.stack([first, second], axis=1), axis=0)
+        yield from _write_edges(join(self.scratch, "near-pairs", f"{partition:05d}"), pairs[:, 0], pairs[:, 1], NEAR)
 
 
-def _strongest_kind(element) -> Iterator[tuple[int, int, int]]:
-    """A pair found in several bands or as exact and near: once, exact first."""
-    (a, b), kinds = element
-    yield a, b, min(kinds)
+def _distinct_pairs(element) -> Iterator[tuple[str, Any]]:
+    """A pair partition's exact and near pairs -> each pair once, exact first: the exact ones as arrays
+    (EXACT_PAIRS, (partition, (first, second))), each near one to be checked (CHECK, (first, second))."""
+    partition, refs = element
+    table = read_groups(refs, EDGE_SCHEMA)
+    first, second, kind = (table.column(name).to_numpy() for name in ("first", "second", "kind"))
+    order = np.lexsort((kind, second, first))
+    first, second, kind = first[order], second[order], kind[order]
+    once = np.r_[True, (first[1:] != first[:-1]) | (second[1:] != second[:-1])] if len(first) else np.zeros(0, bool)
+    first, second, kind = first[once], second[once], kind[once]
+    exact = kind == EXACT
+    yield EXACT_PAIRS, (partition, (first[exact], second[exact]))
+    for a, b in zip(first[~exact].tolist(), second[~exact].tolist(), strict=True):
+        yield CHECK, (a, b)
 
 
-def _requests(element) -> Iterator[tuple[int, int]]:
-    a, b, kind = element
-    if kind == NEAR:
-        yield file_index_of(a), a
-        yield file_index_of(b), b
+def _requests(pair: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    for key in pair:
+        yield file_index_of(key), key
 
 
 def _route_requests(element) -> Iterator[tuple[str, list[int]]]:
-    """(file_index, {ranges: [(path, first, last)], keys: [key]}) -> (path, keys in that file)."""
+    """(file_index, {ranges: [(path, first, last)], keys: [key]}) -> (path, the requested keys it holds)."""
     _, joined = element
     keys = np.unique(np.asarray(list(joined["keys"]), dtype=np.int64))
     if not len(keys):
@@ -177,7 +253,7 @@ def _route_requests(element) -> Iterator[tuple[str, list[int]]]:
 
 
 class _ShinglesFn(beam.DoFn):
-    """(path, keys) -> (key, its sorted distinct shingle hashes) for the requested rows of a record file."""
+    """(path, [keys]) -> (key, its sorted distinct shingle hashes) for the requested rows of a record file."""
 
     def __init__(self, ngram: int):
         self.ngram = ngram
@@ -188,8 +264,8 @@ class _ShinglesFn(beam.DoFn):
         rows = CachedRows.read(path, (VECTOR_COLUMN,))
         keys = record_keys(rows.keys())
         positions = np.flatnonzero(np.isin(keys, wanted))
-        texts = record_texts(rows).take(pa.array(positions, pa.int64()))
-        yield from zip(keys[positions].tolist(), shingle_sets(texts, self.ngram), strict=True)
+        texts = minhash.normalise(record_texts(rows).take(pa.array(positions, pa.int64())), "datatrove")
+        yield from zip(keys[positions].tolist(), minhash.shingle_sets(texts, self.ngram), strict=True)
 
 
 def _first_halves(element) -> Iterator[tuple[int, tuple[tuple[int, int], np.ndarray]]]:
@@ -200,13 +276,13 @@ def _first_halves(element) -> Iterator[tuple[int, tuple[tuple[int, int], np.ndar
         yield b, ((a, b), shingles[0] if shingles else np.zeros(0, np.uint64))
 
 
-def _checked(element) -> Iterator[tuple[int, int, int, float]]:
-    """(b, {halves: [((a, b), A)], shingles: [B]}) -> (a, b, NEAR, Jaccard(A, B))."""
+def _checked(element) -> Iterator[tuple[int, tuple[int, int, float]]]:
+    """(b, {halves: [((a, b), A)], shingles: [B]}) -> (pair partition, (a, b, Jaccard(A, B)))."""
     _, joined = element
     shingles = list(joined["shingles"])
     mine = shingles[0] if shingles else np.zeros(0, np.uint64)
     for (a, b), theirs in joined["halves"]:
-        yield a, b, NEAR, minhash.jaccard(theirs, mine)
+        yield int(spread(np.array([a]))[0]), (a, b, minhash.jaccard(theirs, mine))
 
 
 class _WritePairsFn(beam.DoFn):
@@ -214,12 +290,18 @@ class _WritePairsFn(beam.DoFn):
         self.directory = directory
 
     def process(self, element) -> Iterator[dict[str, Any]]:
-        partition, pairs = element
-        pairs = sorted(pairs)
-        columns = list(zip(*pairs, strict=True)) if pairs else [[], [], [], []]
-        table = pa.Table.from_arrays([pa.array(columns[0], pa.int64()), pa.array(columns[1], pa.int64()),
-                                      pa.array(columns[2], pa.int8()), pa.array(columns[3], pa.float32())],
-                                     schema=PAIR_SCHEMA)
+        partition, joined = element
+        exact = list(joined["exact"])
+        checked = sorted(joined["checked"])
+        first = [part[0] for part in exact] + [np.array([pair[0] for pair in checked], np.int64)]
+        second = [part[1] for part in exact] + [np.array([pair[1] for pair in checked], np.int64)]
+        count = sum(len(part) for part in first[:-1])
+        similarity = np.r_[np.ones(count, np.float32), np.array([pair[2] for pair in checked], np.float32)]
+        kind = np.r_[np.full(count, EXACT, np.int8), np.full(len(checked), NEAR, np.int8)]
+        table = pa.Table.from_arrays([pa.array(np.concatenate(first).astype(np.int64)),
+                                      pa.array(np.concatenate(second).astype(np.int64)), pa.array(kind),
+                                      pa.array(similarity)], schema=PAIR_SCHEMA)
+        table = table.sort_by([("first", "ascending"), ("second", "ascending")])
         name = f"{PAIRS}/part-{partition:05d}.parquet"
         payload = table_bytes(table, 65_536, compression="none", dictionary=False)
         write_bytes(join(self.directory, name), payload)
@@ -228,29 +310,44 @@ class _WritePairsFn(beam.DoFn):
 
 def build_candidates(pipeline, paths, context: StepContext) -> StepOutput:
     config = context.job.config.dedup
+    scratch = context.scratch
+    files = paths | "ByName" >> beam.Map(lambda path: (posixpath.basename(path), path))
+    pair_refs = []
+    if not config.exact:
+        skip = pipeline | "NoCopies" >> beam.Create([])
+    else:
+        exact = split_routed(
+            paths
+            | "Digests" >> beam.ParDo(_DigestFileFn(config.normalise, scratch))
+            | "ByDigestPartition" >> beam.GroupByKey()
+            | "ExactPairs" >> beam.ParDo(_ExactFn(scratch)),
+            "Exact", (EXACT_PAIRS, SKIP))
+        pair_refs.append(exact[EXACT_PAIRS])
+        skip = exact[SKIP]
     signed = split_routed(
-        paths | "Sign" >> beam.ParDo(_SignFileFn(config, context.directory, context.scratch,
-                                                 context.drops_vectors, context.compression)),
+        {"file": files, "skip": skip}
+        | "CopiesByFile" >> beam.CoGroupByKey()
+        | "Sign" >> beam.ParDo(_SignFileFn(config, context.directory, scratch, context.drops_vectors,
+                                           context.compression)),
         "Signed", (FILES, BUCKETS, RANGES))
-    pairs = (
-        signed[BUCKETS]
-        | "ByPartition" >> beam.GroupByKey()
-        | "BucketPairs" >> beam.FlatMap(_bucket_pairs)
-        | "SamePair" >> beam.GroupByKey()
-        | "Once" >> beam.FlatMap(_strongest_kind)
-    )
-    exact = pairs | "Exact" >> beam.Filter(lambda pair: pair[2] == EXACT) | \
-        "ExactSimilarity" >> beam.Map(lambda pair: (*pair, 1.0))
-    near = pairs | "Near" >> beam.Filter(lambda pair: pair[2] == NEAR)
-    requested = (
+    pair_refs.append(signed[BUCKETS] | "ByBandPartition" >> beam.GroupByKey()
+                     | "NearPairs" >> beam.ParDo(_NearFn(scratch)))
+    pairs = split_routed(
+        tuple(pair_refs)
+        | "AllPairRefs" >> beam.Flatten()
+        | "ByPairPartition" >> beam.GroupByKey()
+        | "Distinct" >> beam.FlatMap(_distinct_pairs),
+        "Pairs", (EXACT_PAIRS, CHECK))
+    near = pairs[CHECK]
+    shingles = (
         {"ranges": signed[RANGES], "keys": near | "Requests" >> beam.FlatMap(_requests)}
         | "RequestsByInputFile" >> beam.CoGroupByKey()
         | "RequestsByFile" >> beam.FlatMap(_route_requests)
         | "ByFile" >> beam.GroupByKey()
+        | "Shingles" >> beam.ParDo(_ShinglesFn(config.ngram))
     )
-    shingles = requested | "Shingles" >> beam.ParDo(_ShinglesFn(config.ngram))
     halves = (
-        {"pairs": near | "ByFirst" >> beam.Map(lambda pair: (pair[0], (pair[0], pair[1]))), "shingles": shingles}
+        {"pairs": near | "ByFirst" >> beam.Map(lambda pair: (pair[0], pair)), "shingles": shingles}
         | "JoinFirst" >> beam.CoGroupByKey()
         | "FirstHalves" >> beam.FlatMap(_first_halves)
     )
@@ -260,10 +357,8 @@ def build_candidates(pipeline, paths, context: StepContext) -> StepOutput:
         | "Jaccard" >> beam.FlatMap(_checked)
     )
     written = (
-        (exact, checked)
-        | "AllPairs" >> beam.Flatten()
-        | "PairPartition" >> beam.Map(lambda pair: (int(pair[0]) % PARTITIONS, pair))
-        | "PairsByPartition" >> beam.GroupByKey()
+        {"exact": pairs[EXACT_PAIRS], "checked": checked}
+        | "PairsByPartition" >> beam.CoGroupByKey()
         | "WritePairs" >> beam.ParDo(_WritePairsFn(context.directory))
     )
     return StepOutput(None, [], [signed[FILES], written])

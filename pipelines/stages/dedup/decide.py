@@ -1,12 +1,14 @@
 """Dedup's second step, `decide`: the pairs that count, their components, each component's survivor.
 
 The `components` pass reads the cached pairs, keeps the exact ones and the near ones whose checked Jaccard
-similarity reaches `dedup.threshold`, and joins them into components on the driver (union-find over the
-pairs; every member's key and its component's smallest key, and each member's strongest pair). Those arrays
-reach the graph as constants: each record file sends its members' (component, key, id, rule value, source,
-snippet) to the component's task, which chooses the survivor by `dedup.keep` (first in input order, the
-longest text, or the highest `dedup.keep_column`; ties go to the first in input order) and sends every other
-member's decision back to its record file, where the removed rows become `deduplicated` ledger rows.
+similarity reaches `dedup.threshold`, and joins them into components on the driver (union-find: the pairs are
+held at once, ~20 bytes each). It writes every member's key, component (its smallest key), component size and
+strongest pair, sorted by key, into the step's scratch folder, and hands on that file's name and the largest
+components. The graph then moves rows through files as prune does: each record file reads the members in its
+key range and writes them (id, the rule's value, source) into a fragment by component partition; each
+partition chooses every component's survivor by `dedup.keep` (first in input order, the longest text, or the
+highest `dedup.keep_column`; ties go to the first in input order) and writes the other members' decisions by
+record file; each record file then drops its removed rows, which become `deduplicated` ledger rows.
 """
 
 from __future__ import annotations
@@ -30,16 +32,23 @@ from winnow.pipelines.io.cache_files import RECORDS, REMOVED
 from winnow.pipelines.io.cached_rows import CachedRows
 from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
 from winnow.pipelines.io.records import split_routed
+from winnow.pipelines.io.row_groups import read_groups, write_groups
 from winnow.pipelines.io.storage import join, open_file
 from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
-from winnow.pipelines.stages.dedup.candidates import EXACT, PAIRS, record_keys, record_texts
+from winnow.pipelines.stages.dedup.candidates import EXACT, PAIRS, record_keys, record_texts, spread
 from winnow.selectors import minhash
 
 NAME = "dedup"
 SUMMARY_DIR = "_dedup_summary"
 SNIPPET_CHARS = 200
 LARGEST = 5
-DECIDED, COMPONENT = "decided", "component"
+DECIDED, TALLY = "decided", "tally"
+COMPONENT_SCHEMA = pa.schema([("key", pa.int64()), ("root", pa.int64()), ("size", pa.int64()), ("kind", pa.int8()),
+                              ("similarity", pa.float32()), ("other", pa.int64())])
+MEMBER_SCHEMA = pa.schema([*COMPONENT_SCHEMA, ("id", pa.string()), ("value", pa.float64()), ("source", pa.string()),
+                           ("name", pa.string()), ("snippet", pa.string())])
+DECISION_SCHEMA = pa.schema([("name", pa.string()), ("key", pa.int64()), ("reason", pa.string()),
+                             ("detail", pa.string()), ("duplicate_of", pa.string())])
 
 
 def _read_pairs(path: str, threshold: float | None) -> tuple[np.ndarray, ...]:
@@ -50,21 +59,34 @@ def _read_pairs(path: str, threshold: float | None) -> tuple[np.ndarray, ...]:
     return tuple(table.column(name).to_numpy()[counts] for name in ("first", "second", "kind", "similarity"))
 
 
-def join_components(parts: list[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
-    """The accepted pairs of every pairs file -> {keys: members sorted, roots: their component's smallest key,
-    kind, similarity, other: each member's strongest pair (exact first, then the most similar, then the
-    first in input order)}."""
+def join_components(parts: list[tuple[np.ndarray, ...]]) -> pa.Table:
+    """The accepted pairs -> COMPONENT_SCHEMA rows sorted by key: each member's component (its smallest key),
+    the component's size and the member's strongest pair (exact first, then the most similar, then the first
+    in input order)."""
     first, second, kind, similarity = (np.concatenate([part[i] for part in parts]) if parts else
                                        np.zeros(0, dtype) for i, dtype in
                                        enumerate((np.int64, np.int64, np.int8, np.float32)))
     keys, roots = minhash.components(first, second)
+    _, where, sizes = np.unique(roots, return_inverse=True, return_counts=True)
     ends, others = np.concatenate([first, second]), np.concatenate([second, first])
     kinds, similarities = np.concatenate([kind, kind]), np.concatenate([similarity, similarity])
     order = np.lexsort((others, -similarities, kinds, ends))
     _, best = np.unique(ends[order], return_index=True)
     best = order[best]
-    return {"keys": keys, "roots": roots, "kind": kinds[best].astype(np.int8),
-            "similarity": similarities[best].astype(np.float32), "other": others[best].astype(np.int64)}
+    return pa.Table.from_arrays([pa.array(keys), pa.array(roots), pa.array(sizes[where].astype(np.int64)),
+                                 pa.array(kinds[best].astype(np.int8)),
+                                 pa.array(similarities[best].astype(np.float32)),
+                                 pa.array(others[best].astype(np.int64))], schema=COMPONENT_SCHEMA)
+
+
+def _write_components(parts: list[tuple[np.ndarray, ...]], scratch: str) -> dict[str, Any]:
+    table = join_components(parts)
+    path = join(scratch, "components.parquet")
+    write_bytes(path, table_bytes(table, 65_536, compression="none", dictionary=False))
+    roots = pc.unique(table.column("root")).to_numpy()
+    sizes = np.bincount(np.searchsorted(roots, table.column("root").to_numpy()), minlength=len(roots))
+    largest = roots[np.lexsort((roots, -sizes))[:LARGEST]]
+    return {"path": path, "members": table.num_rows, "largest": sorted(int(root) for root in largest)}
 
 
 def components_pass(config: DedupConfig) -> Pass:
@@ -72,23 +94,25 @@ def components_pass(config: DedupConfig) -> Pass:
         return (paths
                 | "ReadPairs" >> beam.Map(_read_pairs, config.threshold)
                 | "AllPairs" >> beam.combiners.ToList()
-                | "Components" >> beam.Map(join_components))
+                | "Components" >> beam.Map(_write_components, constants["scratch"]))
 
     return Pass("components", build, reads_files=PAIRS)
 
 
-def rule_values(rows: CachedRows, texts: pa.Array, config: DedupConfig) -> np.ndarray:
-    """What the survivor rule compares, per row (higher wins; equal values go to the first in input order)."""
+def rule_values(rows: CachedRows, positions: np.ndarray, texts: pa.Array, config: DedupConfig) -> np.ndarray:
+    """What the survivor rule compares for the rows at `positions` (their `texts`): higher wins, equal values go
+    to the first in input order."""
     if config.keep == "first":
-        return np.zeros(len(rows), np.float64)
+        return np.zeros(len(positions), np.float64)
     if config.keep == "longest":
         return pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.float64)
     name = config.keep_column
     if rows.block:
         column = EXTRA_PREFIX + name
-        values = rows.table.column(column).to_pylist() if column in rows.table.column_names else [None] * len(rows)
+        values = rows.table.column(column).take(pa.array(positions)).to_pylist() \
+            if column in rows.table.column_names else [None] * len(positions)
     else:
-        values = [(record.get("extra") or {}).get(name) for record in rows.records]
+        values = [(rows.records[position].get("extra") or {}).get(name) for position in positions.tolist()]
     try:
         return np.array([-np.inf if value is None else float(value) for value in values], np.float64)
     except (TypeError, ValueError) as error:
@@ -96,56 +120,115 @@ def rule_values(rows: CachedRows, texts: pa.Array, config: DedupConfig) -> np.nd
 
 
 class _MembersFn(beam.DoFn):
-    """A record file -> (component, member) for each of its rows in a component."""
+    """A record file -> its rows that belong to a component, written into a fragment by component partition:
+    (partition, ref)."""
 
-    def __init__(self, components: dict[str, np.ndarray], config: DedupConfig):
-        self.keys, self.roots = components["keys"], components["roots"]
-        self.kind, self.similarity, self.other = components["kind"], components["similarity"], components["other"]
+    def __init__(self, components: dict[str, Any], config: DedupConfig, scratch: str):
+        self.path, self.largest = components["path"], np.asarray(components["largest"], np.int64)
+        self.members = components["members"]
         self.config = config
+        self.scratch = scratch
 
-    def process(self, path: str) -> Iterator[tuple[int, tuple]]:
-        if not len(self.keys):
+    def process(self, path: str) -> Iterator[tuple[int, tuple[str, int]]]:
+        if not self.members:
             return
         rows = CachedRows.read(path, (VECTOR_COLUMN,))
         if not len(rows):
             return
         keys = record_keys(rows.keys())
-        where = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        members = np.flatnonzero(self.keys[where] == keys)
-        if not len(members):
+        with open_file(self.path) as handle:
+            found = pq.read_table(handle, filters=[("key", ">=", int(keys.min())), ("key", "<=", int(keys.max()))])
+        order = np.argsort(keys, kind="stable")
+        at = np.searchsorted(keys[order], found.column("key").to_numpy())
+        at = np.minimum(at, len(keys) - 1)
+        inside = keys[order][at] == found.column("key").to_numpy()
+        found, positions = found.filter(pa.array(inside)), order[at[inside]]
+        if not found.num_rows:
             return
-        texts = record_texts(rows)
-        values = rule_values(rows, texts, self.config)
-        ids, sources = rows.ids().to_pylist(), rows.values("source")
-        snippets = pc.utf8_slice_codeunits(texts.take(pa.array(members, pa.int64())), 0, SNIPPET_CHARS).to_pylist()
+        taken = pa.array(positions, pa.int64())
+        texts = record_texts(rows).take(taken)
+        shown = np.isin(found.column("root").to_numpy(), self.largest)
+        snippets = pc.if_else(pa.array(shown), pc.utf8_slice_codeunits(texts, 0, SNIPPET_CHARS),
+                              pa.nulls(len(positions), pa.string()))
         name = posixpath.basename(path)
-        for member, snippet in zip(members.tolist(), snippets, strict=True):
-            at = where[member]
-            yield int(self.roots[at]), (int(keys[member]), ids[member], float(values[member]), sources[member],
-                                        name, snippet, int(self.kind[at]), float(self.similarity[at]),
-                                        int(self.other[at]))
+        table = pa.Table.from_arrays([
+            *found.columns, rows.ids().take(taken), pa.array(rule_values(rows, positions, texts, self.config)),
+            pa.array(rows.values("source"), pa.string()).take(taken),
+            pa.repeat(pa.scalar(name, pa.string()), found.num_rows), snippets], schema=MEMBER_SCHEMA)
+        partition = spread(table.column("root").to_numpy())
+        order = np.argsort(partition, kind="stable")
+        yield from write_groups(join(self.scratch, "members", name), table.take(pa.array(order)), partition[order])
 
 
-def _survivors(element, config: DedupConfig) -> Iterator[tuple[str, Any]]:
-    """(component, members) -> the survivor's decision on every other member (DECIDED, (file, decision)) and
-    the component's tally (COMPONENT, ...)."""
-    root, members = element
-    members = sorted(members)  # by key: input order
-    survivor = min(members, key=lambda member: (-member[2], member[0]))
-    id_of = {member[0]: member[1] for member in members}
-    removed: Counter = Counter()
-    by_source: Counter = Counter()
-    for key, _, _, source, name, _, kind, similarity, other in members:
-        if key == survivor[0]:
-            continue
-        reason = "exact_duplicate" if kind == EXACT else "near_duplicate"
-        how = "an exact copy of" if kind == EXACT else f"Jaccard {similarity:.3f} to"
-        detail = f"{how} {id_of.get(other, other)} in a component of {len(members)} (survivor by {config.keep})"
-        removed[reason] += 1
-        by_source[source] += 1
-        yield DECIDED, (name, (key, survivor[1], reason, detail))
-    yield COMPONENT, (len(members), root, survivor[1], [member[5] for member in members[:3]], dict(removed),
-                      dict(by_source))
+def _size_bands(sizes: np.ndarray) -> Counter:
+    """Components per size band: 2, 3-4, 5-8, 9-16, ..."""
+    tops, counts = np.unique(2 ** np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64), return_counts=True)
+    return Counter({("2" if top == 2 else f"{top // 2 + 1}-{top}"): count
+                    for top, count in zip(tops.tolist(), counts.tolist(), strict=True)})
+
+
+def _counts(values: pa.Array | pa.ChunkedArray) -> Counter:
+    counts = pc.value_counts(values)
+    return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)))
+
+
+class _SurvivorsFn(beam.DoFn):
+    """A component partition -> every component's survivor; the other members' decisions written by record
+    file (DECIDED, (file name, ref)), and the partition's tally (TALLY, ...)."""
+
+    def __init__(self, config: DedupConfig, scratch: str):
+        self.config = config
+        self.scratch = scratch
+
+    def process(self, element) -> Iterator[tuple[str, Any]]:
+        partition, refs = element
+        members = read_groups(refs, MEMBER_SCHEMA)
+        value = members.column("value").to_numpy()
+        members = members.append_column("rank", pa.array(-value)).sort_by(
+            [("root", "ascending"), ("rank", "ascending"), ("key", "ascending")])
+        roots = members.column("root").to_numpy()
+        starts = np.flatnonzero(np.r_[True, roots[1:] != roots[:-1]])
+        run = np.cumsum(np.r_[0, roots[1:] != roots[:-1]]) if len(roots) else np.zeros(0, np.int64)
+        survivor = np.zeros(len(roots), dtype=bool)
+        survivor[starts] = True
+        ids = members.column("id").combine_chunks()
+        survivor_ids = ids.take(pa.array(starts[run], pa.int64()))
+        by_key = np.argsort(members.column("key").to_numpy(), kind="stable")
+        other_at = by_key[np.searchsorted(members.column("key").to_numpy()[by_key], members.column("other").to_numpy())]
+        other_ids = ids.take(pa.array(other_at, pa.int64()))
+        exact = pc.equal(members.column("kind"), EXACT)
+        how = pc.if_else(exact, "an exact copy of ", pc.binary_join_element_wise(
+            "Jaccard ", pc.cast(pc.round(members.column("similarity"), 3), pa.string()), " to ", ""))
+        detail = pc.binary_join_element_wise(how, other_ids, " in a component of ",
+                                             pc.cast(members.column("size"), pa.string()),
+                                             f" (survivor by {self.config.keep})", "")
+        removed = pa.array(~survivor)
+        decisions = pa.Table.from_arrays([
+            members.column("name"), members.column("key"),
+            pc.if_else(exact, "exact_duplicate", "near_duplicate"), detail, survivor_ids], schema=DECISION_SCHEMA)
+        decisions = decisions.filter(removed).sort_by([("name", "ascending"), ("key", "ascending")])
+        for ref in write_groups(join(self.scratch, "decided", f"{partition:05d}"), decisions,
+                                decisions.column("name").to_numpy(zero_copy_only=False)):
+            yield DECIDED, ref
+        yield TALLY, self._tally(members, starts, survivor)
+
+    @staticmethod
+    def _tally(members: pa.Table, starts: np.ndarray, survivor: np.ndarray) -> dict[str, Any]:
+        sizes = members.column("size").to_numpy()[starts]
+        removed = members.filter(pa.array(~survivor))
+        survivors = members.take(pa.array(starts, pa.int64()))
+        shown = members.filter(pc.is_valid(members.column("snippet"))).sort_by([("root", "ascending"),
+                                                                                ("key", "ascending")])
+        largest = []
+        for root in pc.unique(shown.column("root")).to_pylist():
+            mine = shown.filter(pc.equal(shown.column("root"), root))
+            first = survivors.filter(pc.equal(survivors.column("root"), root))
+            largest.append((-mine.column("size")[0].as_py(), root, first.column("id")[0].as_py(),
+                            mine.column("snippet").to_pylist()[:3]))
+        reasons = pc.if_else(pc.equal(removed.column("kind"), EXACT), "exact_duplicate", "near_duplicate")
+        return {"components": len(starts), "members": members.num_rows, "sizes": _size_bands(sizes),
+                "removed": _counts(reasons), "by_source": _counts(removed.column("source")),
+                "largest": sorted(largest)[:LARGEST]}
 
 
 class _ApplyFn(beam.DoFn):
@@ -160,51 +243,37 @@ class _ApplyFn(beam.DoFn):
     def process(self, element) -> Iterator[dict[str, Any]]:
         name, joined = element
         (path,) = joined["file"]
-        decisions = sorted(joined["decisions"])
+        decisions = read_groups(list(joined["decisions"]), DECISION_SCHEMA).sort_by("key")
         drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
         rows = CachedRows.read(path, drop)
         keep = np.ones(len(rows), dtype=bool)
-        if decisions:
+        if decisions.num_rows:
             keys = record_keys(rows.keys())
-            decided = np.array([decision[0] for decision in decisions], np.int64)
-            order = np.argsort(keys, kind="stable")
-            positions = order[np.searchsorted(keys[order], decided)]
-            if not np.array_equal(keys[positions], decided):
+            decided = decisions.column("key").to_numpy()
+            keep = ~np.isin(keys, decided)
+            if (~keep).sum() != len(decided):
                 raise RuntimeError(f"internal error: dedup decisions on rows that {name} does not hold")
-            keep[positions] = False
         yield rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=keep, drop=drop, compression=self.compression)
-        if not decisions:
+        if not decisions.num_rows:
             return
-        self.removed.inc(len(decisions))
-        removed = np.flatnonzero(~keep)
-        by_position = dict(zip(positions.tolist(), decisions, strict=True))
-        ordered = [by_position[position] for position in removed.tolist()]
+        self.removed.inc(decisions.num_rows)
         table = rows_from_table(rows.rows_table(~keep), [])
-        ledger = ledger_rows_table(
-            table, NAME, pa.array([d[2] for d in ordered], pa.string()), pa.array([d[3] for d in ordered], pa.string()),
-            0, "deduplicated", pa.array([d[1] for d in ordered], pa.string()))
+        ledger = ledger_rows_table(table, NAME, decisions.column("reason"), decisions.column("detail"), 0,
+                                   "deduplicated", decisions.column("duplicate_of"))
         payload = table_bytes(ledger, 65_536)
         write_bytes(join(self.directory, REMOVED, name), payload)
         yield {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
 
 
 class _TallyFn(beam.CombineFn):
-    """Components -> the stage's summary: removed per reason and source, the distribution of component sizes,
-    the largest components with a few texts."""
+    """The partitions' tallies -> one: removed per reason and source, component sizes, the largest components."""
 
     def create_accumulator(self):
         return {"components": 0, "members": 0, "sizes": Counter(), "removed": Counter(), "by_source": Counter(),
                 "largest": []}
 
-    def add_input(self, tally, component):
-        size, root, survivor, snippets, removed, by_source = component
-        tally["components"] += 1
-        tally["members"] += size
-        tally["sizes"][_size_band(size)] += 1
-        tally["removed"].update(removed)
-        tally["by_source"].update(by_source)
-        tally["largest"] = sorted([*tally["largest"], (-size, root, survivor, snippets)])[:LARGEST]
-        return tally
+    def add_input(self, tally, part):
+        return self.merge_accumulators([tally, part])
 
     def merge_accumulators(self, tallies):
         merged = self.create_accumulator()
@@ -213,21 +282,11 @@ class _TallyFn(beam.CombineFn):
                 merged[field] += tally[field]
             for field in ("sizes", "removed", "by_source"):
                 merged[field].update(tally[field])
-            merged["largest"] = sorted(merged["largest"] + tally["largest"])[:LARGEST]
+            merged["largest"] = sorted(merged["largest"] + list(tally["largest"]))[:LARGEST]
         return merged
 
     def extract_output(self, tally):
         return tally
-
-
-def _size_band(size: int) -> str:
-    """2, 3-4, 5-8, 9-16, ...: a component size's band."""
-    if size <= 2:
-        return "2"
-    low, high = 3, 4
-    while size > high:
-        low, high = high + 1, high * 2
-    return f"{low}-{high}"
 
 
 def _summary(tally: dict[str, Any], count: int, config: DedupConfig) -> dict[str, Any]:
@@ -246,13 +305,12 @@ def _summary(tally: dict[str, Any], count: int, config: DedupConfig) -> dict[str
 
 def build_decide(pipeline, paths, context: StepContext) -> StepOutput:
     config = context.job.config.dedup
-    components = context.constants["components"]
     routed = split_routed(
         paths
-        | "Members" >> beam.ParDo(_MembersFn(components, config))
-        | "ByComponent" >> beam.GroupByKey()
-        | "Survivors" >> beam.FlatMap(_survivors, config),
-        "Chosen", (DECIDED, COMPONENT))
+        | "Members" >> beam.ParDo(_MembersFn(context.constants["components"], config, context.scratch))
+        | "ByComponentPartition" >> beam.GroupByKey()
+        | "Survivors" >> beam.ParDo(_SurvivorsFn(config, context.scratch)),
+        "Chosen", (DECIDED, TALLY))
     files = paths | "ByName" >> beam.Map(lambda path: (posixpath.basename(path), path))
     written = (
         {"file": files, "decisions": routed[DECIDED]}
@@ -260,7 +318,7 @@ def build_decide(pipeline, paths, context: StepContext) -> StepOutput:
         | "Apply" >> beam.ParDo(_ApplyFn(context.directory, context.drops_vectors, context.compression))
     )
     summary = (
-        routed[COMPONENT]
+        routed[TALLY]
         | "Tally" >> beam.CombineGlobally(_TallyFn())
         | "Summary" >> beam.Map(_summary, context.previous.records, config)
     )
