@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
 	eval-quality eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -95,6 +95,9 @@ bench-prune-stage: setup
 
 eval-select: setup
 	$(BIN)/python eval/eval_select.py $(ARGS)
+
+bench-dedup: setup
+	$(BIN)/python bench/bench_dedup.py $(ARGS)
 
 bench-select: setup
 	$(BIN)/python bench/bench_select.py $(ARGS)

@@ -148,11 +148,12 @@ def _tree_rss(process) -> int:
     return total
 
 
-def measure(kind: str, source: Path, output: Path, rows: int) -> dict:
-    """Run one job in a process of its own, sampling the resident memory of its whole process tree."""
+def measure(kind: str, source: Path, output: Path, rows: int, script: str = __file__) -> dict:
+    """Run one job in a process of its own (`script --child KIND SOURCE OUTPUT`), sampling the resident memory
+    of its whole process tree."""
     import psutil
 
-    job = subprocess.Popen([sys.executable, __file__, "--child", kind, str(source), str(output)],
+    job = subprocess.Popen([sys.executable, script, "--child", kind, str(source), str(output)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process, peak = psutil.Process(job.pid), 0
     with ThreadPoolExecutor(2) as pool:  # drain both pipes while sampling

@@ -277,7 +277,7 @@ def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_outpu
     assert resumed.returncode == 0, resumed.stderr
     assert "winnow: validate: reused from the cache" in resumed.stdout
     assert "winnow: embed: computed" in resumed.stdout and "winnow: prune: computed" in resumed.stdout
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["embed", "prune", "validate"], \
+    assert cache_entries(cache) == ["embed", "prune", "validate"], \
         "the killed run's temporary directory is gone"
 
     uninterrupted = json.loads(json.dumps(config))

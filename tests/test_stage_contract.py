@@ -23,10 +23,11 @@ def names(config: dict) -> list[str]:
 
 def test_the_default_order_and_a_configured_one(tmp_path):
     base = job_config("x.parquet", tmp_path / "out", embed={"enabled": "auto"})
-    assert [stage.name for stage in STAGES] == ["validate", "quality", "embed", "prune", "select", "rephrase"]
-    everything = {"prune": {"enabled": True}, "quality": {"enabled": True},
+    assert [stage.name for stage in STAGES] == ["validate", "quality", "dedup", "embed", "prune", "select",
+                                                  "rephrase"]
+    everything = {"prune": {"enabled": True}, "quality": {"enabled": True}, "dedup": {"enabled": True},
                   "select": {"enabled": True, "method": "bm25", "targets": "t.jsonl"}}
-    assert names({**base, **everything}) == ["validate", "quality", "embed", "prune", "select"]
+    assert names({**base, **everything}) == ["validate", "quality", "dedup", "embed", "prune", "select"]
     assert names({**base, "pipeline": ["validate", "select", "quality"], "quality": {"enabled": True},
                   "select": {"enabled": True, "method": "bm25", "targets": "t.jsonl"}}) == \
         ["validate", "select", "quality"]

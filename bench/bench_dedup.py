@@ -1,0 +1,324 @@
+"""The dedup stage against ground truth, against DataTrove's MinHash, and at scale.
+
+1. planted: real texts of ../shared/data (docs paragraphs and English Debian descriptions of >= 50 words, a
+   seeded sample) with one variant each at a known Jaccard similarity of their 5-gram sets (word substitutions,
+   deletions and insertions at a random rate, sometimes boilerplate added, case or whitespace changed) and
+   exact copies (verbatim and whitespace-changed). winnow's job with `dedup` on, the check at 0.8 and without
+   it (the second run reuses the candidates step: its time against the cold stage's is reported); recall per
+   Jaccard band beside the S-curve of 14 bands x 8 rows.
+2. agreement: DataTrove 0.10.1's four MinHash stages (5-grams, 14 x 8, seed 1, 64-bit, one task) on the
+   same planted corpus against winnow with the same settings and no exact pass or check (DataTrove has none):
+   the share of the records DataTrove puts in a cluster whose cluster is their winnow component.
+3. speed: the tiled corpus (bench_scale.py: 247,744 multilingual Debian descriptions repeated with new ids, so
+   exact copies plus the real -dev/-doc siblings) at --compare-rows, winnow (read, validate, dedup, shards; no
+   cache) and DataTrove (its four stages, 2 tasks on 2 workers) alternating --repeats times, then winnow alone
+   at --sizes; wall time, rows/s, peak RSS of the process tree.
+
+    make bench-dedup
+    make bench-dedup ARGS="--parts planted agreement --base 3000"
+    make bench-dedup ARGS="--parts speed --compare-rows 1000000 --repeats 2 --sizes 1000000 10000000"
+
+Writes bench/out/dedup.json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_scale import DATA as TILED_DATA
+from bench_scale import measure, spread, tile
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BANDS = [(0.0, 0.5), (0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.0001)]
+BOILERPLATE = "Copyright 2026 Example Corporation. All rights reserved. Terms of use apply."
+EXACT_COPIES, SPACED_COPIES = 400, 200
+
+
+def base_texts(count: int, seed: int) -> list[str]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    texts = []
+    for name in ("docs_paragraphs.parquet", "debian_descriptions_en.parquet"):
+        column = pq.read_table(SHARED / name, columns=["text"]).column("text")
+        words = pc.list_value_length(pc.utf8_split_whitespace(column)).to_numpy()
+        texts += [text for text, n in zip(column.to_pylist(), words, strict=True) if n >= 50]
+    texts = sorted(set(texts))
+    rng = np.random.default_rng(seed)
+    return [texts[i] for i in rng.choice(len(texts), count, replace=False)]
+
+
+def variant(text: str, rate: float, rng, vocabulary: list[str]) -> str:
+    """Each word substituted, deleted or followed by an inserted word with probability `rate` in all; sometimes
+    boilerplate added, the case or the whitespace changed."""
+    out = []
+    for word in text.split():
+        draw = rng.random()
+        if draw < rate / 3:
+            out.append(vocabulary[rng.integers(len(vocabulary))])
+        elif draw < 2 * rate / 3:
+            continue
+        elif draw < rate:
+            out += [word, vocabulary[rng.integers(len(vocabulary))]]
+        else:
+            out.append(word)
+    changed = " ".join(out)
+    if rng.random() < 0.3:
+        changed = f"{changed} {BOILERPLATE}"
+    if rng.random() < 0.3:
+        changed = changed.upper()
+    if rng.random() < 0.3:
+        changed = changed.replace(" ", "  \n", 5)
+    return changed
+
+
+def true_jaccard(first: str, second: str) -> float:
+    import pyarrow as pa
+
+    from winnow.selectors import minhash
+
+    sets = minhash.shingle_sets(minhash.normalise(pa.array([first, second]), "datatrove"), 5)
+    return minhash.jaccard(sets[0], sets[1])
+
+
+def planted_corpus(base: int, seed: int, directory: Path) -> list[dict]:
+    """Write the planted corpus; the planted rows (variants and copies) with their origin and true Jaccard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = base_texts(base, seed)
+    rng = np.random.default_rng(seed + 1)
+    vocabulary = sorted({word for text in texts[:500] for word in text.split()})
+    rows = [{"id": f"b-{i}", "text": text, "source": "base"} for i, text in enumerate(texts)]
+    planted = []
+    for i, text in enumerate(texts):
+        changed = variant(text, float(rng.uniform(0.0, 0.3)), rng, vocabulary)
+        planted.append({"id": f"v-{i}", "text": changed, "source": "variant", "origin": f"b-{i}",
+                        "jaccard": true_jaccard(text, changed)})
+    for i in range(EXACT_COPIES + SPACED_COPIES):
+        text = texts[i]
+        copy = text if i < EXACT_COPIES else "  " + "\n\n".join(text.split(" ")) + " "
+        planted.append({"id": f"x-{i}", "text": copy, "source": "exact", "origin": f"b-{i}", "jaccard": 1.0})
+    directory.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows + [{k: r[k] for k in ("id", "text", "source")} for r in planted])
+    pq.write_table(table, directory / "planted.parquet", row_group_size=2_000)
+    return planted
+
+
+def run_winnow_dedup(source: Path, output: Path, dedup: dict, cache: bool = True) -> dict:
+    from winnow.pipelines.config import build_config
+    from winnow.pipelines.job import plan_job, run_job
+
+    config = build_config({
+        "input": {"path": str(source / "*.parquet"), "columns": {"id": "id", "text": "text", "source": "source"}},
+        "output": {"path": str(output), "cache": cache, "report": False},
+        "dedup": {"enabled": True, **dedup},
+    })
+    started = time.perf_counter()
+    manifest = run_job(plan_job(config, []))
+    manifest["wall_s"] = time.perf_counter() - started
+    return manifest
+
+
+def winnow_components(output: Path) -> dict[str, frozenset]:
+    """{id: its component} from the ledger: a survivor and the records whose duplicate_of names it."""
+    import pyarrow.parquet as pq
+
+    ledger = pq.read_table(output / "ledger", columns=["id", "fate", "duplicate_of"]).to_pylist()
+    groups: dict[str, set] = {}
+    for row in ledger:
+        if row["fate"] == "deduplicated":
+            groups.setdefault(row["duplicate_of"], {row["duplicate_of"]}).add(row["id"])
+    return {member: frozenset(group) for group in groups.values() for member in group}
+
+
+def planted_part(base: int, seed: int, root: Path) -> dict:
+    from winnow.selectors import minhash
+
+    planted = planted_corpus(base, seed, root / "planted-in")
+    checked = run_winnow_dedup(root / "planted-in", root / "planted-out", {})
+    stage = next(entry for entry in checked["stages"] if entry["stage"] == "dedup")
+    cold = {step["step"]: step["seconds"] for step in stage["steps"]}
+    components = winnow_components(root / "planted-out")
+    flagged_checked = [r["origin"] in components.get(r["id"], ()) for r in planted]
+    unchecked = run_winnow_dedup(root / "planted-in", root / "planted-out", {"threshold": None})
+    stage = next(entry for entry in unchecked["stages"] if entry["stage"] == "dedup")
+    warm = {step["step"]: (step["seconds"], step["reused"]) for step in stage["steps"]}
+    components = winnow_components(root / "planted-out")
+    flagged_unchecked = [r["origin"] in components.get(r["id"], ()) for r in planted]
+    table = []
+    for low, high in BANDS:
+        rows = [i for i, r in enumerate(planted) if r["source"] == "variant" and low <= r["jaccard"] < high]
+        middle = (low + min(high, 1.0)) / 2
+        table.append({
+            "band": f"{low:.2f}-{min(high, 1.0):.2f}", "pairs": len(rows),
+            "flagged_checked": round(float(np.mean([flagged_checked[i] for i in rows])), 4) if rows else None,
+            "flagged_unchecked": round(float(np.mean([flagged_unchecked[i] for i in rows])), 4) if rows else None,
+            "s_curve_at_middle": round(float(minhash.lsh_probability(middle, 14, 8)), 4),
+        })
+    exact_rows = [i for i, r in enumerate(planted) if r["source"] == "exact"]
+    high_rows = [i for i, r in enumerate(planted) if r["source"] == "variant" and r["jaccard"] >= 0.85]
+    low_rows = [i for i, r in enumerate(planted) if r["source"] == "variant" and r["jaccard"] <= 0.6]
+    return {
+        "base_records": base, "planted_variants": base, "exact_copies": len(exact_rows), "bands": table,
+        "exact_removed": round(float(np.mean([flagged_checked[i] for i in exact_rows])), 4),
+        "recall_at_0.85_and_above": round(float(np.mean([flagged_checked[i] for i in high_rows])), 4),
+        "false_positive_rate_at_0.6_and_below_checked":
+            round(float(np.mean([flagged_checked[i] for i in low_rows])), 4),
+        "false_positive_rate_at_0.6_and_below_unchecked":
+            round(float(np.mean([flagged_unchecked[i] for i in low_rows])), 4),
+        "cold_stage_s": round(sum(cold.values()), 2), "cold_steps_s": cold,
+        "threshold_change_steps": warm, "threshold_change_stage_s": round(sum(s for s, _ in warm.values()), 2),
+        "removed_checked": checked["dedup"]["removed"], "removed_unchecked": unchecked["dedup"]["removed"],
+    }
+
+
+def datatrove_clusters(source: Path, work: Path, tasks: int = 1) -> dict[str, frozenset]:
+    """DataTrove's four MinHash stages on `source`; {id: its cluster} for the records it puts in a cluster."""
+    import pyarrow.parquet as pq
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
+    from datatrove.pipeline.readers import ParquetReader
+
+    from datatrove.utils.hashing import HashConfig
+
+    # 5-grams, 14 buckets x 8 hashes, seed 1, 64-bit hashes; SHA-1 for the shingles: DataTrove 0.10.1's default
+    # xxhash path hands xxhash a str, which xxhash 3.x refuses ("Strings must be encoded before hashing")
+    config = MinhashConfig(hash_config=HashConfig(precision=64, hash_fc="sha1"))
+    reader = ParquetReader(str(source), glob_pattern="*.parquet", text_key="text", id_key="id")
+    LocalPipelineExecutor([reader, MinhashDedupSignature(str(work / "signatures"), config=config)],
+                          tasks=tasks, workers=tasks, logging_dir=str(work / "logs1")).run()
+    LocalPipelineExecutor([MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=config)],
+                          tasks=config.num_buckets, workers=2, logging_dir=str(work / "logs2")).run()
+    LocalPipelineExecutor([MinhashDedupCluster(str(work / "buckets"), str(work / "clusters"), config=config,
+                                               save_cluster_id=True)],
+                          tasks=1, logging_dir=str(work / "logs3")).run()
+    ids = pq.read_table(sorted(source.glob("*.parquet")), columns=["id"]).column("id").to_pylist()
+    clusters: dict[int, set] = {}
+    path = work / "clusters" / "000000.clusters"
+    if path.exists():
+        raw = path.read_bytes()
+        for doc, cluster in struct.iter_unpack("<II", raw):
+            clusters.setdefault(cluster, set()).add(ids[doc])
+    return {member: frozenset(group) for group in clusters.values() for member in group}
+
+
+def agreement_part(root: Path) -> dict:
+    if not (root / "planted-in").exists():
+        raise SystemExit("the agreement part runs on the planted corpus: give --parts planted agreement")
+    started = time.perf_counter()
+    theirs = datatrove_clusters(root / "planted-in", root / "datatrove")
+    datatrove_s = time.perf_counter() - started
+    mine_manifest = run_winnow_dedup(root / "planted-in", root / "same-settings", {"exact": False, "threshold": None})
+    mine = winnow_components(root / "same-settings")
+    agree = [theirs[i] == mine.get(i, frozenset()) for i in theirs]
+    marked_by_winnow_only = sorted(set(mine) - set(theirs))
+    return {
+        "datatrove_marked": len(theirs), "winnow_marked": len(mine),
+        "same_component_share": round(float(np.mean(agree)), 4) if agree else None,
+        "marked_by_winnow_only": len(marked_by_winnow_only),
+        "datatrove_clusters": len(set(theirs.values())), "winnow_components": len(set(mine.values())),
+        "datatrove_s": round(datatrove_s, 1), "winnow_s": round(mine_manifest["wall_s"], 1),
+    }
+
+
+def speed_part(compare_rows: int, repeats: int, sizes: list[int], root: Path) -> dict:
+    import subprocess
+
+    report: dict = {"compare_rows": compare_rows, "compare": {}, "scale": []}
+    if compare_rows:
+        source = tile(compare_rows, root / f"tiled-{compare_rows}")
+        runs: dict[str, list[dict]] = {"winnow": [], "datatrove": []}
+        for repeat in range(repeats):
+            for kind in runs:
+                runs[kind].append(measure_dedup(kind, source, root / f"speed-{kind}-{repeat}", compare_rows))
+        best = {kind: max(r["rows_per_s"] for r in results) for kind, results in runs.items()}
+        report["compare"] = {kind: {"runs": results, "best_rows_per_s": best[kind]} for kind, results in runs.items()}
+        report["winnow_over_datatrove"] = round(best["winnow"] / best["datatrove"], 3)
+    for size in sizes:
+        source = tile(size, root / f"tiled-{size}")
+        report["scale"].append(measure_dedup("winnow", source, root / f"scale-{size}", size))
+        subprocess.run(["rm", "-rf", str(root / f"scale-{size}")], check=True)
+    return report
+
+
+def measure_dedup(kind: str, source: Path, output: Path, rows: int) -> dict:
+    return measure(f"dedup-{kind}", source, output, rows, script=__file__)
+
+
+def child(kind: str, source: str, output: str) -> dict:
+    started = time.perf_counter()
+    if kind == "dedup-winnow":
+        manifest = run_winnow_dedup(Path(source), Path(output), {}, cache=False)
+        stage = next(entry for entry in manifest["stages"] if entry["stage"] == "dedup")
+        extra = {"rows_out": manifest["counts"]["by_fate"].get("kept", 0), "removed": manifest["dedup"]["removed"],
+                 "dedup_stage_s": stage["seconds"]}
+    else:
+        theirs = datatrove_clusters(Path(source), Path(output), tasks=2)
+        extra = {"marked": len(theirs), "clusters": len(set(theirs.values()))}
+    from bench_scale import _peak_rss_mib
+
+    return {"kind": kind, **extra, "wall_s": round(time.perf_counter() - started, 2), "peak_rss_mib": _peak_rss_mib()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["planted", "agreement", "speed"],
+                        choices=["planted", "agreement", "speed"])
+    parser.add_argument("--base", type=int, default=4000, help="real texts in the planted corpus")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-rows", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    parser.add_argument("--out", type=Path, default=Path("bench/out/dedup.json"))
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return 0
+    if not SHARED.exists() or not TILED_DATA.exists():
+        print(f"bench-dedup needs {SHARED} (../shared/data); it is absent", file=sys.stderr)
+        return 2
+    report: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        if "planted" in args.parts:
+            report["planted"] = planted_part(args.base, args.seed, root)
+            print(json.dumps(report["planted"], indent=1), flush=True)
+        if "agreement" in args.parts:
+            report["agreement"] = agreement_part(root)
+            print(json.dumps(report["agreement"], indent=1), flush=True)
+        if "speed" in args.parts:
+            report["speed"] = speed_part(args.compare_rows, args.repeats, args.sizes, root)
+            print_speed(report["speed"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def print_speed(speed: dict) -> None:
+    if speed["compare"]:
+        print(f"\n{speed['compare_rows']:,} rows (min-max over runs):")
+        print("| job | wall s | rows/s | peak RSS MiB (process tree) |\n|---|---|---|---|")
+        for kind, entry in speed["compare"].items():
+            print(f"| {kind} | {spread(entry['runs'], 'wall_s')} | {spread(entry['runs'], 'rows_per_s')} | "
+                  f"{spread(entry['runs'], 'peak_tree_rss_mib')} |")
+        print(f"winnow / DataTrove rows/s (best runs): {speed['winnow_over_datatrove']} (goal >= 2)")
+    if speed["scale"]:
+        first = speed["scale"][0]
+        print("\n| rows | wall s | dedup stage s | rows/s | peak RSS MiB | RSS x |\n|---|---|---|---|---|---|")
+        for r in speed["scale"]:
+            r["rss_growth"] = round(r["peak_tree_rss_mib"] / first["peak_tree_rss_mib"], 2)
+            print(f"| {r['rows_in']:,} | {r['wall_s']} | {r['dedup_stage_s']} | {r['rows_per_s']} | "
+                  f"{r['peak_tree_rss_mib']} | {r['rss_growth']} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
