@@ -86,6 +86,8 @@ def test_planted_duplicates_are_removed_and_name_their_survivor(planted):
     assert summary["removed_by_source"] == {"copies": 5, "short": 1, "zh": 1}
     assert summary["component_sizes"] == {"2": 5, "3-4": 1}
     assert summary["largest"][0]["size"] == 3 and summary["largest"][0]["survivor"] == "doc-0"
+    report = (output / "report" / "index.html").read_text()
+    assert "Deduplication (exact and MinHash)" in report and "near_duplicate" in report
 
 
 def test_the_longest_text_survives_when_asked(planted, tmp_path):
