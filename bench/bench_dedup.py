@@ -143,6 +143,8 @@ def planted_part(base: int, seed: int, root: Path) -> dict:
     from winnow.selectors import minhash
 
     planted = planted_corpus(base, seed, root / "planted-in")
+    (root / "planted.json").write_text(json.dumps([{k: r[k] for k in ("id", "origin", "jaccard", "source")}
+                                                   for r in planted]))
     checked = run_winnow_dedup(root / "planted-in", root / "planted-out", {})
     stage = next(entry for entry in checked["stages"] if entry["stage"] == "dedup")
     cold = {step["step"]: step["seconds"] for step in stage["steps"]}
@@ -219,7 +221,22 @@ def agreement_part(root: Path) -> dict:
     mine = winnow_components(root / "same-settings")
     agree = [theirs[i] == mine.get(i, frozenset()) for i in theirs]
     marked_by_winnow_only = sorted(set(mine) - set(theirs))
+    planted = json.loads((root / "planted.json").read_text())
+    by_band = []
+    for low, high in BANDS:
+        rows = [r for r in planted if r["source"] == "variant" and low <= r["jaccard"] < high]
+        by_band.append({
+            "band": f"{low:.2f}-{min(high, 1.0):.2f}", "pairs": len(rows),
+            "datatrove_flagged": round(float(np.mean([r["origin"] in theirs.get(r["id"], ()) for r in rows])), 4)
+            if rows else None,
+            "winnow_flagged": round(float(np.mean([r["origin"] in mine.get(r["id"], ()) for r in rows])), 4)
+            if rows else None,
+            "same_decision": round(float(np.mean([(r["origin"] in theirs.get(r["id"], ()))
+                                                  == (r["origin"] in mine.get(r["id"], ())) for r in rows])), 4)
+            if rows else None,
+        })
     return {
+        "planted_pairs_by_band": by_band,
         "datatrove_marked": len(theirs), "winnow_marked": len(mine),
         "same_component_share": round(float(np.mean(agree)), 4) if agree else None,
         "marked_by_winnow_only": len(marked_by_winnow_only),
