@@ -112,15 +112,15 @@ def test_a_decision_switched_back_reuses_the_first_runs_entry(sample_slice, tmp_
 
 @pytest.mark.slow
 def test_a_cache_bound_of_zero_keeps_only_the_latest_runs_entries(sample_slice, tmp_path):
-    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+    config = job_config(sample_slice / "*", tmp_path / "out", quality={"enabled": True})
     config["output"]["cache_max_bytes"] = 0
     run(config)
-    config["prune"]["keep_fraction"] = 0.4
+    config["quality"]["min_doc_words"] = 10
     second = run(config)
-    assert stages(second) == [("validate", True), ("embed", True), ("prune", False)]
-    assert cache_entries(tmp_path / ".out.cache") == ["embed", "prune", "validate"], \
+    assert stages(second) == [("validate", True), ("quality", False)]
+    assert cache_entries(tmp_path / ".out.cache") == ["quality", "validate"], \
         "entries the latest run did not use are removed"
-    assert [name.split("-")[0] for name in second["cache"]["dropped"]] == ["prune"]
+    assert [name.split("-")[0] for name in second["cache"]["dropped"]] == ["quality"]
 
 
 def fake_entry(cache: StageCache, name: str, key: str, size: int) -> StageEntry:
