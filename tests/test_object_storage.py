@@ -107,11 +107,10 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
     targets = targets_file(tmp_path)
     upload(url, bucket, {f"in/{p.name}": p for p in sample_slice.glob("*.parquet")} | {"targets.jsonl": targets})
     select = {"enabled": True, "method": "bm25", "count": 40}
-    dedup = {"enabled": True, "threshold": 0.5}
     local = job_config(sample_slice / "*", tmp_path / "local", select={**select, "targets": str(targets)},
-                       dedup=dedup, mix={"enabled": True, "shards": 2})
+                       mix={"enabled": True, "shards": 2})
     remote = job_config(f"s3://{bucket}/in/*.parquet", f"s3://{bucket}/out",
-                        select={**select, "targets": f"s3://{bucket}/targets.jsonl"}, dedup=dedup,
+                        select={**select, "targets": f"s3://{bucket}/targets.jsonl"},
                         mix={"enabled": True, "shards": 2})
     run_job(plan_job(build_config(local), []))
     extra = {"in-process": [], "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]}
@@ -119,7 +118,7 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
         extra["dask"] = ["--runner=DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_address')}"]
     args = [*s3_args, *extra[runner]]
     first = run_job(plan_job(build_config(remote), args))
-    assert first["select"]["selected"] == 40 and first["dedup"]["removed"] > 0
+    assert first["select"]["selected"] == 40
     manifest = download_output(url, bucket, "out", tmp_path / "remote")
     same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", f"s3://{bucket}/in/")
     runs = {key.split("/")[1] for key in keys(url, bucket, "out/") if key != "out/manifest.json"}
@@ -135,8 +134,23 @@ def test_input_targets_output_and_cache_on_s3_give_the_local_output(runner, s3_s
     runs = {key.split("/")[1] for key in keys(url, bucket, "out/") if key != "out/manifest.json"}
     assert runs == {second["shards"][0]["file"].split("/")[0]}, "the first run's prefix is gone"
     assert {key.split("/")[1].rsplit("-", 1)[0] for key in keys(url, bucket, ".out.cache/")} == \
-        {"validate", "dedup", "select", "history.json"}, "the run's entries and the cache's history"
+        {"validate", "select", "history.json"}, "the run's entries and the cache's history"
     assert keys(url, bucket, ".out.lock") == [], "the lock is released"
+
+
+@pytest.mark.distributed
+def test_dedup_with_its_cache_on_s3_gives_the_local_output(s3_server, sample_slice, tmp_path):
+    """The dedup stage's fragments, pairs and decisions on an object store (75 s of moto requests: in
+    make test-distributed, not make test)."""
+    url, s3_args = s3_server
+    upload(url, "dedup", {f"in/{p.name}": p for p in sample_slice.glob("*.parquet")})
+    dedup = {"enabled": True, "threshold": 0.5}
+    run_job(plan_job(build_config(job_config(sample_slice / "*", tmp_path / "local", dedup=dedup)), []))
+    remote = run_job(plan_job(build_config(job_config("s3://dedup/in/*.parquet", "s3://dedup/out", dedup=dedup)),
+                              s3_args))
+    assert remote["dedup"]["removed"] > 0
+    download_output(url, "dedup", "out", tmp_path / "remote")
+    same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", "s3://dedup/in/")
 
 
 def test_the_lock_is_a_conditional_create_on_s3_and_on_disk(s3_server, tmp_path):
