@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
                        "the filesystem's Beam options after --)")
     report = commands.add_parser("report", help="write the HTML run report into OUT/report/")
     report.add_argument("output", help="a winnow output: a directory or an object-store URI (Beam options after --)")
+    embed = commands.add_parser("embed", help="the embedding backends")
+    embed_commands = embed.add_subparsers(dest="embed_command", required=True)
+    export = embed_commands.add_parser(
+        "export", help="make the config's embed.backend export (onnx, or the static model) ahead of a run")
+    export.add_argument("config", help="YAML job config")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key, e.g. embed.backend=static")
     return parser
 
 
@@ -100,12 +107,13 @@ def run_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     logging.getLogger().setLevel(logging.ERROR)
     from winnow.pipelines.io.read import InputError
     from winnow.pipelines.job import OutputError, plan_job, run_job
-    from winnow.selectors.embedding import ModelNotFound
+    from winnow.selectors.backends import ExportFailed
+    from winnow.selectors.embedding import DeviceUnavailable, ModelNotFound
 
     try:
         config = load_config(args.config, args.overrides)
         plan = plan_job(config, beam_args)
-    except (ConfigError, InputError, OutputError, ModelNotFound) as error:
+    except (ConfigError, InputError, OutputError, ModelNotFound, DeviceUnavailable, ExportFailed) as error:
         print(f"winnow: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
@@ -138,6 +146,23 @@ def sae_train_command(args: argparse.Namespace) -> int:
         print(f"winnow: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(summary))
+    return EXIT_OK
+
+
+def embed_export_command(args: argparse.Namespace) -> int:
+    """Exports once what `embed.backend` needs, where the next run finds it by the model's fingerprint."""
+    from winnow.selectors import backends, embedding
+
+    try:
+        section = load_config(args.config, args.overrides).embed
+        path = embedding.resolve_model_path(section.model)
+        fingerprint = embedding.model_fingerprint(path)
+        folder = backends.ensure_export(path, fingerprint, section.backend, section.precision,
+                                        section.export_dir or backends.default_export_dir())
+    except (ConfigError, embedding.ModelNotFound, backends.ExportFailed) as error:
+        print(f"winnow: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"winnow embed export: {section.backend} {section.precision} of {path}: {folder}")
     return EXIT_OK
 
 
@@ -184,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return verify_command(args, beam_args)
     if args.command == "report":
         return report_command(args, beam_args)
+    if args.command == "embed":
+        return embed_export_command(args)
     return EXIT_FAILED
 
 

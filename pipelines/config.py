@@ -165,8 +165,22 @@ class EmbedConfig(_Section):
     window: int = Field(2048, gt=0, description="texts handed to the model at once, sorted by length inside")
     max_seq_length: int | None = Field(None, gt=0, description="truncate longer inputs (model default: unset)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(0, ge=0, description="threads per worker; 0: cores / workers")
+    backend: Literal["torch", "onnx", "static"] = Field(
+        "torch", description="torch: the model as it is; onnx: exported once and run by ONNX Runtime; static: a "
+        "model2vec model distilled once from embed.model (hundreds of times faster, different vectors)")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="int8: dynamically quantised weights (onnx)")
+    export_dir: str | None = Field(None, description="where onnx exports and static models are kept by the "
+                                   "model's fingerprint; default ~/.cache/winnow/models")
+    torch_threads: int = Field(0, ge=0, description="threads per worker (torch or ONNX Runtime); 0: cores / workers")
     reuse: bool = Field(True, description="reuse embeddings of unchanged texts from the previous run in OUT")
+
+    @model_validator(mode="after")
+    def _precision_fits(self) -> EmbedConfig:
+        if self.precision == "int8" and self.backend != "onnx":
+            raise ValueError(f"embed.precision: int8 needs embed.backend onnx (not {self.backend})")
+        if self.backend != "torch" and self.device == "cuda":
+            raise ValueError(f"embed.device: cuda runs the torch backend only (embed.backend is {self.backend})")
+        return self
 
 
 class KMeansConfig(_Section):

@@ -59,11 +59,18 @@ def model_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def choose_device(device: str) -> str:
-    if device != "auto":
+class DeviceUnavailable(ValueError):
+    """A configured device (cuda) that this machine does not have."""
+
+
+def choose_device(device: str, key: str = "device") -> str:
+    """auto: CUDA when present, else the CPU; cuda without a CUDA device is an error naming `key`."""
+    if device == "cpu":
         return device
     import torch
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"{key}: cuda, but torch sees no CUDA device here (use auto or cpu)")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -7,8 +7,8 @@ The stage works on the cache's record files, not on records: one task per file (
 or a file of pickled records) reads it, embeds its texts window by window and writes the same rows with the
 vectors as a fixed-size-list column (blocks.py) into this stage's cache; no GroupByKey holds records or
 vectors. A window is the rows of a file with the same `input_row // embed.window` (a window cut by a file
-boundary is embedded as two); sentence-transformers sorts each window by length before cutting batches of
-`embed.batch_size`, which keeps padding low. `embeddings/part-*.parquet` (id, text_hash, embedding, in input
+boundary is embedded as two); every backend (`embed.backend`: torch, onnx fp32/int8, static; selectors/backends.py)
+sorts a window by length before cutting batches of `embed.batch_size`, which keeps padding low. `embeddings/part-*.parquet` (id, text_hash, embedding, in input
 order) are cut from the written files by `WriteOrderedFiles`.
 
 When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again:
@@ -47,7 +47,7 @@ from winnow.pipelines.io.blocks import REUSED_COLUMN, VECTOR_COLUMN, is_block, v
 from winnow.pipelines.io.cache_files import RECORDS, read_cache_table, table_elements, write_records_file
 from winnow.pipelines.io.ordered_io import WriteOrderedFiles
 from winnow.pipelines.io.storage import join, list_files, open_file, read_json
-from winnow.selectors import embedding
+from winnow.selectors import backends, embedding
 
 EMBEDDINGS_DIR = "embeddings"
 VECTOR_CHUNK_ROWS = 16_384  # the embeddings output holds this many vectors at once (24 MiB at 384 dimensions)
@@ -65,21 +65,32 @@ class EmbedPlan:
     batch_size: int
     window: int
     max_seq_length: int | None
+    backend: str = "torch"
+    precision: str = "fp32"
+    model_folder: str = ""  # what the backend loads: the model folder, or its export
     reuse_from: tuple[str, ...] | None = None
     expected_records: int | None = None
 
     @classmethod
     def from_config(cls, config: EmbedConfig, workers: int, reuse_from: tuple[str, ...] | None = None) -> EmbedPlan:
+        """Made on the driver: an ONNX export or a static distillation is made here, once, never per worker."""
         path = embedding.resolve_model_path(config.model)
+        fingerprint = embedding.model_fingerprint(path)
+        device = embedding.choose_device(config.device, "embed.device") if config.backend == "torch" else "cpu"
+        folder = backends.ensure_export(path, fingerprint, config.backend, config.precision,
+                                        config.export_dir or backends.default_export_dir())
         return cls(
             model=config.model,
             model_path=str(path),
-            fingerprint=embedding.model_fingerprint(path),
-            device=embedding.choose_device(config.device),
+            fingerprint=fingerprint,
+            device=device,
             torch_threads=embedding.threads_per_worker(config.torch_threads, workers),
             batch_size=config.batch_size,
             window=config.window,
             max_seq_length=config.max_seq_length,
+            backend=config.backend,
+            precision=config.precision,
+            model_folder=str(folder),
             reuse_from=reuse_from,
         )
 
@@ -94,10 +105,13 @@ class EmbedHandler(ModelHandler):
         self.plan = plan
 
     def tag(self) -> str:
-        return f"{self.plan.fingerprint}:{self.plan.device}:{self.plan.max_seq_length}"
+        plan = self.plan
+        return f"{plan.fingerprint}:{plan.backend}:{plan.precision}:{plan.device}:{plan.max_seq_length}"
 
     def load(self):
-        return embedding.load_model(self.plan.model_path, self.plan.device, self.plan.max_seq_length)
+        plan = self.plan
+        return backends.load_encoder(plan.backend, plan.model_folder or plan.model_path, plan.device,
+                                     plan.max_seq_length, plan.torch_threads or embedding.worker_threads())
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -230,7 +244,7 @@ class _EmbedFileFn(beam.DoFn):
             rows = todo[start:stop]
             with model_lock(self.handler):
                 started = time.perf_counter()
-                window = embedding.encode(self._model(), [texts[row] for row in rows.tolist()], self.plan.batch_size)
+                window = self._model().encode([texts[row] for row in rows.tolist()], self.plan.batch_size)
             self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
             if vectors is None:
                 vectors = np.zeros((count, window.shape[1]), dtype=np.float32)
@@ -310,15 +324,17 @@ def _reuse_tally(rows: pa.Table) -> dict[str, int]:
     return {key: count for key, count in tally.items() if count}
 
 
-def _previous_embeddings(output: str, fingerprint: str) -> tuple[str, ...] | None:
-    """The previous output's embeddings files, when they were made by the same model and are all there (paths
-    from its manifest: on an object store they sit under that run's prefix)."""
+def _previous_embeddings(output: str, plan: EmbedPlan) -> tuple[str, ...] | None:
+    """The previous output's embeddings files, when they were made by the same model, backend and precision
+    (vectors of two backends are never mixed) and are all there (paths from its manifest: on an object store
+    they sit under that run's prefix)."""
     try:
         manifest = read_json(join(output, "manifest.json"))
     except (OSError, ValueError, BeamIOError):
         return None
     previous = manifest.get("embeddings") or {}
-    if previous.get("fingerprint") != fingerprint or not previous.get("files"):
+    made_by = (previous.get("fingerprint"), previous.get("backend", "torch"), previous.get("precision", "fp32"))
+    if made_by != (plan.fingerprint, plan.backend, plan.precision) or not previous.get("files"):
         return None
     paths = tuple(join(output, entry["file"]) for entry in previous["files"])
     present = list_files(join(output, posixpath.dirname(previous["files"][0]["file"])))
@@ -331,7 +347,7 @@ def _plan(context: PlanContext) -> EmbedPlan:
     config = context.config.embed
     plan = replace(EmbedPlan.from_config(config, context.workers), expected_records=context.expected_records)
     if config.reuse:
-        plan = replace(plan, reuse_from=_previous_embeddings(context.output, plan.fingerprint))
+        plan = replace(plan, reuse_from=_previous_embeddings(context.output, plan))
     return plan
 
 
@@ -355,7 +371,7 @@ def _embed_and_write(plan: EmbedPlan):
 
 
 def _steps(plan: EmbedPlan, config) -> list[Step]:
-    settings = config_section(config, "embed", exclude=("reuse", "torch_threads"))
+    settings = config_section(config, "embed", exclude=("reuse", "torch_threads", "export_dir"))
     return [Step("embed", _embed_and_write(plan), {"embed": settings},
                  {"model": plan.fingerprint, "device": plan.device}, adds_vectors=True, reads_files=True)]
 

@@ -49,7 +49,7 @@ class RephrasePlan:
 def plan_rephrase(config: RephraseConfig, output: str, workers: int) -> RephrasePlan:
     styles = prompts.resolve_styles(config.styles, config.custom_styles)
     path = lm.resolve_lm_path(config.model)
-    device = embedding.choose_device(config.device)
+    device = embedding.choose_device(config.device, "rephrase.device")
     try:
         backend = generate.choose_backend(config.backend)
     except ValueError as error:

@@ -103,7 +103,7 @@ def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None
     texts, rejected = load_targets(select.targets, select.target_text or config.input.columns.text)
     common = dict(
         method=select.method, targets=tuple(texts), targets_rejected=rejected, ratio=select.effective_ratio,
-        count=select.count, seed=select.seed, device=embedding.choose_device(select.device),
+        count=select.count, seed=select.seed, device=embedding.choose_device(select.device, "select.device"),
         torch_threads=embedding.threads_per_worker(select.torch_threads, workers), window=select.window,
         batch_size=select.batch_size, max_tokens=select.max_tokens, top_features=select.top_features,
         feature_examples=select.feature_examples,

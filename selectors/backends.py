@@ -1,0 +1,229 @@
+"""Embedding backends: the same sentence-transformers model run by torch, by ONNX Runtime (fp32 or dynamically
+quantised int8), or distilled into a static model (model2vec). Beam-free.
+
+An ONNX export or a static distillation is made once from the configured local model folder, with no download,
+and kept in an export directory under the source model's fingerprint and the backend and precision
+(`BACKEND-PRECISION-FINGERPRINT/`), written to a temporary folder and renamed into place, so a second process
+finds it whole or not at all. Every encoder returns unit float32 rows and sorts its texts by length before
+cutting batches (less padding), like sentence-transformers does.
+
+Measured on this project's 2-core AVX2 machine (docs/NOTES.md, `make bench-backends`): int8 ONNX is about as
+fast as torch there (its speed-up needs VNNI or AMX instructions), the static model hundreds of times faster
+at a large quality cost. Threads: ONNX Runtime starts one thread per core unless told; `threads` is set per
+worker so that workers x threads = cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("torch", "onnx", "static")
+PRECISIONS = ("fp32", "int8")
+STATIC_DIMS = 256
+_ONNX_FILE = "model.onnx"
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class ExportFailed(ValueError):
+    """The configured model folder could not be exported to the requested backend."""
+
+
+def default_export_dir() -> Path:
+    """Where exports live unless configured: the user's cache folder, shared by every output on the machine."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "winnow" / "models"
+
+
+def export_path(export_dir: str | Path, fingerprint: str, backend: str, precision: str) -> Path:
+    return Path(export_dir).expanduser() / f"{backend}-{precision}-{fingerprint[:24]}"
+
+
+def check_choice(backend: str, precision: str) -> None:
+    """A static model has one precision of its own; torch runs the model as it is (fp32)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"embed.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"embed.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend != "onnx":
+        raise ValueError(f"embed.precision: int8 needs embed.backend onnx (not {backend})")
+
+
+def ensure_export(model_path: str | Path, fingerprint: str, backend: str, precision: str,
+                  export_dir: str | Path) -> Path:
+    """The folder the backend loads: the model folder itself for torch, else its export (made when absent)."""
+    check_choice(backend, precision)
+    if backend == "torch":
+        return Path(model_path)
+    target = export_path(export_dir, fingerprint, backend, precision)
+    if (target / "winnow-export.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        if backend == "onnx":
+            _export_onnx(Path(model_path), temporary, precision)
+        else:
+            _distill_static(Path(model_path), temporary)
+        (temporary / "winnow-export.json").write_text(json.dumps(
+            {"source": str(model_path), "fingerprint": fingerprint, "backend": backend, "precision": precision}))
+        try:
+            temporary.rename(target)
+        except OSError:  # another process finished the same export first
+            if not (target / "winnow-export.json").exists():
+                raise
+    except ExportFailed:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the exporters is the model folder's
+        raise ExportFailed(f"embed.backend: {backend} {precision}: cannot export {model_path}: "
+                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return target
+
+
+def _sentence_graph(model):
+    """The whole sentence-transformers pipeline (transformer, pooling, dense, normalise) as one module to trace,
+    so that any pooling the model folder declares is exported with it."""
+    import torch
+
+    class SentenceGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            return self.model(features)["sentence_embedding"]
+
+    return SentenceGraph().eval()
+
+
+def _export_onnx(model_path: Path, target: Path, precision: str) -> None:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_path), device="cpu", local_files_only=True)
+    model.tokenizer.save_pretrained(str(target))
+    (target / "winnow-settings.json").write_text(json.dumps({"max_seq_length": model.max_seq_length}))
+    sample = torch.ones(2, 8, dtype=torch.long)
+    raw = target / "raw.onnx"
+    axes = {name: {0: "batch", 1: "tokens"} for name in _INPUTS} | {"sentence_embedding": {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(_sentence_graph(model), (sample, sample, torch.zeros_like(sample)), str(raw),
+                          input_names=list(_INPUTS), output_names=["sentence_embedding"], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+    if precision == "fp32":
+        raw.rename(target / _ONNX_FILE)
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Per-channel weights with a reduced range: without VNNI, u8 x s8 products saturate in 16 bits; measured
+    # here, plain int8 weights kept a mean cosine of only 0.86 to fp32, these 0.99.
+    quantize_dynamic(str(raw), str(target / _ONNX_FILE), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=True, extra_options={"DefaultTensorType": 1})
+    raw.unlink()
+
+
+def _distill_static(model_path: Path, target: Path) -> None:
+    from model2vec.distill import distill_from_model
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    model = AutoModel.from_pretrained(str(model_path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    distill_from_model(model=model, tokenizer=tokenizer, pca_dims=STATIC_DIMS).save_pretrained(str(target))
+
+
+def _length_order(texts: Sequence[str]) -> np.ndarray:
+    return np.argsort(np.fromiter((len(text) for text in texts), dtype=np.int64, count=len(texts)),
+                      kind="stable")
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+class OnnxEncoder:
+    """An exported model run by ONNX Runtime on the CPU with a fixed number of threads."""
+
+    def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None):
+        import onnxruntime
+        from transformers import AutoTokenizer
+
+        settings = json.loads((folder / "winnow-settings.json").read_text())
+        self.max_length = max_seq_length or settings["max_seq_length"]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(folder / _ONNX_FILE), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.inputs = [node.name for node in self.session.get_inputs()]
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        texts = list(texts)
+        order = _length_order(texts)
+        out: np.ndarray | None = None
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            batch = self.tokenizer([texts[row] for row in rows], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="np")
+            feed = {name: batch[name].astype(np.int64) if name in batch else
+                    np.zeros_like(batch["input_ids"], dtype=np.int64) for name in self.inputs}
+            vectors = self.session.run(None, feed)[0]
+            if out is None:
+                out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+        return _unit(out if out is not None else np.zeros((0, 0), np.float32))
+
+
+class StaticEncoder:
+    """A distilled static model (model2vec): a token's vector looked up, a text's vectors averaged."""
+
+    def __init__(self, folder: Path, max_seq_length: int | None = None):
+        from model2vec import StaticModel
+
+        self.model = StaticModel.from_pretrained(str(folder))
+        self.max_length = max_seq_length or 512
+
+    def encode(self, texts: Sequence[str], batch_size: int = 1024) -> np.ndarray:
+        vectors = self.model.encode(list(texts), show_progress_bar=False, max_length=self.max_length,
+                                    batch_size=max(batch_size, 1024), use_multiprocessing=False)
+        return _unit(vectors)
+
+
+class TorchEncoder:
+    """The model folder run by sentence-transformers (the reference every other backend is measured against)."""
+
+    def __init__(self, folder: Path, device: str = "cpu", max_seq_length: int | None = None):
+        from winnow.selectors.embedding import load_model
+
+        self.model = load_model(folder, device, max_seq_length)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        vectors = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                    show_progress_bar=False)
+        return _unit(vectors)
+
+
+def load_encoder(backend: str, folder: str | Path, device: str = "cpu", max_seq_length: int | None = None,
+                 threads: int = 1):
+    """The encoder of `backend` over the folder `ensure_export` returned."""
+    folder = Path(folder)
+    if backend == "torch":
+        return TorchEncoder(folder, device, max_seq_length)
+    if backend == "onnx":
+        return OnnxEncoder(folder, threads, max_seq_length)
+    if backend == "static":
+        return StaticEncoder(folder, max_seq_length)
+    raise ValueError(f"embed.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
