@@ -3,13 +3,13 @@
 Input: valid records (`id`, `text`, `text_hash`, ...). Output: the same records with `embedding` (a unit
 float32 vector) and `embedding_reused` (whether it came from the previous run's embeddings).
 
-The stage works on the cache's record files, not on records: one task per file (a block of the validate stage,
-or a file of pickled records) reads it, embeds its texts window by window and writes the same rows with the
-vectors as a fixed-size-list column (blocks.py) into this stage's cache; no GroupByKey holds records or
-vectors. A window is the rows of a file with the same `input_row // embed.window` (a window cut by a file
-boundary is embedded as two); every backend (`embed.backend`: torch, onnx fp32/int8, static; selectors/backends.py)
-sorts a window by length before cutting batches of `embed.batch_size`, which keeps padding low. `embeddings/part-*.parquet` (id, text_hash, embedding, in input
-order) are cut from the written files by `WriteOrderedFiles`.
+The stage works on the cache's record files, not on records: one task per file (a block of the validate stage, or
+a file of pickled records) reads it, embeds its texts window by window and writes the same rows with the vectors
+as a fixed-size-list column (blocks.py) into this stage's cache; no GroupByKey holds records or vectors. A window
+is the rows of a file with the same `input_row // embed.window` (a window cut by a file boundary is embedded as
+two); every backend (`embed.backend`: torch, onnx fp32/int8, static; selectors/backends.py) sorts a window by
+length before cutting batches of `embed.batch_size`, which keeps padding low. `embeddings/part-*.parquet` (id,
+text_hash, embedding, in input order) are cut from the written files by `WriteOrderedFiles`.
 
 When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again:
 each worker indexes the previous files' text hashes once (16 bytes per previous row) and reads the vectors of a
