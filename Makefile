@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
 	eval-quality eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -62,6 +62,10 @@ lint: setup
 
 bench-embed: setup
 	$(BIN)/python bench/bench_embed.py $(ARGS)
+
+# Every embedding backend (torch, onnx fp32/int8, static) on the same rows: docs/s and quality against torch fp32.
+bench-backends: setup
+	$(BIN)/python bench/bench_backends.py $(ARGS)
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .ruff_cache

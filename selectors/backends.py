@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def _export_onnx(model_path: Path, target: Path, precision: str) -> None:
     sample = torch.ones(2, 8, dtype=torch.long)
     raw = target / "raw.onnx"
     axes = {name: {0: "batch", 1: "tokens"} for name in _INPUTS} | {"sentence_embedding": {0: "batch"}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on the model's Python branches, fixed by the trace
         torch.onnx.export(_sentence_graph(model), (sample, sample, torch.zeros_like(sample)), str(raw),
                           input_names=list(_INPUTS), output_names=["sentence_embedding"], dynamic_axes=axes,
                           opset_version=17, dynamo=False)

@@ -82,6 +82,9 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
     targets = str(targets_file(tmp_path))
     cases = {
         "embed": {"embed": EMBED},
+        "embed_onnx_int8": {"embed": {**EMBED, "backend": "onnx", "precision": "int8",
+                                      "export_dir": str(tmp_path / "exports")}},
+        "embed_static": {"embed": {**EMBED, "backend": "static", "export_dir": str(tmp_path / "exports")}},
         "prune_dbp_mix": {"embed": EMBED, "prune": {"enabled": True, "strategy": "dbp", "keep_fraction": 0.6},
                           "mix": MIX},
         "prune_semdedup": {"embed": EMBED, "prune": {"enabled": True, "strategy": "none",
@@ -102,7 +105,7 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
     return cases
 
 
-CASE_NAMES = ["embed", "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_embedding",
+CASE_NAMES = ["embed", "embed_onnx_int8", "embed_static", "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_embedding",
               "select_bm25", "select_random", "rephrase", "mix", "dedup"]
 
 

@@ -1,0 +1,146 @@
+"""Embedding backends: ONNX (fp32, int8) and static exports of the packaged model, made once by fingerprint, their
+vectors against torch's, the embed stage on each backend (never reusing another backend's vectors), and the
+errors a user gets for a bad backend, an unexportable model folder or a GPU setting without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import job_config
+
+from winnow.pipelines.cli import main
+from winnow.pipelines.config import ConfigError, build_config
+from winnow.pipelines.job import plan_job, run_job
+from winnow.pipelines.stages.embed import read_embeddings
+from winnow.selectors import backends, embedding
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["libc6-dev: GNU C Library: development libraries and header files",
+         "The Python interpreter, version 3.11, with its standard library.",
+         "a short one", "Ein deutscher Satz über Pakete und Abhängigkeiten.", ""]
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    path = embedding.resolve_model_path(embedding.PACKAGED_MODEL)
+    return path, embedding.model_fingerprint(path)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.fixture(scope="module")
+def reference(packaged):
+    return backends.load_encoder("torch", packaged[0]).encode(TEXTS)
+
+
+def test_a_choice_that_does_not_exist_is_refused():
+    with pytest.raises(ValueError, match="embed.backend: 'tensorrt'"):
+        backends.check_choice("tensorrt", "fp32")
+    with pytest.raises(ValueError, match="int8 needs embed.backend onnx"):
+        backends.check_choice("static", "int8")
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"backend": "tensorrt"}, "embed.backend"),
+    ({"precision": "int8"}, "embed.precision"),  # torch has no int8 here
+    ({"backend": "onnx", "device": "cuda"}, "embed.device"),
+])
+def test_config_names_the_key_of_a_bad_backend_setting(overrides, key, tmp_path):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config(job_config(tmp_path / "in.parquet", tmp_path / "out", embed={"enabled": True, **overrides}))
+
+
+def test_onnx_fp32_is_the_torch_model_and_int8_stays_close(packaged, export_dir, reference):
+    path, fingerprint = packaged
+    fp32 = backends.ensure_export(path, fingerprint, "onnx", "fp32", export_dir)
+    assert fp32 == backends.export_path(export_dir, fingerprint, "onnx", "fp32")
+    vectors = backends.load_encoder("onnx", fp32, threads=1).encode(TEXTS, batch_size=2)
+    assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.sum(vectors * reference, axis=1), 1.0, atol=1e-4)
+    int8 = backends.ensure_export(path, fingerprint, "onnx", "int8", export_dir)
+    quantised = backends.load_encoder("onnx", int8, threads=1).encode(TEXTS, batch_size=2)
+    cosine = np.sum(quantised * reference, axis=1)
+    assert cosine.min() > 0.97 and not np.allclose(cosine, 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(quantised, axis=1), 1.0, atol=1e-5)
+
+
+def test_an_export_is_made_once_and_found_by_fingerprint(packaged, export_dir, monkeypatch):
+    path, fingerprint = packaged
+    folder = backends.ensure_export(path, fingerprint, "onnx", "fp32", export_dir)
+
+    def refuse(*_):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(backends, "_export_onnx", refuse)
+    assert backends.ensure_export(path, fingerprint, "onnx", "fp32", export_dir) == folder
+    assert not [p for p in export_dir.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_a_batch_order_does_not_change_a_text_vector(packaged, export_dir):
+    folder = backends.ensure_export(*packaged, "onnx", "fp32", export_dir)
+    encoder = backends.load_encoder("onnx", folder, threads=1)
+    together = encoder.encode(TEXTS, batch_size=8)
+    np.testing.assert_allclose(encoder.encode(TEXTS[::-1], batch_size=8)[::-1], together, atol=1e-5)
+
+
+def test_static_model_is_distilled_locally_and_gives_256_dimensions(packaged, export_dir, reference):
+    folder = backends.ensure_export(*packaged, "static", "fp32", export_dir)
+    vectors = backends.load_encoder("static", folder).encode(TEXTS)
+    assert vectors.shape == (len(TEXTS), backends.STATIC_DIMS) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors[:-1], axis=1), 1.0, atol=1e-5)
+    assert np.all(vectors[-1] == 0)  # an empty text has no token: a zero row, never NaN
+    static_similarity = vectors[:2] @ vectors[:2].T
+    assert static_similarity[0, 1] < 0.99  # two different texts stay apart
+
+
+def test_unexportable_model_folder_is_one_line_naming_the_key(tmp_path, sample_slice, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    code = main(["run", str(_config_file(tmp_path, sample_slice)), "--set", f"embed.model={tmp_path / 'model'}",
+                 "--set", "embed.backend=onnx", "--set", f"embed.export_dir={tmp_path / 'exports'}"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and error[0].startswith("winnow: error: embed.backend: onnx fp32: cannot")
+
+
+@pytest.mark.skipif(embedding.choose_device("auto") == "cuda", reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_line_naming_the_key(tmp_path, sample_slice, capsys):
+    code = main(["run", str(_config_file(tmp_path, sample_slice)), "--set", "embed.device=cuda"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and error == ["winnow: error: embed.device: cuda, but torch sees no CUDA device here "
+                                   "(use auto or cpu)"]
+
+
+def _config_file(tmp_path, sample_slice):
+    import yaml
+
+    config = job_config(sample_slice / "b_docs.parquet", tmp_path / "out", embed={"enabled": True})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_stage_on_each_backend_never_reuses_another_backends_vectors(sample_slice, export_dir, tmp_path):
+    output = tmp_path / "out"
+    embed = {"enabled": True, "window": 16, "export_dir": str(export_dir)}
+    config = job_config(sample_slice / "b_docs.parquet", output, embed=embed)
+    torch_run = run_job(plan_job(build_config(config), []))
+    _, torch_vectors = read_embeddings(output)
+    config["embed"] = {**embed, "backend": "onnx", "precision": "int8"}
+    onnx_run = run_job(plan_job(build_config(config), []))
+    ids, onnx_vectors = read_embeddings(output)
+    assert torch_run["embeddings"]["computed_rows"] == onnx_run["embeddings"]["computed_rows"] == 60
+    assert onnx_run["embeddings"]["reused_rows"] == 0  # the torch run's vectors are the same texts, not reused
+    assert onnx_run["embeddings"]["backend"] == "onnx" and onnx_run["embeddings"]["precision"] == "int8"
+    assert ids == pq.read_table(output / "shards").column("id").to_pylist()
+    cosine = np.sum(torch_vectors * onnx_vectors, axis=1)
+    assert cosine.min() > 0.97 and cosine.max() < 1.0 - 1e-6
+    again = run_job(plan_job(build_config(config), []))  # the same backend: its own vectors are reused
+    assert [s["reused"] for s in again["stages"]] == [True, True]
+    config["embed"] = {**embed, "backend": "static"}
+    run_job(plan_job(build_config(config), []))
+    assert read_embeddings(output)[1].shape == (60, backends.STATIC_DIMS)
