@@ -128,7 +128,8 @@ def main() -> int:
                        "x_torch": round(seconds[TIERS[0]] / seconds[tier], 2),
                        **quality(reference, vectors[tier], reference_top, args.eps),
                        "dbp_kept_agreement": round(float(np.mean(kept == reference_kept)), 4),
-                       "dbp_kept_jaccard": round(float((kept & reference_kept).sum() / (kept | reference_kept).sum()), 4)}
+                       "dbp_kept_jaccard": round(float((kept & reference_kept).sum()
+                                                   / (kept | reference_kept).sum()), 4)}
             rows["-".join(tier)] = figures
             print(corpus, "-".join(tier), json.dumps(figures), flush=True)
         result["corpora"][corpus] = rows

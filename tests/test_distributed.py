@@ -105,7 +105,8 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
     return cases
 
 
-CASE_NAMES = ["embed", "embed_onnx_int8", "embed_static", "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_embedding",
+CASE_NAMES = ["embed", "embed_onnx_int8", "embed_static",
+              "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_embedding",
               "select_bm25", "select_random", "rephrase", "mix", "dedup"]
 
 

@@ -153,6 +153,26 @@ def test_dedup_with_its_cache_on_s3_gives_the_local_output(s3_server, sample_sli
     same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", "s3://dedup/in/")
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize(("backend", "precision"), [("onnx", "int8"), ("static", "fp32")])
+def test_embedding_backends_with_the_cache_on_s3_give_the_local_output(backend, precision, s3_server, sample_slice,
+                                                                        tmp_path):
+    """The exported backends (their exports on local disk, the stage cache and output on S3) embed and prune
+    exactly as the local run does."""
+    url, s3_args = s3_server
+    bucket = f"embed-{backend}"
+    upload(url, bucket, {f"in/{p.name}": p for p in sample_slice.glob("*.parquet")})
+    sections = {"embed": {"enabled": True, "backend": backend, "precision": precision,
+                          "export_dir": str(tmp_path / "exports")},
+                "prune": {"enabled": True, "keep_fraction": 0.6}}
+    run_job(plan_job(build_config(job_config(sample_slice / "*", tmp_path / "local", **sections)), []))
+    remote = run_job(plan_job(build_config(job_config(f"s3://{bucket}/in/*.parquet", f"s3://{bucket}/out",
+                                                      **sections)), s3_args))
+    assert remote["embeddings"]["backend"] == backend and remote["embeddings"]["precision"] == precision
+    download_output(url, bucket, "out", tmp_path / "remote")
+    same_but_paths(tmp_path / "local", tmp_path / "remote", f"{sample_slice}/", f"s3://{bucket}/in/")
+
+
 def test_the_lock_is_a_conditional_create_on_s3_and_on_disk(s3_server, tmp_path):
     from winnow.pipelines.io.storage import create_if_absent
 
