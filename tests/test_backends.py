@@ -144,3 +144,15 @@ def test_stage_on_each_backend_never_reuses_another_backends_vectors(sample_slic
     config["embed"] = {**embed, "backend": "static"}
     run_job(plan_job(build_config(config), []))
     assert read_embeddings(output)[1].shape == (60, backends.STATIC_DIMS)
+
+
+def test_embed_export_command_makes_the_export_a_run_then_finds(tmp_path, sample_slice, packaged, export_dir,
+                                                                capsys):
+    config = _config_file(tmp_path, sample_slice)
+    code = main(["embed", "export", str(config), "--set", "embed.backend=onnx", "--set",
+                 f"embed.export_dir={export_dir}"])
+    folder = backends.export_path(export_dir, packaged[1], "onnx", "fp32")
+    assert code == 0 and capsys.readouterr().out.strip().endswith(str(folder))
+    assert (folder / "winnow-export.json").exists()
+    assert main(["embed", "export", str(config), "--set", "embed.backend=tensorrt"]) == 2
+    assert "embed.backend" in capsys.readouterr().err
