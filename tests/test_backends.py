@@ -156,3 +156,14 @@ def test_embed_export_command_makes_the_export_a_run_then_finds(tmp_path, sample
     assert (folder / "winnow-export.json").exists()
     assert main(["embed", "export", str(config), "--set", "embed.backend=tensorrt"]) == 2
     assert "embed.backend" in capsys.readouterr().err
+
+
+def test_embedding_selection_embeds_its_targets_with_the_pools_backend(sample_slice, export_dir, tmp_path):
+    """The pool's vectors come from embed.backend; the targets must too (a static pool has 256 dimensions)."""
+    from conftest import targets_file
+
+    select = {"enabled": True, "method": "embedding", "targets": str(targets_file(tmp_path)), "count": 10}
+    config = job_config(sample_slice / "b_docs.parquet", tmp_path / "out", select=select,
+                        embed={"enabled": True, "backend": "static", "export_dir": str(export_dir)})
+    manifest = run_job(plan_job(build_config(config), []))
+    assert manifest["select"]["selected"] == 10 and manifest["select"]["embed_backend"] == "static"

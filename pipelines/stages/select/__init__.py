@@ -76,6 +76,8 @@ def _steps(plan: SelectPlan, config: WinnowConfig) -> list[Step]:
         scores["seed"] = section["seed"]
     models = {"targets": _text_digest(plan.targets), "model": plan.model_fingerprint, "sae": plan.sae_fingerprint,
               "embed_model": plan.embed_model_fingerprint, "device": plan.device}
+    if plan.embed_backend != "torch":  # keys of torch runs stay as they were
+        models["embed_backend"] = plan.embed_backend
     return [
         Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=METHODS[plan.method].reads_vectors,
              reads_files=True, passes=score_passes(plan)),
@@ -93,8 +95,9 @@ def _text_digest(texts) -> str:
 
 def _plan(context: PlanContext) -> SelectPlan:
     embed = context.plans.get("embed")
-    return replace(plan_select(context.config, context.workers, embed.model_path if embed else None,
-                               embed.fingerprint if embed else None),
+    return replace(plan_select(context.config, context.workers,
+                               (embed.model_folder or embed.model_path) if embed else None,
+                               embed.fingerprint if embed else None, embed.backend if embed else "torch"),
                    expected_records=context.expected_records)
 
 

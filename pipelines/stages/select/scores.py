@@ -28,7 +28,7 @@ from winnow.pipelines.io.ordered_io import write_bytes
 from winnow.pipelines.io.read import InputError, expand_paths, read_column
 from winnow.pipelines.io.storage import join, read_bytes
 from winnow.pipelines.io.text_checks import check_text
-from winnow.selectors import embedding, lm, task_selection
+from winnow.selectors import backends, embedding, lm, task_selection
 from winnow.selectors import sae as sae_lib
 from winnow.selectors.embedding import ModelNotFound
 from winnow.selectors.names import SELECT_METHODS
@@ -64,6 +64,7 @@ class SelectPlan:
     sae_k: int | None = None
     embed_model_path: str | None = None
     embed_model_fingerprint: str | None = None
+    embed_backend: str = "torch"  # the targets are embedded as the embed stage embedded the pool
     expected_records: int | None = None
 
     def manifest(self) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def _sae_config(path: str) -> dict[str, Any]:
 
 
 def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None,
-                embed_model_fingerprint: str | None = None) -> SelectPlan:
+                embed_model_fingerprint: str | None = None, embed_backend: str = "torch") -> SelectPlan:
     """Resolve targets, models and the layer on the driver; raises InputError, ConfigError, ModelNotFound."""
     select = config.select
     texts, rejected = load_targets(select.targets, select.target_text or config.input.columns.text)
@@ -110,7 +111,7 @@ def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None
     )
     if select.method == "embedding":
         return SelectPlan(**common, embed_model_path=embed_model_path,
-                          embed_model_fingerprint=embed_model_fingerprint)
+                          embed_model_fingerprint=embed_model_fingerprint, embed_backend=embed_backend)
     if select.method != "mona":
         return SelectPlan(**common)
     model_path = lm.resolve_lm_path(select.model)
@@ -185,8 +186,9 @@ METHODS = {
         lambda models, plan, texts: task_selection.prototype(sae_codes(models, plan, texts)),
         _mona_scores, sparse_features=True),
     "embedding": Method(
-        lambda plan: embedding.load_model(plan.embed_model_path, plan.device),
-        lambda models, plan, texts: task_selection.embedding_prototype(embedding.encode(models(), texts)),
+        lambda plan: backends.load_encoder(plan.embed_backend, plan.embed_model_path, plan.device, None,
+                                           plan.torch_threads or embedding.worker_threads()),
+        lambda models, plan, texts: task_selection.embedding_prototype(models().encode(texts)),
         lambda models, plan, records, prototype, stats: (
             task_selection.cosine_scores(np.stack([r["embedding"] for r in records]), prototype), None),
         reads_vectors=True),
@@ -219,7 +221,8 @@ class SelectHandler(ModelHandler):
 
     def tag(self) -> str:
         plan = self.plan
-        return f"{plan.method}:{plan.model_fingerprint}:{plan.sae_fingerprint}:{plan.embed_model_path}:{plan.device}"
+        return (f"{plan.method}:{plan.model_fingerprint}:{plan.sae_fingerprint}:{plan.embed_model_path}:"
+                f"{plan.embed_backend}:{plan.device}")
 
     def load(self):
         return self.method.load(self.plan)
