@@ -158,7 +158,7 @@ def embed_export_command(args: argparse.Namespace) -> int:
         path = embedding.resolve_model_path(section.model)
         fingerprint = embedding.model_fingerprint(path)
         folder = backends.ensure_export(path, fingerprint, section.backend, section.precision,
-                                        section.export_dir or backends.default_export_dir())
+                                        section.export_dir)
     except (ConfigError, embedding.ModelNotFound, backends.ExportFailed) as error:
         print(f"winnow: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from winnow.selectors import backends
 from winnow.selectors.names import PACKAGED_LM, PACKAGED_MODEL, PRUNE_STRATEGIES, SELECT_METHODS
 
 
@@ -176,8 +177,7 @@ class EmbedConfig(_Section):
 
     @model_validator(mode="after")
     def _precision_fits(self) -> EmbedConfig:
-        if self.precision == "int8" and self.backend != "onnx":
-            raise ValueError(f"embed.precision: int8 needs embed.backend onnx (not {self.backend})")
+        backends.check_choice(self.backend, self.precision)
         if self.backend != "torch" and self.device == "cuda":
             raise ValueError(f"embed.device: cuda runs the torch backend only (embed.backend is {self.backend})")
         return self

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from winnow.selectors.embedding import encode, l2_normalise, load_model
+
 BACKENDS = ("torch", "onnx", "static")
 PRECISIONS = ("fp32", "int8")
 STATIC_DIMS = 256
@@ -57,12 +59,13 @@ def check_choice(backend: str, precision: str) -> None:
 
 
 def ensure_export(model_path: str | Path, fingerprint: str, backend: str, precision: str,
-                  export_dir: str | Path) -> Path:
-    """The folder the backend loads: the model folder itself for torch, else its export (made when absent)."""
+                  export_dir: str | Path | None = None) -> Path:
+    """The folder the backend loads: the model folder itself for torch, else its export (made when absent) in
+    `export_dir` (None: `default_export_dir()`)."""
     check_choice(backend, precision)
     if backend == "torch":
         return Path(model_path)
-    target = export_path(export_dir, fingerprint, backend, precision)
+    target = export_path(export_dir or default_export_dir(), fingerprint, backend, precision)
     if (target / "winnow-export.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +82,6 @@ def ensure_export(model_path: str | Path, fingerprint: str, backend: str, precis
         except OSError:  # another process finished the same export first
             if not (target / "winnow-export.json").exists():
                 raise
-    except ExportFailed:
-        raise
     except Exception as error:  # noqa: BLE001 - any failure of the exporters is the model folder's
         raise ExportFailed(f"embed.backend: {backend} {precision}: cannot export {model_path}: "
                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
@@ -149,12 +150,6 @@ def _length_order(texts: Sequence[str]) -> np.ndarray:
                       kind="stable")
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
-
-
 class OnnxEncoder:
     """An exported model run by ONNX Runtime on the CPU with a fixed number of threads."""
 
@@ -186,7 +181,7 @@ class OnnxEncoder:
             if out is None:
                 out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
-        return _unit(out if out is not None else np.zeros((0, 0), np.float32))
+        return l2_normalise(out if out is not None else np.zeros((0, 0), np.float32))
 
 
 class StaticEncoder:
@@ -201,21 +196,17 @@ class StaticEncoder:
     def encode(self, texts: Sequence[str], batch_size: int = 1024) -> np.ndarray:
         vectors = self.model.encode(list(texts), show_progress_bar=False, max_length=self.max_length,
                                     batch_size=max(batch_size, 1024), use_multiprocessing=False)
-        return _unit(vectors)
+        return l2_normalise(vectors)
 
 
 class TorchEncoder:
     """The model folder run by sentence-transformers (the reference every other backend is measured against)."""
 
     def __init__(self, folder: Path, device: str = "cpu", max_seq_length: int | None = None):
-        from winnow.selectors.embedding import load_model
-
         self.model = load_model(folder, device, max_seq_length)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        vectors = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                    show_progress_bar=False)
-        return _unit(vectors)
+        return encode(self.model, texts, batch_size)
 
 
 def load_encoder(backend: str, folder: str | Path, device: str = "cpu", max_seq_length: int | None = None,

@@ -67,7 +67,7 @@ class EmbedPlan:
     max_seq_length: int | None
     backend: str = "torch"
     precision: str = "fp32"
-    model_folder: str = ""  # what the backend loads: the model folder, or its export
+    model_folder: str = ""  # what the backend loads: the model folder (torch), or its export
     reuse_from: tuple[str, ...] | None = None
     expected_records: int | None = None
 
@@ -78,7 +78,7 @@ class EmbedPlan:
         fingerprint = embedding.model_fingerprint(path)
         device = embedding.choose_device(config.device, "embed.device") if config.backend == "torch" else "cpu"
         folder = backends.ensure_export(path, fingerprint, config.backend, config.precision,
-                                        config.export_dir or backends.default_export_dir())
+                                        config.export_dir)
         return cls(
             model=config.model,
             model_path=str(path),
@@ -110,7 +110,7 @@ class EmbedHandler(ModelHandler):
 
     def load(self):
         plan = self.plan
-        return backends.load_encoder(plan.backend, plan.model_folder or plan.model_path, plan.device,
+        return backends.load_encoder(plan.backend, plan.model_folder, plan.device,
                                      plan.max_seq_length, plan.torch_threads or embedding.worker_threads())
 
 

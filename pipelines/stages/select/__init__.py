@@ -96,7 +96,7 @@ def _text_digest(texts) -> str:
 def _plan(context: PlanContext) -> SelectPlan:
     embed = context.plans.get("embed")
     return replace(plan_select(context.config, context.workers,
-                               (embed.model_folder or embed.model_path) if embed else None,
+                               embed.model_folder if embed else None,
                                embed.fingerprint if embed else None, embed.backend if embed else "torch"),
                    expected_records=context.expected_records)
 
