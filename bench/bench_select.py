@@ -6,7 +6,9 @@ size, token cap and torch threads, one after the other in this process, over the
 (length-sorted batches of forward passes up to the layer, SAE encoding, mean pooling; no Beam). The Beam figure
 is the whole job's wall time (read, validate, score, threshold, write shards and ledger), so the ratio is a
 lower bound for the stage. First, the default-size SAE (4,608 features, k 32, 400 steps of 1,024 tokens) is
-trained on the activations of `--train-rows` other rows, and that training is timed.
+trained on the activations of `--train-rows` other rows, and that training is timed. Then the same job with
+`select.shortlist` (`--shortlist`, BM25 by default) at each of `--multiples`, side by side: the whole job's wall
+time against the exact job's, and the share of the exact job's selection each keeps.
 
     make bench-select                   # 5,000 samples
     make bench-select ARGS="--rows 500"
@@ -47,6 +49,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="Parquet with id, text, source")
     parser.add_argument("--lm", default=lm.PACKAGED_LM, help="a transformers causal LM folder")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shortlist", default="bm25", choices=["bm25", "embedding"])
+    parser.add_argument("--multiples", type=int, nargs="*", default=[2, 4, 8])
     args = parser.parse_args()
     if not args.data.exists():
         print(f"bench-select needs {args.data} (../shared/data); it is absent", file=sys.stderr)
@@ -92,7 +96,23 @@ def main() -> int:
         started = time.perf_counter()
         manifest = run_job(plan_job(config, []), force=True)
         beam_s = time.perf_counter() - started
-        ledger = pq.read_table(scratch / "out" / "ledger", columns=["id", "sae_score"]).to_pandas().set_index("id")
+        ledger = pq.read_table(scratch / "out" / "ledger", columns=["id", "sae_score", "fate"]).to_pandas()
+        ledger = ledger.set_index("id")
+        exact = set(ledger.index[ledger["fate"] == "kept"])
+        shortlists = []
+        for multiple in args.multiples:
+            config_dict = config.resolved()  # embed.enabled auto: on for an embedding shortlist
+            config_dict["select"].update(shortlist=args.shortlist, shortlist_multiple=multiple)
+            config_dict["output"]["path"] = str(scratch / f"out-{multiple}")
+            started = time.perf_counter()
+            run_job(plan_job(build_config(config_dict), []), force=True)
+            seconds = time.perf_counter() - started
+            kept = pq.read_table(scratch / f"out-{multiple}" / "ledger", columns=["id", "fate"]).to_pandas()
+            chosen = set(kept.loc[kept["fate"] == "kept", "id"])
+            shortlists.append({"shortlist": args.shortlist, "multiple": multiple, "job_s": round(seconds, 2),
+                               "speedup_over_exact": round(beam_s / seconds, 2),
+                               "recall_of_exact_selection": round(len(chosen & exact) / max(1, len(exact)), 4)})
+            print(json.dumps(shortlists[-1]), flush=True)
 
     from winnow.selectors.task_selection import jaccard_to_prototype, prototype
 
@@ -116,6 +136,7 @@ def main() -> int:
                          "train_s": round(train_s, 1), "activation_tokens": int(len(acts)),
                          "activation_extract_s": round(extract_s, 1)},
         "beam_timings": manifest["timings"],
+        "shortlists": shortlists,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -101,6 +101,38 @@ def precision_table(pool: pd.DataFrame, scorers: dict, seeds: list[int], targets
     return result
 
 
+def shortlist_table(pool: pd.DataFrame, mona, cheap: dict, multiples: list[int], seeds: list[int],
+                    targets_per_type: int) -> dict:
+    """{cheap method: {multiple: {"recall": [...], "precision": [...], "scored": [...]}}}: per type and seed,
+    the cheap scorer keeps the top multiple x n candidates, MONA picks n of those (the select stage's
+    `select.shortlist`); recall = the share of full MONA's n that it still picks, scored = the share of the
+    candidates MONA had to score."""
+    labels = sorted(pool["label"].unique())
+    truth = pool["label"].to_numpy()
+    ids = pool["id"].tolist()
+    result = {name: {m: {"recall": [], "precision": [], "scored": []} for m in multiples} for name in cheap}
+    for seed in seeds:
+        for index, label in enumerate(labels):
+            rng = np.random.default_rng([seed, index])
+            targets = rng.choice(np.flatnonzero(truth == label), targets_per_type, replace=False)
+            candidates = np.setdiff1d(np.arange(len(pool)), targets)
+            wanted = int((truth[candidates] == label).sum())
+            candidate_ids = [ids[i] for i in candidates]
+            full_scores = mona(targets, candidates, seed)
+            full = set(task_selection.select_top(full_scores, candidate_ids, wanted, seed).tolist())
+            for name, scorer in cheap.items():
+                cheap_scores = scorer(targets, candidates, seed)
+                for multiple in multiples:
+                    kept = task_selection.select_top(cheap_scores, candidate_ids, multiple * wanted, seed)
+                    chosen = kept[task_selection.select_top(full_scores[kept], [candidate_ids[i] for i in kept],
+                                                            wanted, seed)]
+                    cell = result[name][multiple]
+                    cell["recall"].append(len(full & set(chosen.tolist())) / wanted)
+                    cell["precision"].append(float((truth[candidates[chosen]] == label).mean()))
+                    cell["scored"].append(len(kept) / len(candidates))
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-type", type=int, default=100)
@@ -113,6 +145,7 @@ def main() -> int:
     parser.add_argument("--ablation-layers", type=int, nargs="*", default=[20, 24, 29])
     parser.add_argument("--ablation-sizes", type=int, nargs="*", default=[1152, 9216])
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--shortlist-multiples", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--cache", type=Path, default=Path("eval/cache/select"))
     parser.add_argument("--out", type=Path, default=Path("eval/out"))
     args = parser.parse_args()
@@ -170,12 +203,28 @@ def main() -> int:
     for size in args.ablation_sizes:
         scorers[f"mona d_sae {size}"] = mona(codes_for(args.layer, size))
     table = precision_table(pool, scorers, args.seeds, args.targets)
+    shortlists = shortlist_table(pool, scorers["mona"], {"bm25": bm25, "embedding": scorers["embedding"]},
+                                 args.shortlist_multiples, args.seeds, args.targets)
     elapsed = time.perf_counter() - started
-    write_outputs(args, table, pool, elapsed)
+    write_outputs(args, table, pool, elapsed, shortlists)
     return 0
 
 
-def write_outputs(args, table: dict, pool: pd.DataFrame, elapsed: float) -> None:
+def shortlist_lines(shortlists: dict, full_precision: float, seeds: int) -> list[str]:
+    lines = ["", f"MONA on a shortlist (`select.shortlist`; full MONA's average precision {full_precision:.3f}; "
+             "mean over types and seeds, ± std over seeds):", "",
+             "| shortlist | multiple | share of pool scored by MONA | recall of full MONA's choice | precision |",
+             "|---|---|---|---|---|"]
+    for name, by_multiple in shortlists.items():
+        for multiple, cell in by_multiple.items():
+            recall = np.array(cell["recall"]).reshape(seeds, -1).mean(axis=1)
+            precision = np.array(cell["precision"]).reshape(seeds, -1).mean(axis=1)
+            lines.append(f"| {name} | {multiple} | {np.mean(cell['scored']):.3f} | {recall.mean():.3f} "
+                         f"±{recall.std():.3f} | {precision.mean():.3f} ±{precision.std():.3f} |")
+    return lines
+
+
+def write_outputs(args, table: dict, pool: pd.DataFrame, elapsed: float, shortlists: dict) -> None:
     methods = list(table)
     labels = sorted(pool["label"].unique())
     mean = {m: float(np.mean([np.mean(table[m][label]) for label in labels])) for m in methods}
@@ -197,9 +246,10 @@ def write_outputs(args, table: dict, pool: pd.DataFrame, elapsed: float) -> None
     for m in methods:
         if m not in head:
             lines.append(f"- {m}: {mean[m]:.3f} ±{spread[m]:.3f}")
+    lines += shortlist_lines(shortlists, mean["mona"], len(args.seeds))
     (args.out / "select.md").write_text("\n".join(lines) + "\n")
-    (args.out / "select.json").write_text(json.dumps({"average": mean, "seed_std": spread, "per_type": table},
-                                                     indent=1))
+    (args.out / "select.json").write_text(json.dumps({"average": mean, "seed_std": spread, "per_type": table,
+                                                      "shortlist": shortlists}, indent=1))
     figure, axis = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(head)
     for i, m in enumerate(head):

@@ -230,11 +230,17 @@ class SelectConfig(_Section):
     seed: int = Field(0, description="seeds the tie-break among equal scores and the random baseline")
     top_features: int = Field(10, ge=0, description="prototype features reported in the manifest (mona)")
     feature_examples: int = Field(3, ge=0, description="records shown per reported feature")
+    shortlist: Literal["embedding", "bm25"] | None = Field(
+        None, description="mona only: a cheap scorer ranks the pool first and the LM + SAE score only its top "
+        "shortlist_multiple x n; default: none, every record is scored (exact)")
+    shortlist_multiple: int = Field(4, ge=1, description="the shortlist keeps this many times the selection size")
 
     @model_validator(mode="after")
     def _one_size(self):
         if self.ratio is not None and self.count is not None:
             raise ValueError("give ratio or count, not both")
+        if self.shortlist is not None and self.method != "mona":
+            raise ValueError(f"select.shortlist: only for method mona (method is {self.method})")
         return self
 
     @property
@@ -353,6 +359,8 @@ class WinnowConfig(_Section):
                 raise ValueError("select.sae: required for method mona (train one with `winnow sae train`)")
             if self.select.method == "embedding" and self.embed.enabled is False:
                 raise ValueError("select.method embedding needs the embed stage (embed.enabled is false)")
+            if self.select.shortlist == "embedding" and self.embed.enabled is False:
+                raise ValueError("select.shortlist embedding needs the embed stage (embed.enabled is false)")
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -82,6 +82,43 @@ def test_mona_selects_exactly_the_reference_top_n(pool, tiny_sae, smollm):
     assert manifest["counts"]["by_fate"] == {"kept": 12, "not_selected": 24}
 
 
+def test_mona_on_a_bm25_shortlist_scores_only_the_shortlist(pool, tiny_sae, smollm, tmp_path):
+    """select.shortlist: BM25 keeps the exact top multiple x n, MONA scores only those, the rest are
+    `not_selected` as outside the shortlist with no SAE score; a new multiple reuses the shortlist step."""
+    root, table, targets = pool
+    manifest, output = run(root, "shortlist", method="mona", sae=str(tiny_sae), count=6, max_tokens=64,
+                           shortlist="bm25", shortlist_multiple=2)
+    ledger = ledger_of(output)
+    ids = table["id"].tolist()
+    bm25 = task_selection.bm25_scores(table["text"].tolist(), task_selection.Bm25Query.from_targets(targets))
+    shortlist = task_selection.select_top(bm25, ids, 12, 0)
+    model, tokenizer = smollm
+    sae = sae_lib.load_sae(tiny_sae)
+    texts = table["text"].iloc[shortlist].tolist()
+    proto = task_selection.prototype(sae_lib.sample_codes(model, tokenizer, sae, targets, SAE_LAYER, 64, 16))
+    scores = task_selection.jaccard_to_prototype(sae_lib.sample_codes(model, tokenizer, sae, texts, SAE_LAYER, 64, 16),
+                                                 proto)
+    shortlisted = [ids[i] for i in shortlist]
+    expected = {shortlisted[i] for i in task_selection.select_top(scores, shortlisted, 6, 0)}
+    assert set(ledger.index[ledger["fate"] == "kept"]) == expected
+    np.testing.assert_allclose(ledger.loc[shortlisted, "sae_score"].to_numpy(), scores, rtol=1e-6)
+    outside = ledger.drop(index=shortlisted)
+    assert len(outside) == 24 and set(outside["reason"]) == {"outside_shortlist_bm25"}
+    assert outside["sae_score"].isna().all() and outside["select_score"].isna().all()
+    assert outside["detail"].str.contains("outside the shortlist of the top 12 \\(2 x 6\\)").all()
+    below = ledger.loc[shortlisted][lambda frame: frame["fate"] == "not_selected"]
+    assert len(below) == 6 and set(below["reason"]) == {"below_threshold_mona"}
+    section = manifest["select"]
+    assert (section["shortlist"], section["shortlist_multiple"], section["shortlisted"]) == ("bm25", 2, 12)
+    assert section["pool"] == 36 and section["selected"] == 6
+
+    again, _ = run(root, "shortlist", method="mona", sae=str(tiny_sae), count=6, max_tokens=64,
+                   shortlist="bm25", shortlist_multiple=3)
+    select_steps = [s for s in again["stages"] if s["stage"] == "select"][0]["steps"]
+    assert [step["reused"] for step in select_steps] == [True, False, False], "BM25 is not rescored"
+    assert again["select"]["shortlisted"] == 18
+
+
 @pytest.mark.parametrize("method", ["bm25", "random", "embedding"])
 def test_baselines_select_the_reference_top_n(pool, method):
     root, table, targets = pool
@@ -115,3 +152,5 @@ def test_select_config_errors_are_one_line(pool, tmp_path, capsys):
     assert "/nowhere: not an SAE directory" in capsys.readouterr().err
     assert cli_main(["run", str(config), "--set", "select.method=bm25", "--set", "select.targets=/no/t.jsonl"]) == 2
     assert "no input files match" in capsys.readouterr().err
+    assert cli_main(["run", str(config), "--set", "select.method=bm25", "--set", "select.shortlist=bm25"]) == 2
+    assert "select.shortlist: only for method mona (method is bm25)" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from winnow.pipelines.stages.select.decide import boundary, rank_key, score_key, score_keys, selected
+from winnow.pipelines.stages.select.threshold import boundary, rank_key, score_key, score_keys, selected
 from winnow.selectors.sae import SparseCodes
 from winnow.selectors.task_selection import (
     Bm25Query,

@@ -9,7 +9,8 @@ GroupByKey ever holds the corpus. Its columns:
                              block's vectors are one contiguous float32 buffer) and whether it was reused
   cluster, dist_to_centroid  after the prune stage: the record's cluster and 1 - its cosine to the centroid
   select_score, sae_score    after the select stage (sae_score: MONA); between its steps also
-                             select_features, the record's values of the prototype's SAE features
+                             select_features, the record's values of the prototype's SAE features, and
+                             with a shortlist, shortlist_score
 Stages that still work on record dicts read a block as records (`block_records`), and cache files written from
 records (pickled dicts, `stage_cache.WriteCache`) are read the same way: `read_cache_file` takes either.
 """
@@ -39,7 +40,8 @@ CORE_COLUMNS = [
 ]
 BLOCK_ROW_GROUP = 5_000
 VECTOR_COLUMN, REUSED_COLUMN = "embedding", "embedding_reused"
-SCORE_COLUMNS = ("cluster", "dist_to_centroid", "select_score", "sae_score")  # set by prune and select
+SCORE_COLUMNS = ("cluster", "dist_to_centroid", "select_score", "sae_score",  # set by prune and select
+                 "shortlist_score")  # the select shortlist step's cheap score, between select's steps
 FEATURES_COLUMN = "select_features"  # the select scores step's per-record SAE feature values (a map column)
 
 

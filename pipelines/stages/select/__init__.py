@@ -24,7 +24,6 @@ Methods are a registry (METHODS) whose names the config accepts (docs/ALGORITHMS
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
 from winnow.pipelines.config import WinnowConfig
@@ -46,6 +45,7 @@ from winnow.pipelines.stages.select.scores import (
     score_files,
     score_passes,
 )
+from winnow.pipelines.stages.select.shortlist import shortlist_step, shortlist_top, text_digest
 from winnow.selectors import task_selection
 
 DECISION_KEYS = ("count", "ratio", "seed", "top_features", "feature_examples")
@@ -53,8 +53,10 @@ DECISION_KEYS = ("count", "ratio", "seed", "top_features", "feature_examples")
 
 def _scores(plan: SelectPlan):
     def build(pipeline, paths, context: StepContext) -> StepOutput:
+        shortlist = shortlist_top(plan).place(context.constants).key if plan.shortlist else None
         written = score_files(paths, plan, context.directory, context.constants["prototype"],
-                              context.constants.get("bm25"), context.drops_vectors, context.compression)
+                              context.constants.get("bm25"), context.drops_vectors, context.compression,
+                              shortlist=shortlist)
         return StepOutput(None, [], written)
     return build
 
@@ -74,23 +76,25 @@ def _steps(plan: SelectPlan, config: WinnowConfig) -> list[Step]:
     scores = {k: v for k, v in section.items() if k not in DECISION_KEYS}
     if METHODS[plan.method].seeded_scores:
         scores["seed"] = section["seed"]
-    models = {"targets": _text_digest(plan.targets), "model": plan.model_fingerprint, "sae": plan.sae_fingerprint,
+    passes = score_passes(plan)
+    if plan.shortlist:  # the shortlist's size follows the selection's, and its ties the seed
+        scores.update({k: section[k] for k in ("count", "ratio", "seed")})
+        passes += shortlist_top(plan).passes()
+    else:  # keys of runs without a shortlist stay as they were
+        scores = {k: v for k, v in scores.items() if not k.startswith("shortlist")}
+    targets = text_digest(plan.targets)
+    models = {"targets": targets, "model": plan.model_fingerprint, "sae": plan.sae_fingerprint,
               "embed_model": plan.embed_model_fingerprint, "device": plan.device}
     if plan.embed_backend != "torch":  # keys of torch runs stay as they were
         models["embed_backend"] = plan.embed_backend
+    steps = [shortlist_step(plan, targets)] if plan.shortlist else []
     return [
+        *steps,
         Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=METHODS[plan.method].reads_vectors,
-             reads_files=True, passes=score_passes(plan)),
+             reads_files=True, passes=passes),
         Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}}, reads_files=True,
              passes=decide_passes(plan)),
     ]
-
-
-def _text_digest(texts) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
 
 
 def _plan(context: PlanContext) -> SelectPlan:
@@ -124,7 +128,8 @@ STAGE = Stage(
     module=__name__,
     section="select",
     enabled=lambda config: config.select.enabled,
-    reads_embeddings=lambda config: config.select.enabled and METHODS[config.select.method].reads_vectors,
+    reads_embeddings=lambda config: config.select.enabled and (METHODS[config.select.method].reads_vectors
+                                                                or config.select.shortlist == "embedding"),
     plan=_plan,
     steps=_steps,
     libraries=("torch", "transformers", "sae-lens", "sentence-transformers"),

@@ -5,17 +5,15 @@ hash), so no pass holds the pool; each record file is then kept or marked `not_s
 from __future__ import annotations
 
 import posixpath
-import struct
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from winnow.pipelines.engine.passes import Pass, gather
+from winnow.pipelines.engine.passes import Pass
 from winnow.pipelines.io.blocks import FEATURES_COLUMN, VECTOR_COLUMN
 from winnow.pipelines.io.cache_files import RECORDS, REMOVED
 from winnow.pipelines.io.cached_rows import CachedRows
@@ -23,10 +21,9 @@ from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
 from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.storage import join
 from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
-from winnow.pipelines.stages.select.scores import (
-    METHODS,
-    SelectPlan,
-)
+from winnow.pipelines.stages.select.scores import METHODS, SHORTLIST_SCORE, SelectPlan
+from winnow.pipelines.stages.select.shortlist import shortlist_size
+from winnow.pipelines.stages.select.threshold import Threshold, TopN, rank_key, selected
 from winnow.selectors import task_selection
 
 SUMMARY_DIR = "_select_summary"
@@ -41,89 +38,23 @@ def top_features(prototype: np.ndarray, count: int) -> np.ndarray:
     return order[: min(count, int(np.count_nonzero(prototype)))]
 
 
-def score_key(score: float) -> int:
-    """An unsigned 64-bit integer with the same order as the float64 score."""
-    bits = struct.unpack(">Q", struct.pack(">d", score))[0]
-    return bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | (1 << 63)
-
-
-def rank_key(record: dict[str, Any], seed: int) -> tuple[int, int, str]:
-    return score_key(record["select_score"]), task_selection.tiebreak(seed, record["id"]), record["id"]
-
-
-class _PrefixCountFn(beam.CombineFn):
-    """How many rank keys share each top-`bits` prefix of the score key (at most 2^16 entries)."""
-
-    def __init__(self, shift: int):
-        self.shift = shift
-
-    def create_accumulator(self):
-        return Counter()
-
-    def add_input(self, accumulator, key):
-        accumulator[key[0] >> self.shift] += 1
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        merged = Counter()
-        for counts in accumulators:
-            merged.update(counts)
-        return merged
-
-    def extract_output(self, accumulator):
-        return dict(accumulator)
-
-
-def boundary(counts: dict[int, int], wanted: int) -> tuple[int, int] | None:
-    """(prefix holding the `wanted`-th largest key, how many to take from it); None when nothing is wanted."""
-    if wanted <= 0:
-        return None
-    above = 0
-    for prefix in sorted(counts, reverse=True):
-        if above + counts[prefix] >= wanted:
-            return prefix, wanted - above
-        above += counts[prefix]
-    raise RuntimeError(f"internal error: {wanted} wanted from {above} scored records")
-
-
-def _wanted(count: int, plan: SelectPlan) -> int:
-    return task_selection.selection_size(count, plan.ratio, plan.count)
-
-
-def _in_bucket(key, level, shift: int):
-    return level is not None and key[0] >> shift == level[0]
-
-
-def _threshold(last: list, level) -> tuple | None:
-    """The smallest selected rank key: the level[1]-th largest of the last bucket."""
-    if level is None:
-        return None
-    if len(last) < level[1]:
-        raise RuntimeError(f"internal error: {len(last)} keys in the last bucket, {level[1]} wanted")
-    return sorted(last, reverse=True)[level[1] - 1]
-
-
-def score_keys(scores: np.ndarray) -> np.ndarray:
-    """score_key of each float64 score, as uint64."""
-    bits = np.ascontiguousarray(scores, dtype=np.float64).view(np.uint64)
-    negative = (bits >> np.uint64(63)) == np.uint64(1)
-    return np.where(negative, bits ^ np.uint64(0xFFFFFFFFFFFFFFFF), bits | np.uint64(1 << 63))
-
-
-def selected(scores: np.ndarray, ids: list[str], threshold: tuple | None, seed: int) -> np.ndarray:
-    """Whether each rank key (score, seeded tiebreak, id) is at or above `threshold`; the tiebreak is hashed
-    only for the rows whose score equals the threshold's."""
-    kept = np.zeros(len(ids), dtype=bool)
-    if threshold is None:
-        return kept
-    keys = score_keys(scores)
-    kept |= keys > np.uint64(threshold[0])
-    for index in np.flatnonzero(keys == np.uint64(threshold[0])).tolist():
-        kept[index] = (task_selection.tiebreak(seed, ids[index]), ids[index]) >= tuple(threshold[1:])
-    return kept
-
-
 FILES, SCORES, HITS = "files", "scores", "hits"
+
+
+def _not_selected_reasons(plan: SelectPlan, scores: np.ndarray, shortlist_scores: np.ndarray | None,
+                          wanted: int, shortlisted: int | None) -> tuple[pa.Array, pa.Array]:
+    """(reason, detail) of each record left out: below the top n, or (a shortlist's -inf) never scored."""
+    method = plan.method
+    reasons, details = [], []
+    for index, score in enumerate(scores.tolist()):
+        if score == -np.inf and shortlist_scores is not None:
+            reasons.append(f"outside_shortlist_{plan.shortlist}")
+            details.append(f"{plan.shortlist} score {shortlist_scores[index]:.6g} outside the shortlist of the top "
+                           f"{shortlisted} ({plan.shortlist_multiple} x {wanted}); not scored by {method}")
+        else:
+            reasons.append(f"below_threshold_{method}")
+            details.append(f"score {score:.6g} below the top {wanted} ({method})")
+    return pa.array(reasons, pa.string()), pa.array(details, pa.string())
 
 
 class _DecideFileFn(beam.DoFn):
@@ -131,15 +62,32 @@ class _DecideFileFn(beam.DoFn):
     (without `select_features`) and the others' `not_selected` ledger rows into its removed rows (routed
     FILES, file metadata); its scores (SCORES) and, for mona, its values of the reported features (HITS)."""
 
-    def __init__(self, plan: SelectPlan, threshold: tuple | None, wanted: int, directory: str,
+    def __init__(self, plan: SelectPlan, threshold: tuple | None, pool: int, wanted: int, directory: str,
                  reported: frozenset[int] | None, drops_vectors: bool, compression: str):
         self.plan = plan
+        self.pool = pool
         self.compression = compression
         self.threshold = threshold
         self.wanted = wanted
         self.directory = directory
         self.reported = reported
         self.drops_vectors = drops_vectors
+
+    def _not_selected(self, rows: CachedRows, scores: np.ndarray, left: np.ndarray, name: str) -> dict[str, Any]:
+        table = rows_from_table(rows.rows_table(left), [])
+        shortlist_scores = shortlisted = None
+        if self.plan.shortlist is not None:
+            shortlist_scores = np.asarray(rows.values(SHORTLIST_SCORE), dtype=np.float64)[left]
+            shortlisted = shortlist_size(self.pool, self.plan)
+            unscored = pa.array(scores[left] == -np.inf)
+            table = table.set_column(table.schema.get_field_index("select_score"), "select_score",
+                                     pc.if_else(unscored, None, table.column("select_score")))
+        reasons, details = _not_selected_reasons(self.plan, scores[left], shortlist_scores, self.wanted,
+                                                 shortlisted)
+        ledger = ledger_rows_table(table, "select", reasons, details, 0, fate="not_selected")
+        payload = table_bytes(ledger, 65_536)
+        write_bytes(join(self.directory, REMOVED, name), payload)
+        return {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
 
     def process(self, path: str) -> Iterator[tuple[str, Any]]:
         name = posixpath.basename(path)
@@ -148,18 +96,12 @@ class _DecideFileFn(beam.DoFn):
         ids = rows.ids().to_pylist()
         kept = selected(scores, ids, self.threshold, self.plan.seed)
         yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=kept,
-                                drop=(FEATURES_COLUMN, VECTOR_COLUMN) if self.drops_vectors else (FEATURES_COLUMN,),
+                                drop=(FEATURES_COLUMN, SHORTLIST_SCORE, *((VECTOR_COLUMN,) if self.drops_vectors
+                                                                          else ())),
                                 compression=self.compression)
         if not kept.all():
-            method = self.plan.method
-            details = [f"score {score:.6g} below the top {self.wanted} ({method})" for score in scores[~kept].tolist()]
-            ledger = ledger_rows_table(rows_from_table(rows.rows_table(~kept), []), "select",
-                                       f"below_threshold_{method}", pa.array(details, pa.string()), 0,
-                                       fate="not_selected")
-            payload = table_bytes(ledger, 65_536)
-            write_bytes(join(self.directory, REMOVED, name), payload)
-            yield FILES, {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
-        yield SCORES, scores.tolist()
+            yield FILES, self._not_selected(rows, scores, ~kept, name)
+        yield SCORES, scores[np.isfinite(scores)].tolist()
         if self.reported is not None:
             texts = rows.values("text")
             for index, features in enumerate(rows.values(FEATURES_COLUMN)):
@@ -168,68 +110,18 @@ class _DecideFileFn(beam.DoFn):
                         yield HITS, (feature, (value, ids[index], texts[index][:SNIPPET_CHARS]))
 
 
-@dataclass(frozen=True)
-class Threshold:
-    """The decision's constants, placed on the driver from the passes' results."""
-
-    pool: int
-    wanted: int
-    level1: tuple[int, int] | None
-    level2: tuple[int, int] | None = None
-    key: tuple | None = None
-
-
-def _histogram_pass(records, plan: SelectPlan):
-    keys = records | "RankKeys" >> beam.Map(rank_key, plan.seed)
-    return gather({"pool": keys | "Pool" >> beam.combiners.Count.Globally(),
-                   "counts": keys | "Prefix48" >> beam.CombineGlobally(_PrefixCountFn(48))})
-
-
-def _level1(constants: dict[str, Any], plan: SelectPlan) -> Threshold:
-    pool = constants["histogram"]["pool"]
-    wanted = _wanted(pool, plan)
-    return Threshold(pool, wanted, boundary(constants["histogram"]["counts"], wanted))
-
-
-def _inner_pass(records, constants: dict[str, Any], plan: SelectPlan):
-    level1 = _level1(constants, plan).level1
-    return (
-        records
-        | "RankKeys" >> beam.Map(rank_key, plan.seed)
-        | "In48" >> beam.Filter(_in_bucket, level1, 48)
-        | "Prefix32" >> beam.CombineGlobally(_PrefixCountFn(32))
-    )
-
-
-def _level2(constants: dict[str, Any], plan: SelectPlan) -> Threshold:
-    first = _level1(constants, plan)
-    level2 = boundary(constants["inner"], first.level1[1]) if first.level1 else None
-    return replace(first, level2=level2)
-
-
-def _last_pass(records, constants: dict[str, Any], plan: SelectPlan):
-    first = _level2(constants, plan)
-    return (
-        records
-        | "RankKeys" >> beam.Map(rank_key, plan.seed)
-        | "In48" >> beam.Filter(_in_bucket, first.level1, 48)
-        | "In32" >> beam.Filter(_in_bucket, first.level2, 32)
-        | "LastBucket" >> beam.combiners.ToList()
-    )
+def decision(plan: SelectPlan) -> TopN:
+    """The exact top n by `select_score` (ties by a seeded id hash)."""
+    return TopN("", lambda records, constants: records | "RankKeys" >> beam.Map(rank_key, plan.seed),
+                lambda pool, constants: task_selection.selection_size(pool, plan.ratio, plan.count))
 
 
 def place_threshold(constants: dict[str, Any], plan: SelectPlan) -> Threshold:
-    """The smallest selected rank key, from the three passes' results."""
-    second = _level2(constants, plan)
-    return replace(second, key=_threshold([tuple(k) for k in constants["last"]], second.level2))
+    return decision(plan).place(constants)
 
 
 def decide_passes(plan: SelectPlan) -> tuple[Pass, ...]:
-    return (
-        Pass("histogram", lambda records, constants: _histogram_pass(records, plan)),
-        Pass("inner", lambda records, constants: _inner_pass(records, constants, plan)),
-        Pass("last", lambda records, constants: _last_pass(records, constants, plan)),
-    )
+    return decision(plan).passes()
 
 
 def _build_summary(parts, plan: SelectPlan, prototype: np.ndarray | None) -> dict[str, Any]:
@@ -248,6 +140,8 @@ def _build_summary(parts, plan: SelectPlan, prototype: np.ndarray | None) -> dic
         "threshold_score": gathered.get("threshold_score"),
         "score_quantiles": [round(float(q), 6) for q in gathered.get("quantiles") or []],
     }
+    if "shortlisted" in gathered:
+        section["shortlisted"] = gathered["shortlisted"]
     if METHODS[plan.method].sparse_features:
         section["prototype_top_features"] = [
             {
@@ -272,13 +166,14 @@ def decide_files(paths, plan: SelectPlan, prototype: np.ndarray | None, threshol
         if METHODS[plan.method].sparse_features else None
     decided = split_routed(
         paths  # stage_run's Create of the files spreads them (a Reshuffle)
-        | "Decide" >> beam.ParDo(_DecideFileFn(plan, threshold.key, threshold.wanted, directory, reported,
-                                               drops_vectors, compression)),
+        | "Decide" >> beam.ParDo(_DecideFileFn(plan, threshold.key, threshold.pool, threshold.wanted, directory,
+                                               reported, drops_vectors, compression)),
         "Decided",
         (FILES, SCORES, HITS),
     )
-    placed = {"pool": threshold.pool, "wanted": threshold.wanted,
-              "threshold_score": None if threshold.key is None else _score_of_key(threshold.key[0])}
+    placed = {"pool": threshold.pool, "wanted": threshold.wanted, "threshold_score": threshold.score}
+    if plan.shortlist:
+        placed["shortlisted"] = shortlist_size(threshold.pool, plan)
     parts = [
         paths.pipeline | "Placed" >> beam.Create(sorted(placed.items())),
         decided[SCORES]
@@ -301,7 +196,3 @@ def decide_files(paths, plan: SelectPlan, prototype: np.ndarray | None, threshol
     )
     return decided[FILES], section
 
-
-def _score_of_key(key: int) -> float:
-    bits = key ^ (1 << 63) if key >> 63 else key ^ 0xFFFFFFFFFFFFFFFF
-    return struct.unpack(">d", struct.pack(">Q", bits))[0]

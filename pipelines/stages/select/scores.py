@@ -28,12 +28,14 @@ from winnow.pipelines.io.ordered_io import write_bytes
 from winnow.pipelines.io.read import InputError, expand_paths, read_column
 from winnow.pipelines.io.storage import join, read_bytes
 from winnow.pipelines.io.text_checks import check_text
+from winnow.pipelines.stages.select import threshold
 from winnow.selectors import backends, embedding, lm, task_selection
 from winnow.selectors import sae as sae_lib
 from winnow.selectors.embedding import ModelNotFound
 from winnow.selectors.names import SELECT_METHODS
 
 PROTOTYPE = "prototype.npy"
+SHORTLIST_SCORE = "shortlist_score"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class SelectPlan:
     embed_model_fingerprint: str | None = None
     embed_backend: str = "torch"  # the targets are embedded as the embed stage embedded the pool
     expected_records: int | None = None
+    shortlist: str | None = None  # mona on the top shortlist_multiple x n of this cheaper method
+    shortlist_multiple: int = 4
 
     def manifest(self) -> dict[str, Any]:
         entry = asdict(self)
@@ -109,11 +113,13 @@ def plan_select(config: WinnowConfig, workers: int, embed_model_path: str | None
         batch_size=select.batch_size, max_tokens=select.max_tokens, top_features=select.top_features,
         feature_examples=select.feature_examples,
     )
-    if select.method == "embedding":
-        return SelectPlan(**common, embed_model_path=embed_model_path,
-                          embed_model_fingerprint=embed_model_fingerprint, embed_backend=embed_backend)
+    if "embedding" in (select.method, select.shortlist):
+        common.update(embed_model_path=embed_model_path, embed_model_fingerprint=embed_model_fingerprint,
+                      embed_backend=embed_backend)
     if select.method != "mona":
         return SelectPlan(**common)
+    if select.shortlist:
+        common.update(shortlist=select.shortlist, shortlist_multiple=select.shortlist_multiple)
     model_path = lm.resolve_lm_path(select.model)
     model_config = json.loads((model_path / "config.json").read_text())
     layers, hidden = int(model_config["num_hidden_layers"]), int(model_config["hidden_size"])
@@ -328,8 +334,11 @@ class _ScoreFileFn(beam.DoFn):
     for mona `sae_score` and `select_features`); its file metadata. The method's models are loaded once per
     worker, on the first window that needs them."""
 
-    def __init__(self, plan: SelectPlan, directory: str, prototype, stats, drops_vectors: bool, compression: str):
+    def __init__(self, plan: SelectPlan, directory: str, prototype, stats, drops_vectors: bool, compression: str,
+                 column: str, shortlist: tuple | None):
         self.handler = SelectHandler(plan, prototype, stats)
+        self.column = column
+        self.shortlist = shortlist
         self.compression = compression
         self.directory = directory
         self.drops_vectors = drops_vectors
@@ -351,29 +360,37 @@ class _ScoreFileFn(beam.DoFn):
         rows = CachedRows.read(path, () if method.reads_vectors else drop)
         keys, ids, texts = rows.keys(), rows.ids().to_pylist(), rows.values("text")
         vectors = rows.vectors() if method.reads_vectors else None
-        scores = np.zeros(len(rows), dtype=np.float64)
-        features: list[dict[int, float]] = []
+        scored = np.ones(len(rows), dtype=bool)
+        if plan.shortlist is not None and self.column == "select_score":
+            shortlist_scores = np.asarray(rows.values(SHORTLIST_SCORE), dtype=np.float64)
+            scored = threshold.selected(shortlist_scores, ids, self.shortlist, plan.seed)
+        scores = np.where(scored, 0.0, -np.inf)
+        features: list[dict[int, float]] = [{} for _ in range(len(rows))]
         if self.progress is None:
             self.progress = Progress(handler.label, handler.expected(), handler.unit)
         for start, stop in _windows(keys, plan.window):
-            window = [{"id": ids[i], "text": texts[i]} for i in range(start, stop)]
+            members = start + np.flatnonzero(scored[start:stop])
+            if not len(members):
+                continue
+            window = [{"id": ids[i], "text": texts[i]} for i in members.tolist()]
             if vectors is not None:
-                for offset, record in enumerate(window):
-                    record[VECTOR_COLUMN] = vectors[start + offset]
+                for record, index in zip(window, members.tolist(), strict=True):
+                    record[VECTOR_COLUMN] = vectors[index]
             with model_lock(handler):
                 started = time.perf_counter()
                 window_scores, window_features = method.scores(self._model, plan, window, handler.prototype,
                                                                handler.stats)
             self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
-            scores[start:stop] = window_scores
-            features += window_features if window_features is not None else []
+            scores[members] = window_scores
+            for index, row_features in zip(members.tolist(), window_features or (), strict=False):
+                features[index] = row_features
             for score in np.asarray(window_scores, dtype=np.float64).tolist():
                 handler.score_values.update(int(score * 1e6))
-            self.scored.inc(stop - start)
-            self.progress.advance(stop - start)
-        columns = {"select_score": pa.array(scores, pa.float64())}
+            self.scored.inc(len(members))
+            self.progress.advance(len(members))
+        columns = {self.column: pa.array(scores, pa.float64())}
         if method.sparse_features:
-            columns["sae_score"] = pa.array(scores, pa.float64())
+            columns["sae_score"] = pa.array(scores, pa.float64(), mask=~scored)
             columns[FEATURES_COLUMN] = pa.array([list(f.items()) for f in features],
                                                 pa.map_(pa.int64(), pa.float64()))
         yield rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", columns, drop=drop,
@@ -381,13 +398,15 @@ class _ScoreFileFn(beam.DoFn):
 
 
 def score_files(paths, plan: SelectPlan, directory: str, prototype, stats=None, drops_vectors: bool = False,
-                compression: str = "zstd"):
+                compression: str = "zstd", column: str = "select_score", shortlist: tuple | None = None):
     """The scores of selection: the previous step's record files, the prototype and (BM25) the pool statistics
-    from the passes -> (metadata of the record files written with their scores; of the prototype file, mona
-    only)."""
+    from the passes -> (metadata of the record files written with their scores in `column`; of the prototype
+    file, mona only). With a shortlist (`plan.shortlist`), only rows whose shortlist rank key is at or above
+    `shortlist` are scored; the others get -inf (never selected) and no SAE score."""
     written = [
         paths  # stage_run's Create of the files spreads them (a Reshuffle)
-        | "Score" >> beam.ParDo(_ScoreFileFn(plan, directory, prototype, stats, drops_vectors, compression))
+        | "Score" >> beam.ParDo(_ScoreFileFn(plan, directory, prototype, stats, drops_vectors, compression,
+                                             column, shortlist))
     ]
     if METHODS[plan.method].sparse_features:
         written.append(
