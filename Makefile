@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-corpus bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-corpus bench-gpu bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
 	eval-quality eval-prune eval-select eval-rephrase report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -71,6 +71,11 @@ bench-backends: setup
 # rows, onnx int8 on a 5,000-row stride sample), with semhash 0.5 beside them; writes bench/out/corpus.json.
 bench-corpus: setup
 	$(BIN)/python bench/bench_corpus.py $(ARGS)
+
+# On a machine with CUDA: embed, select and rephrase on the GPU against their bare loops, and k-means, assignment
+# and SemDeDup at 1M vectors (faiss on GPU vs CPU), in one run; writes bench/out/gpu.json.
+bench-gpu: setup
+	$(BIN)/python bench/bench_gpu.py $(ARGS)
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .ruff_cache

@@ -120,12 +120,16 @@ def in_child(kind: str, payload: dict) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def static_export(export_dir: Path) -> str:
-    """The static model the static tier uses (made once, as `winnow embed export` would)."""
+def make_export(tier: str, export_dir: Path) -> str | None:
+    """A tier's exported model, made ahead (as `winnow embed export` would), so that a tier's run and its peak
+    memory are the job's alone; the static one is also semhash's model."""
     from winnow.selectors import backends, embedding
 
+    backend, precision = TIERS[tier]
+    if backend == "torch":
+        return None
     folder = embedding.resolve_model_path(embedding.PACKAGED_MODEL)
-    return str(backends.ensure_export(folder, embedding.model_fingerprint(folder), "static", "fp32", export_dir))
+    return str(backends.ensure_export(folder, embedding.model_fingerprint(folder), backend, precision, export_dir))
 
 
 def rates(result: dict) -> dict:
@@ -159,8 +163,9 @@ def main() -> int:
     export_dir = args.work / "models"
     corpus = combine(args.work)
     result = {"corpus_rows": pq.ParquetFile(corpus).metadata.num_rows, "cpus": os.cpu_count(), "tiers": {}}
-    model = static_export(export_dir)
+    model = make_export("static", export_dir)
     for tier in args.tiers:
+        make_export(tier, export_dir)
         rows = args.sample_rows if tier in args.sampled else None
         source = sample(corpus, rows, args.work)
         measured = in_child("tier", tier_config(tier, source, args.work / f"out-{tier}", export_dir))

@@ -102,11 +102,14 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
     if tiny_sae is not None:
         cases["select_mona"] = {"select": {"enabled": True, "method": "mona", "targets": targets, "count": 40,
                                            "sae": str(tiny_sae), "layer": SAE_LAYER, "max_tokens": 64}}
+        cases["select_mona_shortlist"] = {"select": {**cases["select_mona"]["select"], "shortlist": "embedding",
+                                                     "shortlist_multiple": 2}}
     return cases
 
 
 CASE_NAMES = ["embed", "embed_onnx_int8", "embed_static",
-              "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_embedding",
+              "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_mona_shortlist",
+              "select_embedding",
               "select_bm25", "select_random", "rephrase", "mix", "dedup"]
 
 
@@ -115,7 +118,7 @@ CASE_NAMES = ["embed", "embed_onnx_int8", "embed_static",
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_matrix(case, runner, request, sample_slice, tmp_path):
     address = request.getfixturevalue("dask_address") if runner == "dask" else None
-    sae = request.getfixturevalue("tiny_sae") if case == "select_mona" else None
+    sae = request.getfixturevalue("tiny_sae") if case.startswith("select_mona") else None
     sections = matrix_cases(tmp_path, sae)[case]
     manifest = same_as_in_process(sample_slice / "*", tmp_path, runner_args(runner, address), **sections)
     if "select" in sections:

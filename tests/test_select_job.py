@@ -111,6 +111,7 @@ def test_mona_on_a_bm25_shortlist_scores_only_the_shortlist(pool, tiny_sae, smol
     section = manifest["select"]
     assert (section["shortlist"], section["shortlist_multiple"], section["shortlisted"]) == ("bm25", 2, 12)
     assert section["pool"] == 36 and section["selected"] == 6
+    assert "Only the 12 records of a bm25 shortlist" in (output / "report" / "index.html").read_text()
 
     again, _ = run(root, "shortlist", method="mona", sae=str(tiny_sae), count=6, max_tokens=64,
                    shortlist="bm25", shortlist_multiple=3)

@@ -176,6 +176,10 @@ def select_section(manifest: dict[str, Any], ledger, **_) -> str:
     model = (f"model {_esc(select['model'])}, layer {select['layer']}, SAE {_esc(select['sae'])} "
              f"(d_sae {select['d_sae']}, k {select['sae_k']}, sha256 {select['sae_fingerprint'][:12]})"
              if select["method"] == "mona" else "")
+    if select.get("shortlist"):
+        model += (f" Only the {select['shortlisted']:,} records of a {_esc(select['shortlist'])} shortlist "
+                  f"({select['shortlist_multiple']} x the selection) were scored; the others are "
+                  f"<code>outside_shortlist_{_esc(select['shortlist'])}</code> in the ledger.")
     features = ""
     if select.get("prototype_top_features"):
         rows = [[str(f["feature"]), f"{f['prototype_value']:.4f}",

@@ -1,0 +1,145 @@
+"""The GPU benchmarks in one prepared run, for a machine with CUDA: embed, select and rephrase on CUDA against
+their bare loops (bench_embed, bench_select, bench_rephrase with `--device cuda`, each in its own process), and
+pruning at 1M vectors: the k-means fit and the nearest-centroid assignment (winnow.selectors.clustering, faiss)
+on the GPU against the CPU, and SemDeDup inside the clusters (numpy, as the stage runs it). Writes one JSON;
+a part that fails is recorded with the end of its error output, and the others still run.
+
+The prune part's vectors are synthetic (1M unit vectors of 384 dimensions around `--clusters` random centres),
+so that it needs no model or corpus; the model parts read ../shared/data (or `--data`) and the packaged
+models, or the folders given with `--model` and `--lm`.
+
+    make bench-gpu                                     # on the device machine
+    make bench-gpu ARGS="--parts prune --vectors 100000"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PARTS = ("embed", "select", "rephrase", "prune")
+
+
+def run_bench(script: str, out: Path, extra: list[str]) -> dict:
+    """One bench script in its own process; its JSON, or the end of its error output."""
+    started = time.perf_counter()
+    finished = subprocess.run([sys.executable, str(HERE / script), "--out", str(out), *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = round(time.perf_counter() - started, 1)
+    if finished.returncode != 0 or not out.exists():
+        return {"failed": True, "returncode": finished.returncode, "wall_s": seconds,
+                "output_tail": finished.stdout[-3000:]}
+    return {"wall_s": seconds, **json.loads(out.read_text())}
+
+
+def clustered_vectors(count: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, clusters, count)] + 0.35 * rng.standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def prune_part(count: int, dim: int, clusters: int, fit_sample: int, niter: int) -> dict:
+    """k-means fit and assignment on CPU and (when faiss sees a GPU) on the GPU, then SemDeDup per cluster."""
+    import faiss
+
+    from winnow.selectors import clustering, semdedup
+
+    vectors = clustered_vectors(count, dim, clusters, 0)
+    sample = vectors[np.random.default_rng(1).choice(count, min(fit_sample, count), replace=False)]
+    k = clustering.default_k(count)
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    result = {"vectors": count, "dim": dim, "k": k, "fit_sample": len(sample), "niter": niter, "faiss_gpus": gpus,
+              "faiss_version": faiss.__version__}
+    centroids = None
+    for device in ("cpu", "gpu") if gpus else ("cpu",):
+        started = time.perf_counter()
+        fitted = clustering.fit_centroids(sample, k, niter=niter, gpu=device == "gpu")
+        fit_s = time.perf_counter() - started
+        started = time.perf_counter()
+        labels, dist = clustering.assign(vectors, fitted)
+        assign_s = time.perf_counter() - started
+        result[device] = {"fit_s": round(fit_s, 2), "assign_s": round(assign_s, 2),
+                          "assign_vectors_per_s": round(count / assign_s, 0)}
+        if centroids is None:
+            centroids, cpu_labels = fitted, labels
+        else:
+            result["gpu"]["labels_equal_to_cpu"] = float(np.mean(labels == cpu_labels))
+    labels, dist = clustering.assign(vectors, centroids)
+    started = time.perf_counter()
+    removed = 0
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0, True])
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        members = order[start:stop]
+        keep, _, _ = semdedup.semdedup(vectors[members], np.argsort(-dist[members], kind="stable"), 0.05)
+        removed += int((~keep).sum())
+    result["semdedup_cpu"] = {"s": round(time.perf_counter() - started, 2), "removed": removed,
+                              "largest_cluster": int(np.max(np.diff(bounds)))}
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="cpu: a dry run of the script")
+    parser.add_argument("--embed-rows", type=int, default=20_000)
+    parser.add_argument("--select-rows", type=int, default=5_000)
+    parser.add_argument("--rephrase-segments", type=int, default=64)
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--clusters", type=int, default=2_000, help="centres of the synthetic vectors")
+    parser.add_argument("--fit-sample", type=int, default=100_000)
+    parser.add_argument("--niter", type=int, default=100)
+    parser.add_argument("--model", help="sentence-transformers folder for embed (default: the packaged one)")
+    parser.add_argument("--lm", help="causal LM folder for select and rephrase (default: the packaged one)")
+    parser.add_argument("--data", type=Path, help="Parquet with id, text, source (default: the benches' own)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/gpu.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = args.out.parent / "gpu-parts"
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--device", args.device] + (["--data", str(args.data)] if args.data else [])
+    result: dict = {"device": args.device}
+    try:
+        import torch
+
+        result["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        result["torch"] = torch.__version__
+    except ImportError:
+        result["cuda_device"] = None
+    for part in args.parts:
+        print(f"bench-gpu: {part}", flush=True)
+        if part == "embed":
+            extra = ["--rows", str(args.embed_rows), "--batch-size", "128"] + (["--model", args.model] if args.model
+                                                                                else [])
+            result[part] = run_bench("bench_embed.py", work / "embed.json", common + extra)
+        elif part == "select":
+            extra = ["--rows", str(args.select_rows)] + (["--lm", args.lm] if args.lm else [])
+            result[part] = run_bench("bench_select.py", work / "select.json", common + extra)
+        elif part == "rephrase":
+            extra = ["--segments", str(args.rephrase_segments), "--batch-sizes", "8", "32"] + (
+                ["--lm", args.lm] if args.lm else [])
+            result[part] = run_bench("bench_rephrase.py", work / "rephrase.json", common + extra)
+        else:
+            started = time.perf_counter()
+            try:
+                result[part] = prune_part(args.vectors, 384, args.clusters, args.fit_sample, args.niter)
+            except Exception as error:  # recorded, as the other parts' failures are
+                result[part] = {"failed": True, "error": f"{type(error).__name__}: {error}"}
+            result[part]["wall_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(result[part])[:2000], flush=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"bench-gpu: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
