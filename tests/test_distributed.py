@@ -102,8 +102,8 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
     if tiny_sae is not None:
         cases["select_mona"] = {"select": {"enabled": True, "method": "mona", "targets": targets, "count": 40,
                                            "sae": str(tiny_sae), "layer": SAE_LAYER, "max_tokens": 64}}
-        cases["select_mona_shortlist"] = {"select": {**cases["select_mona"]["select"], "shortlist": "embedding",
-                                                     "shortlist_multiple": 2}}
+        shortlist = {"shortlist": "embedding", "shortlist_multiple": 2}
+        cases["select_mona_shortlist"] = {"embed": EMBED, "select": {**cases["select_mona"]["select"], **shortlist}}
     return cases
 
 
