@@ -361,7 +361,7 @@ class _ScoreFileFn(beam.DoFn):
         keys, ids, texts = rows.keys(), rows.ids().to_pylist(), rows.values("text")
         vectors = rows.vectors() if method.reads_vectors else None
         scored = np.ones(len(rows), dtype=bool)
-        if plan.shortlist is not None and self.column == "select_score":
+        if plan.shortlist is not None:  # a shortlist step's own plan has none
             shortlist_scores = np.asarray(rows.values(SHORTLIST_SCORE), dtype=np.float64)
             scored = threshold.selected(shortlist_scores, ids, self.shortlist, plan.seed)
         scores = np.where(scored, 0.0, -np.inf)
