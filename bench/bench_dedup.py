@@ -6,10 +6,13 @@
    exact copies (verbatim and whitespace-changed). winnow's job with `dedup` on, the check at 0.8 and without
    it (the second run reuses the candidates step: its time against the cold stage's is reported); recall per
    Jaccard band beside the S-curve of 14 bands x 8 rows.
-2. agreement: DataTrove 0.10.1's four MinHash stages (5-grams, 14 x 8, seed 1, 64-bit, one task) on the
-   same planted corpus against winnow with the same settings and no exact pass or check (DataTrove has none):
-   the share of the records DataTrove puts in a cluster whose cluster is their winnow component.
-3. speed: the tiled corpus (bench_scale.py: 247,744 multilingual Debian descriptions repeated with new ids, so
+2. agreement: DataTrove 0.10.1's four MinHash stages (its defaults: 5-grams, 14 x 8, seed 1, 64-bit xxhash64;
+   one task) on the same planted corpus against winnow with the same settings and no exact pass or check
+   (DataTrove has none), once per `dedup.shingles` (words; datatrove): the share of the records DataTrove puts
+   in a cluster whose cluster is their winnow component.
+3. shingles: the real texts of ../shared/data (--shingle-rows, an equal slice of each file) normalised,
+   shingled and signed with `dedup.shingles` words and datatrove, alternated: texts/s of each.
+4. speed: the tiled corpus (bench_scale.py: 247,744 multilingual Debian descriptions repeated with new ids, so
    exact copies plus the real -dev/-doc siblings) at --compare-rows, winnow (read, validate, dedup, shards; no
    cache) and DataTrove (its four stages, 2 tasks on 2 workers) alternating --repeats times, then winnow alone
    at --sizes; wall time, rows/s, peak RSS of the process tree.
@@ -182,17 +185,26 @@ def planted_part(base: int, seed: int, root: Path) -> dict:
     }
 
 
+def xxhash64_of_text(data: str | bytes) -> int:
+    import xxhash
+
+    return xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
+
+
 def datatrove_clusters(source: Path, work: Path, tasks: int = 1) -> dict[str, frozenset]:
     """DataTrove's four MinHash stages on `source`; {id: its cluster} for the records it puts in a cluster."""
+    # its defaults: 5-grams, 14 buckets x 8 hashes, seed 1, 64-bit xxhash64 shingles. DataTrove 0.10.1 hands
+    # xxhash a str, which xxhash 3.x and 4.x refuse ("Strings must be encoded before hashing"): its function is
+    # given the UTF-8 bytes, which is what xxhash 2.x hashed for a str
+    import datatrove.utils.hashes.xxhash as datatrove_xxhash
     import pyarrow.parquet as pq
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupSignature
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.utils.hashing import HashConfig
 
-    # 5-grams, 14 buckets x 8 hashes, seed 1, 64-bit hashes; SHA-1 for the shingles: DataTrove 0.10.1's default
-    # xxhash path hands xxhash a str, which xxhash 3.x refuses ("Strings must be encoded before hashing")
-    config = MinhashConfig(hash_config=HashConfig(precision=64, hash_fc="sha1"))
+    datatrove_xxhash.xxhash64 = xxhash64_of_text
+    config = MinhashConfig(hash_config=HashConfig(precision=64, hash_fc="xxhash"))
     reader = ParquetReader(str(source), glob_pattern="*.parquet", text_key="text", id_key="id")
     LocalPipelineExecutor([reader, MinhashDedupSignature(str(work / "signatures"), config=config)],
                           tasks=tasks, workers=tasks, logging_dir=str(work / "logs1")).run()
@@ -212,37 +224,40 @@ def datatrove_clusters(source: Path, work: Path, tasks: int = 1) -> dict[str, fr
 
 
 def agreement_part(root: Path) -> dict:
+    """DataTrove's clusters against winnow's components with the same settings, for each `dedup.shingles`."""
     if not (root / "planted-in").exists():
         raise SystemExit("the agreement part runs on the planted corpus: give --parts planted agreement")
     started = time.perf_counter()
     theirs = datatrove_clusters(root / "planted-in", root / "datatrove")
-    datatrove_s = time.perf_counter() - started
-    mine_manifest = run_winnow_dedup(root / "planted-in", root / "same-settings", {"exact": False, "threshold": None})
-    mine = winnow_components(root / "same-settings")
-    agree = [theirs[i] == mine.get(i, frozenset()) for i in theirs]
-    marked_by_winnow_only = sorted(set(mine) - set(theirs))
+    report = {"datatrove_marked": len(theirs), "datatrove_clusters": len(set(theirs.values())),
+              "datatrove_s": round(time.perf_counter() - started, 1)}
     planted = json.loads((root / "planted.json").read_text())
-    by_band = []
-    for low, high in BANDS:
-        rows = [r for r in planted if r["source"] == "variant" and low <= r["jaccard"] < high]
-        by_band.append({
-            "band": f"{low:.2f}-{min(high, 1.0):.2f}", "pairs": len(rows),
-            "datatrove_flagged": round(float(np.mean([r["origin"] in theirs.get(r["id"], ()) for r in rows])), 4)
-            if rows else None,
-            "winnow_flagged": round(float(np.mean([r["origin"] in mine.get(r["id"], ()) for r in rows])), 4)
-            if rows else None,
-            "same_decision": round(float(np.mean([(r["origin"] in theirs.get(r["id"], ()))
-                                                  == (r["origin"] in mine.get(r["id"], ())) for r in rows])), 4)
-            if rows else None,
-        })
-    return {
-        "planted_pairs_by_band": by_band,
-        "datatrove_marked": len(theirs), "winnow_marked": len(mine),
-        "same_component_share": round(float(np.mean(agree)), 4) if agree else None,
-        "marked_by_winnow_only": len(marked_by_winnow_only),
-        "datatrove_clusters": len(set(theirs.values())), "winnow_components": len(set(mine.values())),
-        "datatrove_s": round(datatrove_s, 1), "winnow_s": round(mine_manifest["wall_s"], 1),
-    }
+    for kind in ("words", "datatrove"):
+        settings = {"exact": False, "threshold": None, "shingles": kind}
+        manifest = run_winnow_dedup(root / "planted-in", root / f"same-settings-{kind}", settings)
+        mine = winnow_components(root / f"same-settings-{kind}")
+        agree = [theirs[i] == mine.get(i, frozenset()) for i in theirs]
+        by_band = []
+        for low, high in BANDS:
+            rows = [r for r in planted if r["source"] == "variant" and low <= r["jaccard"] < high]
+            if not rows:
+                continue
+            flagged_theirs = [r["origin"] in theirs.get(r["id"], ()) for r in rows]
+            flagged_mine = [r["origin"] in mine.get(r["id"], ()) for r in rows]
+            by_band.append({
+                "band": f"{low:.2f}-{min(high, 1.0):.2f}", "pairs": len(rows),
+                "datatrove_flagged": round(float(np.mean(flagged_theirs)), 4),
+                "winnow_flagged": round(float(np.mean(flagged_mine)), 4),
+                "same_decision": round(float(np.mean(np.equal(flagged_theirs, flagged_mine))), 4),
+            })
+        report[f"shingles_{kind}"] = {
+            "planted_pairs_by_band": by_band, "winnow_marked": len(mine),
+            "winnow_components": len(set(mine.values())),
+            "same_component_share": round(float(np.mean(agree)), 4) if agree else None,
+            "marked_by_winnow_only": len(set(mine) - set(theirs)),
+            "winnow_s": round(manifest["wall_s"], 1),
+        }
+    return report
 
 
 def speed_part(compare_rows: int, repeats: int, sizes: list[int], root: Path) -> dict:
@@ -264,6 +279,30 @@ def speed_part(compare_rows: int, repeats: int, sizes: list[int], root: Path) ->
         report["scale"].append(measure_dedup("winnow", source, root / f"scale-{size}", size))
         subprocess.run(["rm", "-rf", str(root / f"scale-{size}")], check=True)
     return report
+
+
+def shingles_part(rows: int, repeats: int) -> dict:
+    """Signatures of real texts per `dedup.shingles`, side by side in one process: normalise, shingle, sign."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from winnow.selectors import minhash
+
+    names = sorted(p.name for p in SHARED.glob("*.parquet"))
+    texts = pa.concat_arrays([pq.read_table(SHARED / name, columns=["text"]).column("text").combine_chunks()
+                              .slice(0, rows // len(names)) for name in names])
+    minhash.compile_all()
+    seconds: dict[str, list[float]] = {"words": [], "datatrove": []}
+    for _ in range(repeats):
+        for kind in seconds:
+            started = time.perf_counter()
+            hashes, offsets = minhash.shingles(minhash.normalise(texts, "datatrove"), 5, kind)
+            minhash.signatures(hashes, offsets, 14, 8, 1)
+            seconds[kind].append(time.perf_counter() - started)
+    best = {kind: min(values) for kind, values in seconds.items()}
+    return {"texts": len(texts), "corpora": names, "seconds": seconds,
+            "texts_per_s": {kind: round(len(texts) / value) for kind, value in best.items()},
+            "datatrove_over_words_time": round(best["datatrove"] / best["words"], 3)}
 
 
 def measure_dedup(kind: str, source: Path, output: Path, rows: int) -> dict:
@@ -294,8 +333,9 @@ def child(kind: str, source: str, output: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["planted", "agreement", "speed"],
-                        choices=["planted", "agreement", "speed"])
+    parser.add_argument("--parts", nargs="+", default=["planted", "agreement", "shingles", "speed"],
+                        choices=["planted", "agreement", "shingles", "speed"])
+    parser.add_argument("--shingle-rows", type=int, default=100_000, help="real texts the shingles part signs")
     parser.add_argument("--base", type=int, default=3000, help="real texts in the planted corpus")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-rows", type=int, default=1_000_000)
@@ -319,6 +359,9 @@ def main() -> int:
         if "agreement" in args.parts:
             report["agreement"] = agreement_part(root)
             print(json.dumps(report["agreement"], indent=1), flush=True)
+        if "shingles" in args.parts:
+            report["shingles"] = shingles_part(args.shingle_rows, args.repeats + 1)
+            print(json.dumps(report["shingles"], indent=1), flush=True)
         if "speed" in args.parts:
             report["speed"] = speed_part(args.compare_rows, args.repeats, args.sizes, root)
             print_speed(report["speed"])

@@ -137,6 +137,9 @@ class DedupConfig(_Section):
         "trimmed); datatrove (lower case, numbers -> 0, punctuation removed, accents stripped)")
     near: bool = Field(True, description="remove near duplicates: MinHash of word n-grams, LSH, components")
     ngram: int = Field(5, gt=0, description="words per shingle (texts with fewer words are left to the exact pass)")
+    shingles: Literal["words", "datatrove"] = Field(
+        "words", description="words: words split at spaces, each CJK character a word, hashed by winnow; datatrove: "
+        "DataTrove 0.10.1's English tokens and xxhash64 shingles, so that the signatures are its own")
     bands: int = Field(14, gt=0, le=127, description="LSH bands")
     rows: int = Field(8, gt=0, description="hashes per band")
     seed: int = Field(1, ge=0, description="seed of the MinHash permutations")

@@ -1,13 +1,15 @@
 """Exact and MinHash near-duplicate detection on Arrow string arrays (docs/ALGORITHMS.md section 7).
 
 Normalisation (Arrow compute over the whole array): `none`; `whitespace` (runs of whitespace -> one space, ends
-trimmed); `datatrove` (lower case, numbers folded to 0, punctuation and symbols -> space, accents stripped,
-whitespace collapsed: DataTrove's `simplify_text` without its weekday and month names).
+trimmed); `datatrove` (DataTrove 0.10.1's `simplify_text` with its defaults, step for step: lower case, numbers
+with an optional decimal part folded to 0, its punctuation list -> space, whitespace collapsed, accents
+stripped).
 
-Words and shingles (one compiled pass over the UTF-8 bytes): a word is a run of characters between spaces, and
-every CJK, kana or hangul character is a word of its own (Chinese and Japanese have no spaces). A shingle is `n`
-consecutive words, hashed to 64 bits; a text with fewer than `n` words has no shingle and no signature, so it
-can only be an exact duplicate (an empty signature must never match another empty one).
+Words and shingles (one compiled pass over the UTF-8 bytes), `kind="words"`: a word is a run of characters
+between spaces, and every CJK, kana or hangul character is a word of its own (Chinese and Japanese have no
+spaces). A shingle is `n` consecutive words, hashed to 64 bits. `kind="datatrove"`: DataTrove's English tokens
+and xxhash64 shingles (selectors/datatrove_shingles.py). A text with fewer than `n` words has no shingle and no
+signature, so it can only be an exact duplicate (an empty signature must never match another empty one).
 
 Signatures: DataTrove's universal hashing, `((a * s + b) mod 2^64) mod (2^61 - 1)` with `a`, `b` drawn by
 `numpy.random.RandomState(seed)` as it draws them, the minimum over a text's shingles, `bands x rows` values.
@@ -22,10 +24,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.selectors import datatrove_shingles
+
 MERSENNE = np.uint64((1 << 61) - 1)
 NORMALISATIONS = ("none", "whitespace", "datatrove")
-_NUMBERS = r"\d+(\.\d+)?"
-_PUNCTUATION = r"[\p{P}\p{S}\p{Cc}]"
+SHINGLE_KINDS = ("words", "datatrove")
+_NUMBERS = r"\p{Nd}+([.,،٫⎖⎗⎘]\p{Nd}+)?"
+# datatrove.utils.text.PUNCTUATION (0.10.1): these characters and the control characters but tab and newline
+_DATATROVE_PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»" + \
+    "".join(chr(code) for low, high in ((0, 9), (11, 13), (13, 32), (127, 160)) for code in range(low, high))
+_PUNCTUATION = "[" + "".join(f"\\x{{{ord(char):x}}}" for char in _DATATROVE_PUNCTUATION) + "]"
+_WHITESPACE = r"[\s\v\p{Z}\x{1c}-\x{1f}\x{85}]+"  # Python's str `\s`
 
 
 def normalise(texts: pa.Array | pa.ChunkedArray, mode: str) -> pa.Array:
@@ -39,13 +48,15 @@ def normalise(texts: pa.Array | pa.ChunkedArray, mode: str) -> pa.Array:
         texts = pc.utf8_lower(texts)
         texts = pc.replace_substring_regex(texts, _NUMBERS, "0")
         texts = pc.replace_substring_regex(texts, _PUNCTUATION, " ")
+        texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, _WHITESPACE, " "))
         texts = pc.utf8_normalize(texts, "NFD")
         texts = pc.replace_substring_regex(texts, r"\p{Mn}+", "")
+        return pc.utf8_trim_whitespace(texts)
     texts = pc.replace_substring_regex(texts, r"[\s\v\p{Z}]+", " ")
     return pc.utf8_trim_whitespace(texts)
 
 
-def _buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def text_buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     texts = texts.cast(pa.large_string()) if not pa.types.is_large_string(texts.type) else texts
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset:texts.offset + len(texts) + 1]
     data = texts.buffers()[2]
@@ -136,16 +147,20 @@ def _shingles(word_hashes, word_offsets, n):
     return out, offsets
 
 
-def shingles(texts: pa.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
+def shingles(texts: pa.Array, n: int, kind: str = "words") -> tuple[np.ndarray, np.ndarray]:
     """(shingle hashes uint64, offsets int64 of each text's shingles) of already normalised texts."""
-    data, offsets = _buffers(texts)
+    if kind not in SHINGLE_KINDS:
+        raise ValueError(f"unknown shingles {kind!r} (one of {', '.join(SHINGLE_KINDS)})")
+    data, offsets = text_buffers(texts)
+    if kind == "datatrove":
+        return datatrove_shingles.shingles(data, offsets, n)
     words, word_offsets = _words(data, offsets)
     return _shingles(words, word_offsets, n)
 
 
-def shingle_sets(texts: pa.Array, n: int) -> list[np.ndarray]:
+def shingle_sets(texts: pa.Array, n: int, kind: str = "words") -> list[np.ndarray]:
     """Each text's distinct shingle hashes, sorted (what the pair check compares)."""
-    hashes, offsets = shingles(texts, n)
+    hashes, offsets = shingles(texts, n, kind)
     return [np.unique(hashes[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
 
 
@@ -272,5 +287,6 @@ def compile_all() -> None:
     """Compile (or load from numba's cache) the loops here; `make setup` runs it once after an install."""
     texts = normalise(pa.array(["a b c d e f", "中文 x"]), "datatrove")
     hashes, offsets = shingles(texts, 2)
+    shingles(texts, 2, "datatrove")
     band_keys(signatures(hashes, offsets, 2, 2, 1), 2, 2)
     components(np.array([1, 2]), np.array([2, 3]))

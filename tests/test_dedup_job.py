@@ -118,3 +118,26 @@ def test_a_decision_change_reuses_the_candidates_and_reruns_are_identical(plante
     forced = run_job(plan_job(build_config(config), []), force=True)
     assert forced["counts"] == first["counts"]
     assert output_bytes(tmp_path / "out") == first_bytes
+
+
+def test_datatrove_shingles_match_what_its_tokenizer_merges(planted, tmp_path):
+    """`dedup.shingles: datatrove` splits words as DataTrove's English tokenizer does: `cannot` and `can not`,
+    `500MB` and `500 MB` give the same shingles (Jaccard 1), where winnow's words see different ones; a Chinese
+    text is one word to it, too short for a 5-gram, so its near copy is left alone (only exact copies go)."""
+    rows = [
+        {"id": "a", "text": "We cannot ship the 500MB image to every mirror tonight", "source": "t"},
+        {"id": "b", "text": "We can not ship the 500 MB image to every mirror tonight", "source": "t"},
+        {"id": "zh-0", "text": ZH, "source": "zh"},
+        {"id": "zh-0-near", "text": ZH.replace("晚饭", "午饭"), "source": "zh"},
+    ]
+    (tmp_path / "input").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "input" / "a.parquet")
+    fates = {}
+    for kind in ("words", "datatrove"):
+        output = tmp_path / kind
+        manifest = run(job_config(tmp_path / "input" / "*", output, dedup={"enabled": True, "shingles": kind}))
+        assert manifest["dedup"]["settings"]["shingles"] == kind
+        fates[kind] = {i: (row["fate"], row["duplicate_of"]) for i, row in ledger_of(output).items()}
+    assert fates["words"]["b"] == ("kept", None) and fates["words"]["zh-0-near"] == ("deduplicated", "zh-0")
+    assert fates["datatrove"]["b"] == ("deduplicated", "a") and fates["datatrove"]["zh-0-near"] == ("kept", None)
+    assert ledger_of(tmp_path / "datatrove")["b"]["detail"].startswith("Jaccard 1 to a ")

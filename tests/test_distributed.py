@@ -59,7 +59,8 @@ def combined(tmp_path: Path) -> dict:
     return {"embed": EMBED, "prune": {"enabled": True, "keep_fraction": 0.8}, "select": select, "mix": MIX}
 
 
-@pytest.mark.parametrize("runner", ["dask", "portable"])
+# Dask (86 s) runs in make test-distributed; the portable runner keeps the check in make test
+@pytest.mark.parametrize("runner", [pytest.param("dask", marks=pytest.mark.distributed), "portable"])
 def test_every_global_value_is_right_on_another_runner(runner, request, sample_slice, tmp_path):
     address = request.getfixturevalue("dask_address") if runner == "dask" else None
     manifest = same_as_in_process(sample_slice / "*", tmp_path, runner_args(runner, address), **combined(tmp_path))

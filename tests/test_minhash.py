@@ -91,3 +91,94 @@ def test_components_are_rooted_at_their_smallest_key_whatever_the_edge_order():
 def test_jaccard_of_sets():
     assert minhash.jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5
     assert minhash.jaccard(np.array([], np.uint64), np.array([], np.uint64)) == 0.0
+
+
+TRICKY = [
+    "  Héllo,   WORLD!\n 3.14 apples\t1,000 ½ ١٢٣ 5°C",
+    "I'm sure you CAN'T do it; I cannot. Gonna try, y'all: 10am, 5pm.",
+    "The 500MB disk, 3.5GB of RAM, 12km away, 40€ and £30 ¥5 — «quoted» ‘single’ © İstanbul",
+    "naïve café résumé coöperate ﬁ ligature ñ İ \u2028line\u00a0nbsp\u3000ideographic",
+    "ima dont im id whats 0mb0mb x0g 2kmh 3km² 7in 9ft",
+    "",
+    "   ",
+]
+
+
+def test_the_datatrove_normalisation_is_datatroves_simplify_text():
+    text = pytest.importorskip("datatrove.utils.text")
+    assert minhash._DATATROVE_PUNCTUATION == text.PUNCTUATION, "the punctuation list is DataTrove's own"
+    assert minhash.normalise(pa.array(TRICKY), "datatrove").to_pylist() == [text.simplify_text(t) for t in TRICKY]
+
+
+def test_the_special_cases_are_spacys_english_ones_without_punctuation():
+    spacy = pytest.importorskip("spacy")
+    from spacy.attrs import ORTH
+
+    from winnow.selectors import datatrove_shingles
+
+    rules = spacy.blank("en").tokenizer.rules
+    theirs = {key: [piece[ORTH] for piece in rules[key]] for key in rules
+              if key.isascii() and key.isalpha() and key.islower() and len(rules[key]) > 1}
+    ours = [case.split() for case in datatrove_shingles.SPECIAL_CASES.replace("\n", " ").split(",") if case.strip()]
+    assert {"".join(pieces): pieces for pieces in ours} == theirs
+
+
+def test_datatrove_tokens_are_spacys_on_simplified_text():
+    spacy = pytest.importorskip("spacy")
+    text = pytest.importorskip("datatrove.utils.text")
+    from winnow.selectors import datatrove_shingles
+
+    simplified = [text.simplify_text(t) for t in TRICKY]
+    nlp = spacy.blank("en")
+    theirs = [[token.text for token in nlp(t) if token.text.strip()] for t in simplified]
+    assert datatrove_shingles.tokens(pa.array(simplified)) == theirs
+    assert theirs[4][:7] == ["i", "m", "a", "do", "nt", "i", "m"], "the special cases are split"
+    assert theirs[4][9:15] == ["what", "s", "0mb0", "mb", "x0", "g"], "a unit after a digit is split off"
+    assert theirs[2][-3:] == ["single", "©", "istanbul"] and "€" in theirs[2], "symbols and currency signs stand alone"
+
+
+def test_xxh64_is_the_xxhash_packages():
+    xxhash = pytest.importorskip("xxhash")
+    from winnow.selectors import datatrove_shingles
+
+    data = np.frombuffer(bytes(range(256)) * 2, dtype=np.uint8).copy()
+    for size in (0, 1, 3, 4, 7, 8, 9, 31, 32, 33, 64, 100, 511):
+        assert datatrove_shingles.xxh64(data, size) == xxhash.xxh64_intdigest(bytes(data[:size])), size
+
+
+def test_datatrove_shingles_and_signatures_are_datatroves_own(monkeypatch):
+    xxhash = pytest.importorskip("xxhash")
+    dedup = pytest.importorskip("datatrove.pipeline.dedup.minhash")
+    import datatrove.utils.hashes.xxhash as datatrove_xxhash
+
+    # DataTrove 0.10.1 hands xxhash a str, which xxhash >= 3 refuses; xxhash 2 hashed its UTF-8 bytes
+    monkeypatch.setattr(datatrove_xxhash, "xxhash64", lambda data: xxhash.xxh64_intdigest(data.encode()))
+    signer = dedup.MinhashDedupSignature("unused", config=dedup.MinhashConfig())
+    texts = [t for t in TRICKY if len(t.split()) >= 5]
+    hashes, offsets = minhash.shingles(minhash.normalise(pa.array(texts), "datatrove"), 5, "datatrove")
+    signatures = minhash.signatures(hashes, offsets, 14, 8, 1)
+    for i, raw in enumerate(texts):
+        theirs = signer.get_shingles(raw)
+        assert np.array_equal(hashes[offsets[i]:offsets[i + 1]], theirs.reshape(-1)), raw
+        assert signatures[i].tolist() == [value for band in signer.get_signature(theirs) for value in band]
+    with pytest.raises(ValueError, match="unknown shingles"):
+        minhash.shingles(pa.array(texts), 5, "spacy")
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["docs_paragraphs.parquet", "debian_descriptions_en.parquet",
+                                  "debian_descriptions_multilingual.parquet", "multiemo_en.parquet"])
+def test_datatrove_tokens_are_spacys_on_real_text(name):
+    spacy = pytest.importorskip("spacy")
+    text = pytest.importorskip("datatrove.utils.text")
+    import pyarrow.parquet as pq
+    from conftest import shared_file
+
+    from winnow.selectors import datatrove_shingles
+
+    raw = pq.read_table(shared_file(name), columns=["text"]).column("text").to_pylist()[:1000]
+    simplified = [text.simplify_text(t) for t in raw]
+    assert minhash.normalise(pa.array(raw), "datatrove").to_pylist() == simplified
+    nlp = spacy.blank("en")
+    theirs = [[token.text for token in nlp(t) if token.text.strip()] for t in simplified]
+    assert datatrove_shingles.tokens(pa.array(simplified)) == theirs

@@ -222,6 +222,7 @@ def _wait_for(predicate, seconds: float, job: subprocess.Popen) -> bool:
     return False
 
 
+@pytest.mark.distributed  # 114 s: make test-distributed; tests/test_stage_cache.py kills and resumes on disk
 def test_a_run_killed_mid_stage_resumes_from_the_cache_on_s3(s3_server, sample_slice, tmp_path):
     """SIGKILL while the embed stage runs on S3, then the same command: the lock left behind is taken over,
     validate comes from the S3 cache, embed and prune are computed, the output equals an uninterrupted local

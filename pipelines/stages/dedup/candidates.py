@@ -86,7 +86,7 @@ def exact_digests(texts: pa.Array, normalisation: str) -> np.ndarray:
 def near_band_keys(texts: pa.Array, config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
     """(rows, bands) band keys of the texts' MinHash signatures, and which rows have a signature (a text of
     fewer than `ngram` words has none)."""
-    hashes, offsets = minhash.shingles(minhash.normalise(texts, "datatrove"), config.ngram)
+    hashes, offsets = minhash.shingles(minhash.normalise(texts, "datatrove"), config.ngram, config.shingles)
     signatures = minhash.signatures(hashes, offsets, config.bands, config.rows, config.seed)
     return minhash.band_keys(signatures, config.bands, config.rows), np.diff(offsets) > 0
 
@@ -255,8 +255,8 @@ def _route_requests(element) -> Iterator[tuple[str, list[int]]]:
 class _ShinglesFn(beam.DoFn):
     """(path, [keys]) -> (key, its sorted distinct shingle hashes) for the requested rows of a record file."""
 
-    def __init__(self, ngram: int):
-        self.ngram = ngram
+    def __init__(self, ngram: int, kind: str):
+        self.ngram, self.kind = ngram, kind
 
     def process(self, element) -> Iterator[tuple[int, np.ndarray]]:
         path, wanted = element
@@ -265,7 +265,7 @@ class _ShinglesFn(beam.DoFn):
         keys = record_keys(rows.keys())
         positions = np.flatnonzero(np.isin(keys, wanted))
         texts = minhash.normalise(record_texts(rows).take(pa.array(positions, pa.int64())), "datatrove")
-        yield from zip(keys[positions].tolist(), minhash.shingle_sets(texts, self.ngram), strict=True)
+        yield from zip(keys[positions].tolist(), minhash.shingle_sets(texts, self.ngram, self.kind), strict=True)
 
 
 def _first_halves(element) -> Iterator[tuple[int, tuple[tuple[int, int], np.ndarray]]]:
@@ -344,7 +344,7 @@ def build_candidates(pipeline, paths, context: StepContext) -> StepOutput:
         | "RequestsByInputFile" >> beam.CoGroupByKey()
         | "RequestsByFile" >> beam.FlatMap(_route_requests)
         | "ByFile" >> beam.GroupByKey()
-        | "Shingles" >> beam.ParDo(_ShinglesFn(config.ngram))
+        | "Shingles" >> beam.ParDo(_ShinglesFn(config.ngram, config.shingles))
     )
     halves = (
         {"pairs": near | "ByFirst" >> beam.Map(lambda pair: (pair[0], pair)), "shingles": shingles}
