@@ -283,6 +283,39 @@ def components(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.nd
     return keys, keys[parent]
 
 
+@numba.njit(cache=True)
+def _strongest(at_first, at_second, first, second, kind, similarity, count):
+    """Each key's strongest pair: the lowest kind (exact first), then the highest similarity, then the smallest
+    other key; the same whatever the pairs' order."""
+    best_kind = np.full(count, 127, np.int8)
+    best_similarity = np.full(count, -np.inf, np.float32)
+    best_other = np.full(count, np.iinfo(np.int64).max, np.int64)
+    for e in range(len(at_first)):
+        value = similarity[e] if similarity[e] == similarity[e] else np.float32(-np.inf)
+        for side in range(2):
+            i = at_first[e] if side == 0 else at_second[e]
+            other = second[e] if side == 0 else first[e]
+            if kind[e] < best_kind[i] or (kind[e] == best_kind[i] and (
+                    value > best_similarity[i] or (value == best_similarity[i] and other < best_other[i]))):
+                best_kind[i], best_similarity[i], best_other[i] = kind[e], value, other
+    return best_kind, best_similarity, best_other
+
+
+def component_members(first: np.ndarray, second: np.ndarray, kind: np.ndarray,
+                      similarity: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Pairs -> every key in a pair, sorted, with its component's root (smallest key) and size and its
+    strongest pair (kind, similarity, other key). Sorts one array of the keys in place and walks the pairs in
+    compiled loops: a few bytes per key and pair beyond the pairs themselves."""
+    keys = np.concatenate([first, second]).astype(np.int64, copy=False)
+    keys.sort()
+    keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
+    at_first, at_second = np.searchsorted(keys, first), np.searchsorted(keys, second)
+    parent = _roots(_union(np.arange(len(keys), dtype=np.int64), at_first, at_second))
+    sizes = np.bincount(parent, minlength=len(keys))[parent]
+    strongest = _strongest(at_first, at_second, first, second, kind, similarity, len(keys))
+    return (keys, keys[parent], sizes, *strongest)
+
+
 def compile_all() -> None:
     """Compile (or load from numba's cache) the loops here; `make setup` runs it once after an install."""
     texts = normalise(pa.array(["a b c d e f", "中文 x"]), "datatrove")
@@ -290,3 +323,4 @@ def compile_all() -> None:
     shingles(texts, 2, "datatrove")
     band_keys(signatures(hashes, offsets, 2, 2, 1), 2, 2)
     components(np.array([1, 2]), np.array([2, 3]))
+    component_members(np.array([1, 2]), np.array([2, 3]), np.zeros(2, np.int8), np.ones(2, np.float32))

@@ -182,3 +182,20 @@ def test_datatrove_tokens_are_spacys_on_real_text(name):
     nlp = spacy.blank("en")
     theirs = [[token.text for token in nlp(t) if token.text.strip()] for t in simplified]
     assert datatrove_shingles.tokens(pa.array(simplified)) == theirs
+
+
+def test_component_members_give_root_size_and_strongest_pair_whatever_the_pair_order():
+    first = np.array([30, 10, 10, 50, 60], dtype=np.int64)
+    second = np.array([40, 20, 30, 60, 70], dtype=np.int64)
+    kind = np.array([1, 1, 0, 1, 1], dtype=np.int8)
+    similarity = np.array([0.9, 0.85, 1.0, 0.95, 0.95], dtype=np.float32)
+    expected = {
+        "keys": [10, 20, 30, 40, 50, 60, 70], "roots": [10, 10, 10, 10, 50, 50, 50], "sizes": [4, 4, 4, 4, 3, 3, 3],
+        "kinds": [0, 1, 0, 1, 1, 1, 1], "others": [30, 10, 10, 30, 60, 50, 60],
+    }
+    for order in (np.arange(5), np.array([4, 2, 0, 3, 1])):
+        keys, roots, sizes, kinds, similarities, others = minhash.component_members(
+            first[order], second[order], kind[order], similarity[order])
+        got = {"keys": keys, "roots": roots, "sizes": sizes, "kinds": kinds, "others": others}
+        assert {name: values.tolist() for name, values in got.items()} == expected
+        assert similarities.tolist() == pytest.approx([1.0, 0.85, 1.0, 0.9, 0.95, 0.95, 0.95])

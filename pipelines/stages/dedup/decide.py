@@ -1,14 +1,15 @@
 """Dedup's second step, `decide`: the pairs that count, their components, each component's survivor.
 
-The `components` pass reads the cached pairs, keeps the exact ones and the near ones whose checked Jaccard
-similarity reaches `dedup.threshold`, and joins them into components on the driver (union-find: the pairs are
-held at once, ~20 bytes each). It writes every member's key, component (its smallest key), component size and
-strongest pair, sorted by key, into the step's scratch folder, and hands on that file's name and the largest
-components. The graph then moves rows through files as prune does: each record file reads the members in its
-key range and writes them (id, the rule's value, source) into a fragment by component partition; each
-partition chooses every component's survivor by `dedup.keep` (first in input order, the longest text, or the
-highest `dedup.keep_column`; ties go to the first in input order) and writes the other members' decisions by
-record file; each record file then drops its removed rows, which become `deduplicated` ledger rows.
+The `components` pass reads the cached pairs file by file, keeps the exact ones and the near ones whose checked
+Jaccard similarity reaches `dedup.threshold`, and joins them into components on the driver (union-find over the
+pairs held at once, 21 bytes each, plus about 40 bytes per member: `minhash.component_members`). It writes every
+member's key, component (its smallest key), component size and strongest pair, sorted by key, into the step's
+scratch folder, and hands on that file's name and the largest components. The graph then moves rows through
+files as prune does: each record file reads the members in its key range and writes them (id, the rule's value,
+source) into a fragment by component partition; each partition chooses every component's survivor by
+`dedup.keep` (first in input order, the longest text, or the highest `dedup.keep_column`; ties go to the first
+in input order) and writes the other members' decisions by record file; each record file then drops its removed
+rows, which become `deduplicated` ledger rows.
 """
 
 from __future__ import annotations
@@ -51,36 +52,41 @@ DECISION_SCHEMA = pa.schema([("name", pa.string()), ("key", pa.int64()), ("reaso
                              ("detail", pa.string()), ("duplicate_of", pa.string())])
 
 
-def _read_pairs(path: str, threshold: float | None) -> tuple[np.ndarray, ...]:
-    with open_file(path) as handle:
-        table = pq.read_table(handle)
-    kind, similarity = table.column("kind").to_numpy(), table.column("similarity").to_numpy()
-    counts = (kind == EXACT) | (similarity >= threshold) if threshold is not None else np.ones(len(kind), bool)
-    return tuple(table.column(name).to_numpy()[counts] for name in ("first", "second", "kind", "similarity"))
+def accepted_pairs(paths: list[str], threshold: float | None) -> tuple[np.ndarray, ...]:
+    """(first, second, kind, similarity) of the pairs that count, read file by file into arrays sized by the
+    files' row counts (the pages past the accepted rows are never touched): one copy of the pairs in memory."""
+    paths = sorted(paths)
+    total = 0
+    for path in paths:
+        with open_file(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    columns = (np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int8),
+               np.empty(total, np.float32))
+    filled = 0
+    for path in paths:
+        with open_file(path) as handle:
+            table = pq.read_table(handle)
+        kind, similarity = table.column("kind").to_numpy(), table.column("similarity").to_numpy()
+        counts = (kind == EXACT) | (similarity >= threshold) if threshold is not None else np.ones(len(kind), bool)
+        taken = int(counts.sum())
+        for column, name in zip(columns, ("first", "second", "kind", "similarity"), strict=True):
+            column[filled:filled + taken] = table.column(name).to_numpy()[counts]
+        filled += taken
+        del table
+    return tuple(column[:filled] for column in columns)
 
 
-def join_components(parts: list[tuple[np.ndarray, ...]]) -> pa.Table:
+def join_components(first: np.ndarray, second: np.ndarray, kind: np.ndarray, similarity: np.ndarray) -> pa.Table:
     """The accepted pairs -> COMPONENT_SCHEMA rows sorted by key: each member's component (its smallest key),
     the component's size and the member's strongest pair (exact first, then the most similar, then the first
     in input order)."""
-    first, second, kind, similarity = (np.concatenate([part[i] for part in parts]) if parts else
-                                       np.zeros(0, dtype) for i, dtype in
-                                       enumerate((np.int64, np.int64, np.int8, np.float32)))
-    keys, roots = minhash.components(first, second)
-    _, where, sizes = np.unique(roots, return_inverse=True, return_counts=True)
-    ends, others = np.concatenate([first, second]), np.concatenate([second, first])
-    kinds, similarities = np.concatenate([kind, kind]), np.concatenate([similarity, similarity])
-    order = np.lexsort((others, -similarities, kinds, ends))
-    _, best = np.unique(ends[order], return_index=True)
-    best = order[best]
-    return pa.Table.from_arrays([pa.array(keys), pa.array(roots), pa.array(sizes[where].astype(np.int64)),
-                                 pa.array(kinds[best].astype(np.int8)),
-                                 pa.array(similarities[best].astype(np.float32)),
-                                 pa.array(others[best].astype(np.int64))], schema=COMPONENT_SCHEMA)
+    keys, roots, sizes, kinds, similarities, others = minhash.component_members(first, second, kind, similarity)
+    return pa.Table.from_arrays([pa.array(keys), pa.array(roots), pa.array(sizes.astype(np.int64)),
+                                 pa.array(kinds), pa.array(similarities), pa.array(others)], schema=COMPONENT_SCHEMA)
 
 
-def _write_components(parts: list[tuple[np.ndarray, ...]], scratch: str) -> dict[str, Any]:
-    table = join_components(parts)
+def _write_components(paths: list[str], threshold: float | None, scratch: str) -> dict[str, Any]:
+    table = join_components(*accepted_pairs(paths, threshold))
     path = join(scratch, "components.parquet")
     write_bytes(path, table_bytes(table, 65_536, compression="none", dictionary=False))
     roots = pc.unique(table.column("root")).to_numpy()
@@ -92,9 +98,8 @@ def _write_components(parts: list[tuple[np.ndarray, ...]], scratch: str) -> dict
 def components_pass(config: DedupConfig) -> Pass:
     def build(paths, constants):
         return (paths
-                | "ReadPairs" >> beam.Map(_read_pairs, config.threshold)
-                | "AllPairs" >> beam.combiners.ToList()
-                | "Components" >> beam.Map(_write_components, constants["scratch"]))
+                | "PairFiles" >> beam.combiners.ToList()
+                | "Components" >> beam.Map(_write_components, config.threshold, constants["scratch"]))
 
     return Pass("components", build, reads_files=PAIRS)
 
