@@ -280,16 +280,18 @@ def _run_job(plan: JobPlan, force: bool, on_stage: StageCallback | None) -> dict
     return manifest
 
 
-def embed_corpus(path: str, output: str, text_column: str = "text", id_column: str | None = "id"):
-    """Embed a Parquet/JSONL corpus with the job (default model, reusing what `output` already holds) and
-    return (ids, unit float32 matrix) in input order: what evaluations and benchmarks start from."""
+def embed_corpus(path: str, output: str, text_column: str = "text", id_column: str | None = "id",
+                 embed: dict | None = None):
+    """Embed a Parquet/JSONL corpus with the job (default model and backend unless `embed` says otherwise,
+    reusing what `output` already holds) and return (ids, unit float32 matrix) in input order: what evaluations
+    and benchmarks start from."""
     from winnow.pipelines.config import build_config
     from winnow.pipelines.stages.embed import read_embeddings
 
     config = build_config({
         "input": {"path": path, "columns": {"id": id_column, "text": text_column}},
         "output": {"path": output},
-        "embed": {"enabled": True},
+        "embed": {**(embed or {}), "enabled": True},
     })
     run_job(plan_job(config, []))
     return read_embeddings(output)

@@ -309,7 +309,8 @@ def component_members(first: np.ndarray, second: np.ndarray, kind: np.ndarray,
     keys = np.concatenate([first, second]).astype(np.int64, copy=False)
     keys.sort()
     keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
-    at_first, at_second = np.searchsorted(keys, first), np.searchsorted(keys, second)
+    index = np.int32 if len(keys) < 2**31 else np.int64
+    at_first, at_second = np.searchsorted(keys, first).astype(index), np.searchsorted(keys, second).astype(index)
     parent = _roots(_union(np.arange(len(keys), dtype=np.int64), at_first, at_second))
     sizes = np.bincount(parent, minlength=len(keys))[parent]
     strongest = _strongest(at_first, at_second, first, second, kind, similarity, len(keys))

@@ -40,7 +40,7 @@ from winnow.selectors import minhash
 
 PAIRS = "pairs"
 EXACT, NEAR = 0, 1
-PARTITIONS = 16  # hash ranges of digests, band keys and pairs: a task holds one at a time
+PARTITIONS = 64  # hash ranges of digests, band keys, pairs and components: a task holds one at a time
 FILES, BUCKETS, RANGES, SKIP, EXACT_PAIRS, CHECK = "files", "buckets", "ranges", "skip", "exact_pairs", "check"
 DIGEST_SCHEMA = pa.schema([("high", pa.uint64()), ("low", pa.uint64()), ("key", pa.int64()), ("name", pa.string())])
 BUCKET_SCHEMA = pa.schema([("band", pa.int8()), ("hash", pa.uint64()), ("key", pa.int64())])

@@ -34,7 +34,7 @@ from winnow.pipelines.io.cached_rows import CachedRows
 from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
 from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.row_groups import read_groups, write_groups
-from winnow.pipelines.io.storage import join, open_file
+from winnow.pipelines.io.storage import join, open_file, write_parquet
 from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
 from winnow.pipelines.stages.dedup.candidates import EXACT, PAIRS, record_keys, record_texts, spread
 from winnow.selectors import minhash
@@ -88,7 +88,7 @@ def join_components(first: np.ndarray, second: np.ndarray, kind: np.ndarray, sim
 def _write_components(paths: list[str], threshold: float | None, scratch: str) -> dict[str, Any]:
     table = join_components(*accepted_pairs(paths, threshold))
     path = join(scratch, "components.parquet")
-    write_bytes(path, table_bytes(table, 65_536, compression="none", dictionary=False))
+    write_parquet(path, table, 65_536, compression="none", dictionary=False)
     roots = pc.unique(table.column("root")).to_numpy()
     sizes = np.bincount(np.searchsorted(roots, table.column("root").to_numpy()), minlength=len(roots))
     largest = roots[np.lexsort((roots, -sizes))[:LARGEST]]
