@@ -144,8 +144,8 @@ def _tokens(data, offsets, hashes, keys, key_offsets, cut_offsets, cuts, units, 
     per word, special case -> prefix -> suffix (a sign, or a unit or currency after a digit) until none is
     left, then symbols inside split off."""
     count = len(offsets) - 1
-    starts = np.empty(2 * len(data) + 1, dtype=np.int64)
-    ends = np.empty(2 * len(data) + 1, dtype=np.int64)
+    starts = np.empty(len(data) + 1, dtype=np.int64)  # a token holds one byte at least
+    ends = np.empty(len(data) + 1, dtype=np.int64)
     token_offsets = np.zeros(count + 1, dtype=np.int64)
     suffixes = np.empty(len(data) + 1, dtype=np.int64)
     total = 0
@@ -160,6 +160,11 @@ def _tokens(data, offsets, hashes, keys, key_offsets, cut_offsets, cuts, units, 
             while end < stop and not _is_space(data[end]):
                 end += 1
             start, tail, kept, special = j, end, 0, False
+            digit = False  # units and currency suffixes follow a digit: most words need no table scan
+            for k in range(j, end):
+                if 48 <= data[k] <= 57:
+                    digit = True
+                    break
             while start < tail:
                 case = _special(data, start, tail, hashes, keys, key_offsets)
                 if case >= 0:
@@ -181,7 +186,7 @@ def _tokens(data, offsets, hashes, keys, key_offsets, cut_offsets, cuts, units, 
                     last -= 1
                 code, width = _char_at(data, last)
                 size = width if (_class_of(classes, code) == SYMBOL or _class_of(classes, code) == AFFIX) else 0
-                if size == 0:
+                if size == 0 and digit:
                     size = max(_ends_with(data, start, tail, units, unit_offsets),
                                _ends_with(data, start, tail, signs, sign_offsets))
                     if not (size > 0 and tail - size - 1 >= start and 48 <= data[tail - size - 1] <= 57):

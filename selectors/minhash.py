@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from winnow.selectors import datatrove_shingles
+from winnow.selectors.datatrove_shingles import _char_at, _is_space
 
 MERSENNE = np.uint64((1 << 61) - 1)
 NORMALISATIONS = ("none", "whitespace", "datatrove")
@@ -92,18 +93,8 @@ def _words(data, offsets):
         h = np.uint64(0xCBF29CE484222325)
         inside = False
         while j < stop:
-            lead = data[j]
-            width = 1 if lead < 0x80 else (2 if lead < 0xE0 else (3 if lead < 0xF0 else 4))
-            code = np.int64(lead)
-            if width == 2:
-                code = ((np.int64(lead) & 0x1F) << 6) | (np.int64(data[j + 1]) & 0x3F)
-            elif width == 3:
-                code = ((np.int64(lead) & 0x0F) << 12) | ((np.int64(data[j + 1]) & 0x3F) << 6) | \
-                    (np.int64(data[j + 2]) & 0x3F)
-            elif width == 4:
-                code = ((np.int64(lead) & 0x07) << 18) | ((np.int64(data[j + 1]) & 0x3F) << 12) | \
-                    ((np.int64(data[j + 2]) & 0x3F) << 6) | (np.int64(data[j + 3]) & 0x3F)
-            space = code == 32 or code == 9 or code == 10 or code == 13 or code == 12 or code == 11
+            code, width = _char_at(data, j)
+            space = _is_space(code)
             if space or _is_cjk(code):
                 if inside:
                     hashes[total] = _fmix(h)
@@ -273,13 +264,22 @@ def _union(parent, first, second):
     return parent
 
 
+def _joined(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(every key in an edge, sorted; each key's root index; each edge's two key indices). One array of the keys
+    sorted in place and int32 indices where they fit; union by the smaller index, so the root is the
+    component's smallest key whatever the edges' order."""
+    keys = np.concatenate([first, second]).astype(np.int64, copy=False)
+    keys.sort()
+    keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
+    index = np.int32 if len(keys) < 2**31 else np.int64
+    at_first, at_second = np.searchsorted(keys, first).astype(index), np.searchsorted(keys, second).astype(index)
+    parent = _roots(_union(np.arange(len(keys), dtype=np.int64), at_first, at_second))
+    return keys, parent, at_first, at_second
+
+
 def components(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components of the edges: (every key in an edge, sorted; the smallest key of its component).
-    Union by the smaller index, so the root is the component's smallest key whatever the edges' order."""
-    keys, inverse = np.unique(np.concatenate([first, second]).astype(np.int64), return_inverse=True)
-    parent = np.arange(len(keys), dtype=np.int64)
-    half = len(first)
-    parent = _roots(_union(parent, inverse[:half], inverse[half:]))
+    """Connected components of the edges: (every key in an edge, sorted; the smallest key of its component)."""
+    keys, parent, _, _ = _joined(first, second)
     return keys, keys[parent]
 
 
@@ -306,12 +306,7 @@ def component_members(first: np.ndarray, second: np.ndarray, kind: np.ndarray,
     """Pairs -> every key in a pair, sorted, with its component's root (smallest key) and size and its
     strongest pair (kind, similarity, other key). Sorts one array of the keys in place and walks the pairs in
     compiled loops: a few bytes per key and pair beyond the pairs themselves."""
-    keys = np.concatenate([first, second]).astype(np.int64, copy=False)
-    keys.sort()
-    keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
-    index = np.int32 if len(keys) < 2**31 else np.int64
-    at_first, at_second = np.searchsorted(keys, first).astype(index), np.searchsorted(keys, second).astype(index)
-    parent = _roots(_union(np.arange(len(keys), dtype=np.int64), at_first, at_second))
+    keys, parent, at_first, at_second = _joined(first, second)
     sizes = np.bincount(parent, minlength=len(keys))[parent]
     strongest = _strongest(at_first, at_second, first, second, kind, similarity, len(keys))
     return (keys, keys[parent], sizes, *strongest)
