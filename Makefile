@@ -2,12 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SOURCES := $(shell find pipelines selectors rephrase -name '*.py' 2>/dev/null)
+SOURCES := $(shell find pipelines selectors rephrase proxy -name '*.py' 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-corpus bench-gpu bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
-	eval-quality eval-prune eval-select eval-rephrase report-screenshot clean
+	eval-quality eval-prune eval-select eval-rephrase eval-train report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
 
@@ -58,7 +58,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check pipelines selectors rephrase tests scripts bench eval
+	$(BIN)/ruff check pipelines selectors rephrase proxy tests scripts bench eval
 
 bench-embed: setup
 	$(BIN)/python bench/bench_embed.py $(ARGS)
@@ -131,3 +131,8 @@ report-screenshot:
 		--disable-component-update --disable-sync --hide-scrollbars --user-data-dir=$$(mktemp -d) \
 		--window-size=1200,$(or $(HEIGHT),5200) --screenshot=$(abspath $(REPORT_OUT))/report/report.png \
 		file://$(abspath $(REPORT_OUT))/report/index.html
+
+# Proxy models trained on winnow's output vs a random control at an equal token budget (issue #29):
+# SemDeDup + DBP at 50% and MONA selection, on ../shared/data; writes eval/out/train/<case>/.
+eval-train: setup
+	$(BIN)/python eval/eval_train.py $(ARGS)

@@ -4,6 +4,7 @@
     winnow sae train --input CORPUS --out SAE_DIR [--layer N --d-sae N --k N --steps N ...]
     winnow verify OUT
     winnow report OUT
+    winnow eval train CONFIG_OR_OUTPUT... --heldout NAME=PATH --out DIR [--preset cpu --seeds 3 ...]
 
 Exit status 0 on success; 2 with a one-line reason for a bad config, bad input paths or an output that
 cannot be written; 1 when the job itself fails.
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("config", help="YAML job config")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key, e.g. embed.backend=static")
+    evaluate = commands.add_parser("eval", help="evaluations of a recipe")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    from winnow.pipelines.evaluation.train_eval import add_arguments as add_eval_arguments
+
+    add_eval_arguments(eval_commands.add_parser(
+        "train", help="train small language models on each arm and a random control at an equal token budget"))
     return parser
 
 
@@ -166,6 +173,19 @@ def embed_export_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def eval_train_command(args: argparse.Namespace) -> int:
+    from winnow.pipelines.evaluation.train_eval import EvalError, command
+
+    try:
+        report = command(args)
+    except EvalError as error:
+        print(f"winnow: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"winnow eval train: {len(report['comparisons'])} comparison(s) in {args.out}/eval_train.json and "
+          f"{args.out}/report/index.html")
+    return EXIT_OK
+
+
 def report_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from winnow.pipelines.engine.options import share_with_workers
     from winnow.pipelines.io.storage import exists, join, resolve
@@ -211,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_command(args, beam_args)
     if args.command == "embed":
         return embed_export_command(args)
+    if args.command == "eval":
+        return eval_train_command(args)
     return EXIT_FAILED
 
 
