@@ -54,6 +54,10 @@ def planted(tmp_path_factory):
     return root
 
 
+def planted_text(planted, row: int) -> str:
+    return pq.read_table(planted / "input" / "a.parquet").column("text")[row].as_py()
+
+
 def output_bytes(output) -> dict[str, bytes]:
     return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*.parquet"))}
 
@@ -86,6 +90,7 @@ def test_planted_duplicates_are_removed_and_name_their_survivor(planted):
     assert summary["removed_by_source"] == {"copies": 5, "short": 1, "zh": 1}
     assert summary["component_sizes"] == {"2": 5, "3-4": 1}
     assert summary["largest"][0]["size"] == 3 and summary["largest"][0]["survivor"] == "doc-0"
+    assert summary["largest"][0]["texts"] == [planted_text(planted, 0)[:200]] * 3, "its first three members' texts"
     report = (output / "report" / "index.html").read_text()
     assert "Deduplication (exact and MinHash)" in report and "near_duplicate" in report
 
@@ -97,6 +102,21 @@ def test_the_longest_text_survives_when_asked(planted, tmp_path):
     assert ledger["spaced-1"]["fate"] == "kept", "the copy with more whitespace is the longest"
     assert ledger["doc-1"]["duplicate_of"] == "spaced-1"
     assert ledger["near-2"]["fate"] == "kept", "near: false leaves near duplicates alone"
+
+
+def test_the_highest_keep_column_survives_and_missing_values_lose(planted, tmp_path):
+    texts = [planted_text(planted, row) for row in range(3)]
+    rows = [{"id": "a", "text": texts[0], "score": 0.5}, {"id": "a-copy", "text": texts[0], "score": 0.9},
+            {"id": "b", "text": texts[1], "score": None}, {"id": "b-copy", "text": texts[1], "score": 0.1},
+            {"id": "c", "text": texts[2], "score": 0.3}, {"id": "c-copy", "text": texts[2], "score": 0.3}]
+    (tmp_path / "input").mkdir()
+    pq.write_table(pa.Table.from_pylist([{**row, "source": "scored"} for row in rows]),
+                   tmp_path / "input" / "scored.parquet")
+    run(job_config(tmp_path / "input" / "*", tmp_path / "out",
+                   dedup={"enabled": True, "keep": "column", "keep_column": "score"}))
+    ledger = ledger_of(tmp_path / "out")
+    assert {i: row["duplicate_of"] for i, row in ledger.items() if row["fate"] == "deduplicated"} == {
+        "a": "a-copy", "b": "b-copy", "c-copy": "c"}, "the highest score wins; a tie goes to the first in input order"
 
 
 def test_a_decision_change_reuses_the_candidates_and_reruns_are_identical(planted, tmp_path):

@@ -13,7 +13,8 @@ partition reads its row groups, sorts them and links every later record of a run
           once, exact first. Near pairs are checked: the shingle sets of their records are computed again where
           their files are read, and the Jaccard similarity where both meet. Written as `pairs/part-P.parquet`
           (first, second, kind, similarity), sorted.
-The step's records are its input's, written back unchanged.
+The step's records are its input's, written back unchanged, each file with `facts/NAME` beside it: every row's
+key, id, source and text length (UTF-8 bytes), what the decide step needs of a member without its text.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from winnow.pipelines.config import DedupConfig
 from winnow.pipelines.engine.stage import StepContext, StepOutput
@@ -38,7 +40,7 @@ from winnow.pipelines.io.row_groups import read_groups, write_groups
 from winnow.pipelines.io.storage import join
 from winnow.selectors import minhash
 
-PAIRS = "pairs"
+PAIRS, FACTS = "pairs", "facts"
 EXACT, NEAR = 0, 1
 PARTITIONS = 64  # hash ranges of digests, band keys, pairs and components: a task holds one at a time
 FILES, BUCKETS, RANGES, SKIP, EXACT_PAIRS, CHECK = "files", "buckets", "ranges", "skip", "exact_pairs", "check"
@@ -46,6 +48,7 @@ DIGEST_SCHEMA = pa.schema([("high", pa.uint64()), ("low", pa.uint64()), ("key", 
 BUCKET_SCHEMA = pa.schema([("band", pa.int8()), ("hash", pa.uint64()), ("key", pa.int64())])
 EDGE_SCHEMA = pa.schema([("first", pa.int64()), ("second", pa.int64()), ("kind", pa.int8())])
 SKIP_SCHEMA = pa.schema([("name", pa.string()), ("key", pa.int64())])
+FACT_SCHEMA = pa.schema([("key", pa.int64()), ("id", pa.string()), ("source", pa.string()), ("bytes", pa.int64())])
 PAIR_SCHEMA = pa.schema([("first", pa.int64()), ("second", pa.int64()), ("kind", pa.int8()),
                          ("similarity", pa.float32())])
 FILE_BITS, ROW_BITS, VARIANT_BITS = 20, 36, 7
@@ -75,6 +78,26 @@ def record_texts(rows: CachedRows) -> pa.Array:
     if rows.block:
         return native.one_chunk(rows.table.column("text"))
     return pa.array(rows.values("text"), pa.string())
+
+
+def facts_path(records_path: str) -> str:
+    """The facts file beside a record file of this step (`DIR/records/NAME` -> `DIR/facts/NAME`)."""
+    return posixpath.join(posixpath.dirname(posixpath.dirname(records_path)), FACTS, posixpath.basename(records_path))
+
+
+def write_facts(rows: CachedRows, directory: str, name: str) -> dict[str, Any]:
+    """Every row's key, id, source and text length in row (= key) order, uncompressed: the decide step reads
+    these instead of the record file, whose texts it needs only to apply its decisions."""
+    texts = record_texts(rows)
+    if rows.block and "source" in rows.table.column_names:
+        sources = rows.table.column("source").combine_chunks().cast(pa.string())
+    else:
+        sources = pa.array(rows.values("source"), pa.string())
+    table = pa.Table.from_arrays([pa.array(record_keys(rows.keys()), pa.int64()), rows.ids().cast(pa.string()),
+                                  sources, pc.binary_length(texts).cast(pa.int64())], schema=FACT_SCHEMA)
+    payload = table_bytes(table, 65_536, compression="none", dictionary=False)
+    write_bytes(join(directory, FACTS, name), payload)
+    return {"dir": FACTS, "file": f"{FACTS}/{name}", "rows": table.num_rows, "bytes": len(payload)}
 
 
 def exact_digests(texts: pa.Array, normalisation: str) -> np.ndarray:
@@ -157,9 +180,9 @@ class _ExactFn(beam.DoFn):
 
 
 class _SignFileFn(beam.DoFn):
-    """(file name, {file: [path], skip: refs}) -> the file's rows written back unchanged (FILES), the band keys of
-    its rows that are not exact copies written into a fragment by band partition (BUCKETS, (partition, ref)),
-    and its key range per input file (RANGES, (file_index, (path, first key, last key)))."""
+    """(file name, {file: [path], skip: refs}) -> the file's rows written back unchanged and its facts (FILES),
+    the band keys of its rows that are not exact copies written into a fragment by band partition (BUCKETS,
+    (partition, ref)), and its key range per input file (RANGES, (file_index, (path, first key, last key)))."""
 
     def __init__(self, config: DedupConfig, directory: str, scratch: str, drops_vectors: bool, compression: str):
         self.config = config
@@ -175,6 +198,7 @@ class _SignFileFn(beam.DoFn):
         drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
         rows = CachedRows.read(path, drop)
         yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, drop=drop, compression=self.compression)
+        yield FILES, write_facts(rows, self.directory, name)
         if not len(rows):
             return
         keys = record_keys(rows.keys())

@@ -4,12 +4,13 @@ The `components` pass reads the cached pairs file by file, keeps the exact ones 
 Jaccard similarity reaches `dedup.threshold`, and joins them into components on the driver (union-find over the
 pairs held at once, 21 bytes each, plus about 40 bytes per member: `minhash.component_members`). It writes every
 member's key, component (its smallest key), component size and strongest pair, sorted by key, into the step's
-scratch folder, and hands on that file's name and the largest components. The graph then moves rows through
-files as prune does: each record file reads the members in its key range and writes them (id, the rule's value,
-source) into a fragment by component partition; each partition chooses every component's survivor by
-`dedup.keep` (first in input order, the longest text, or the highest `dedup.keep_column`; ties go to the first
-in input order) and writes the other members' decisions by record file; each record file then drops its removed
-rows, which become `deduplicated` ledger rows.
+scratch folder, and hands on that file's name and the keys of the members the report shows (the first three of
+each of the largest components). The graph then moves rows through files as prune does: each record file's
+facts (written by the candidates step: key, id, source, text length) give the members in its key range, which
+are written (id, the rule's value, source) into a fragment by component partition; each partition chooses
+every component's survivor by `dedup.keep` (first in input order, the longest text, or the highest
+`dedup.keep_column`; ties go to the first in input order) and writes the other members' decisions by record
+file; each record file then drops its removed rows, which become `deduplicated` ledger rows.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.row_groups import read_groups, write_groups
 from winnow.pipelines.io.storage import join, open_file, write_parquet
 from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
-from winnow.pipelines.stages.dedup.candidates import EXACT, PAIRS, record_keys, record_texts, spread
+from winnow.pipelines.stages.dedup.candidates import EXACT, PAIRS, facts_path, record_keys, record_texts, spread
 from winnow.selectors import minhash
 
 NAME = "dedup"
 SUMMARY_DIR = "_dedup_summary"
 SNIPPET_CHARS = 200
-LARGEST = 5
+LARGEST, SHOWN = 5, 3
 DECIDED, TALLY = "decided", "tally"
 COMPONENT_SCHEMA = pa.schema([("key", pa.int64()), ("root", pa.int64()), ("size", pa.int64()), ("kind", pa.int8()),
                               ("similarity", pa.float32()), ("other", pa.int64())])
@@ -90,9 +91,21 @@ def _write_components(paths: list[str], threshold: float | None, scratch: str) -
     path = join(scratch, "components.parquet")
     write_parquet(path, table, 65_536, compression="none", dictionary=False)
     roots = pc.unique(table.column("root")).to_numpy()
-    sizes = np.bincount(np.searchsorted(roots, table.column("root").to_numpy()), minlength=len(roots))
+    member_roots = table.column("root").to_numpy()
+    sizes = np.bincount(np.searchsorted(roots, member_roots), minlength=len(roots))
     largest = roots[np.lexsort((roots, -sizes))[:LARGEST]]
-    return {"path": path, "members": table.num_rows, "largest": sorted(int(root) for root in largest)}
+    return {"path": path, "members": table.num_rows, "largest": sorted(int(root) for root in largest),
+            "shown": shown_keys(table.column("key").to_numpy(), member_roots, largest)}
+
+
+def shown_keys(keys: np.ndarray, roots: np.ndarray, largest: np.ndarray) -> list[int]:
+    """The first SHOWN members (by key) of each of the largest components: the texts the report shows."""
+    mine = np.isin(roots, largest)
+    keys, roots = keys[mine], roots[mine]
+    order = np.lexsort((keys, roots))
+    keys, roots = keys[order], roots[order]
+    rank = np.arange(len(keys)) - np.searchsorted(roots, roots)
+    return sorted(int(key) for key in keys[rank < SHOWN])
 
 
 def components_pass(config: DedupConfig) -> Pass:
@@ -104,9 +117,9 @@ def components_pass(config: DedupConfig) -> Pass:
     return Pass("components", build, reads_files=PAIRS)
 
 
-def rule_values(rows: CachedRows, positions: np.ndarray, texts: pa.Array, config: DedupConfig) -> np.ndarray:
-    """What the survivor rule compares for the rows at `positions` (their `texts`): higher wins, equal values go
-    to the first in input order."""
+def rule_values(rows: CachedRows, positions: np.ndarray, texts: pa.Array | None, config: DedupConfig) -> np.ndarray:
+    """What the survivor rule compares for the rows at `positions` (their `texts`, needed for `longest`):
+    higher wins, equal values go to the first in input order."""
     if config.keep == "first":
         return np.zeros(len(positions), np.float64)
     if config.keep == "longest":
@@ -126,10 +139,11 @@ def rule_values(rows: CachedRows, positions: np.ndarray, texts: pa.Array, config
 
 class _MembersFn(beam.DoFn):
     """A record file -> its rows that belong to a component, written into a fragment by component partition:
-    (partition, ref)."""
+    (partition, ref). Ids, sources and text lengths come from the candidates step's facts file; the record file
+    itself is read only for a `keep_column` rule or to show the first texts of the largest components."""
 
     def __init__(self, components: dict[str, Any], config: DedupConfig, scratch: str):
-        self.path, self.largest = components["path"], np.asarray(components["largest"], np.int64)
+        self.path, self.shown = components["path"], np.asarray(components["shown"], np.int64)
         self.members = components["members"]
         self.config = config
         self.scratch = scratch
@@ -137,28 +151,34 @@ class _MembersFn(beam.DoFn):
     def process(self, path: str) -> Iterator[tuple[int, tuple[str, int]]]:
         if not self.members:
             return
-        rows = CachedRows.read(path, (VECTOR_COLUMN,))
-        if not len(rows):
+        with open_file(facts_path(path)) as handle:
+            facts = pq.read_table(handle)
+        if not facts.num_rows:
             return
-        keys = record_keys(rows.keys())
+        keys = facts.column("key").to_numpy()
         with open_file(self.path) as handle:
-            found = pq.read_table(handle, filters=[("key", ">=", int(keys.min())), ("key", "<=", int(keys.max()))])
-        order = np.argsort(keys, kind="stable")
-        at = np.searchsorted(keys[order], found.column("key").to_numpy())
-        at = np.minimum(at, len(keys) - 1)
-        inside = keys[order][at] == found.column("key").to_numpy()
-        found, positions = found.filter(pa.array(inside)), order[at[inside]]
+            found = pq.read_table(handle, filters=[("key", ">=", int(keys[0])), ("key", "<=", int(keys[-1]))])
+        at = np.minimum(np.searchsorted(keys, found.column("key").to_numpy()), len(keys) - 1)
+        inside = keys[at] == found.column("key").to_numpy()
+        found, positions = found.filter(pa.array(inside)), at[inside]
         if not found.num_rows:
             return
         taken = pa.array(positions, pa.int64())
-        texts = record_texts(rows).take(taken)
-        shown = np.isin(found.column("root").to_numpy(), self.largest)
-        snippets = pc.if_else(pa.array(shown), pc.utf8_slice_codeunits(texts, 0, SNIPPET_CHARS),
-                              pa.nulls(len(positions), pa.string()))
+        shown = np.isin(found.column("key").to_numpy(), self.shown)
+        rows = CachedRows.read(path, (VECTOR_COLUMN,)) if shown.any() or self.config.keep == "column" else None
+        if self.config.keep == "column":
+            values = rule_values(rows, positions, None, self.config)
+        elif self.config.keep == "longest":
+            values = facts.column("bytes").to_numpy()[positions].astype(np.float64)
+        else:
+            values = np.zeros(len(positions), np.float64)
+        snippets = pa.nulls(len(positions), pa.string())
+        if shown.any():
+            texts = record_texts(rows).take(taken)
+            snippets = pc.if_else(pa.array(shown), pc.utf8_slice_codeunits(texts, 0, SNIPPET_CHARS), snippets)
         name = posixpath.basename(path)
         table = pa.Table.from_arrays([
-            *found.columns, rows.ids().take(taken), pa.array(rule_values(rows, positions, texts, self.config)),
-            pa.array(rows.values("source"), pa.string()).take(taken),
+            *found.columns, facts.column("id").take(taken), pa.array(values), facts.column("source").take(taken),
             pa.repeat(pa.scalar(name, pa.string()), found.num_rows), snippets], schema=MEMBER_SCHEMA)
         partition = spread(table.column("root").to_numpy())
         order = np.argsort(partition, kind="stable")
@@ -229,7 +249,7 @@ class _SurvivorsFn(beam.DoFn):
             mine = shown.filter(pc.equal(shown.column("root"), root))
             first = survivors.filter(pc.equal(survivors.column("root"), root))
             largest.append((-mine.column("size")[0].as_py(), root, first.column("id")[0].as_py(),
-                            mine.column("snippet").to_pylist()[:3]))
+                            mine.column("snippet").to_pylist()[:SHOWN]))
         reasons = pc.if_else(pc.equal(removed.column("kind"), EXACT), "exact_duplicate", "near_duplicate")
         return {"components": len(starts), "members": members.num_rows, "sizes": _size_bands(sizes),
                 "removed": _counts(reasons), "by_source": _counts(removed.column("source")),
