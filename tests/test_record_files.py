@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from winnow.pipelines.io.blocks import block_table, vector_array
 from winnow.pipelines.io.cache_files import read_cache_file, write_records_file
-from winnow.pipelines.io.cached_rows import CachedRows
+from winnow.pipelines.io.cached_rows import CachedRows, in_input_order
 from winnow.pipelines.io.row_groups import read_groups
 from winnow.pipelines.stages.prune.common import DECISION_SCHEMA, SmallestRows
 from winnow.pipelines.stages.prune.decide import write_decisions
@@ -114,3 +114,14 @@ def test_the_rephrase_choice_per_file_equals_the_per_record_filters():
         expected = [_chosen(r, plan) and (cap is None or _choice_key(r, 11) <= bound) for r in records]
         assert chosen_rows(rows, plan, bound).tolist() == expected, (sources, fraction, cap)
         assert sum(expected) == (min(cap, len(chosen)) if cap is not None else len(chosen))
+
+
+def test_in_input_order_is_a_lexicographic_check_on_the_order_columns():
+    """CachedRows skips its sort (a copy of every column) exactly when a stable sort would change nothing."""
+    columns = ["file_index", "input_row", "variant"]
+    table = pa.table({"file_index": [0, 0, 1, 1], "input_row": [5, 6, 0, 0], "variant": [0, 0, 0, 1]})
+    assert in_input_order(table, columns)
+    assert not in_input_order(table.take([1, 0, 2, 3]), columns)
+    assert not in_input_order(table.take([0, 1, 3, 2]), columns)
+    assert in_input_order(table.take([0, 1, 3, 2]), columns[:2]), "ties on the compared columns are in order"
+    assert in_input_order(table.slice(0, 1), columns) and in_input_order(table.slice(0, 0), columns)

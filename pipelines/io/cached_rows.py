@@ -18,6 +18,17 @@ from winnow.pipelines.io.cache_files import read_cache_table, table_elements, wr
 ORDER_COLUMNS = ("file_index", "input_row", "variant")
 
 
+def in_input_order(table: pa.Table, columns: list[str]) -> bool:
+    """Whether the rows already follow `columns` ascending (as a file written from CachedRows does): a stable
+    sort would leave them as they are, so the copy it makes of every column (texts included) is skipped."""
+    ordered = np.ones(max(table.num_rows - 1, 0), dtype=bool)
+    for name in reversed(columns):
+        values = table.column(name).to_numpy()
+        step = values[1:].astype(np.int64) - values[:-1].astype(np.int64)
+        ordered = (step > 0) | ((step == 0) & ordered)
+    return bool(ordered.all())
+
+
 class CachedRows:
     """A cache file's rows in input order (file_index, input_row, variant)."""
 
@@ -25,7 +36,8 @@ class CachedRows:
         self.block = is_block(table.schema)
         if self.block:
             sort = [(name, "ascending") for name in ORDER_COLUMNS if name in table.column_names]
-            table = table.sort_by(sort) if table.num_rows else table
+            if table.num_rows and not in_input_order(table, [name for name, _ in sort]):
+                table = table.sort_by(sort)
             self.records: list[dict[str, Any]] | None = None
         else:
             self.records = sorted(table_elements(table),
