@@ -321,7 +321,8 @@ def child(kind: str, source: str, output: str) -> dict:
         warm = run_winnow_dedup(Path(source), Path(output), {"threshold": 0.9, "keep": "longest"})
         stages = [next(entry for entry in manifest["stages"] if entry["stage"] == "dedup") for manifest in (cold, warm)]
         extra = {"cold_stage_s": stages[0]["seconds"], "changed_stage_s": stages[1]["seconds"],
-                 "changed_steps": [(s["step"], s["reused"], s["seconds"]) for s in stages[1]["steps"]],
+                 "changed_steps": [(s["step"], s["reused"], s["seconds"], s.get("passes_seconds"))
+                                   for s in stages[1]["steps"]],
                  "ratio": round(stages[1]["seconds"] / stages[0]["seconds"], 3)}
     else:
         theirs = datatrove_clusters(Path(source), Path(output), tasks=2)

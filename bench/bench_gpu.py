@@ -1,7 +1,8 @@
 """The GPU benchmarks in one prepared run, for a machine with CUDA: embed, select and rephrase on CUDA against
 their bare loops (bench_embed, bench_select, bench_rephrase with `--device cuda`, each in its own process), and
 pruning at 1M vectors: the k-means fit and the nearest-centroid assignment (winnow.selectors.clustering, faiss)
-on the GPU against the CPU, and SemDeDup inside the clusters (numpy, as the stage runs it). Writes one JSON;
+on the GPU against the CPU, and SemDeDup inside the clusters (numpy, as the stage runs it), and the training
+rate of `winnow eval train`'s presets (train). Writes one JSON;
 a part that fails is recorded with the end of its error output, and the others still run.
 
 The prune part's vectors are synthetic (1M unit vectors of 384 dimensions around `--clusters` random centres),
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("embed", "select", "rephrase", "prune")
+PARTS = ("embed", "select", "rephrase", "prune", "train")
 
 
 def run_bench(script: str, out: Path, extra: list[str]) -> dict:
@@ -87,6 +88,38 @@ def prune_part(count: int, dim: int, clusters: int, fit_sample: int, niter: int)
     return result
 
 
+def train_part(device: str, steps: int) -> dict:
+    """`winnow eval train`'s presets on `device`: training tokens/s over `steps` steps of random tokens (after
+    two warm-up steps) and the hours one arm and seed of each preset would take at that rate."""
+    import dataclasses
+
+    import torch
+
+    from winnow.proxy import recipe
+
+    figures = {}
+    for name in ("cpu", "gpu-4m", "gpu-10m", "gpu-20m"):
+        preset = recipe.PRESETS[name]
+        model = recipe.build_model(preset, preset.vocab_size, seed=0)
+        sequences = (steps + 2) * preset.batch_size
+        stream = np.random.default_rng(0).integers(1, preset.vocab_size, sequences * preset.seq_len, dtype=np.int32)
+        timed = dataclasses.replace(preset, warmup_fraction=0.0)
+        started = []
+
+        def mark(step: int, started=started) -> None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            started.append(time.perf_counter())
+
+        recipe.train(model, stream, dataclasses.replace(timed, curve_points=steps + 2), steps + 2, 0,
+                     device=device, evaluate=mark)
+        seconds = started[-1] - started[1]
+        rate = steps * preset.batch_size * preset.seq_len / seconds
+        figures[name] = {"parameters": recipe.parameter_count(model), "tokens_per_s": round(rate),
+                         "hours_per_arm_and_seed": round(preset.tokens / rate / 3600, 2)}
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
@@ -101,6 +134,7 @@ def main() -> int:
     parser.add_argument("--model", help="sentence-transformers folder for embed (default: the packaged one)")
     parser.add_argument("--lm", help="causal LM folder for select and rephrase (default: the packaged one)")
     parser.add_argument("--data", type=Path, help="Parquet with id, text, source (default: the benches' own)")
+    parser.add_argument("--train-steps", type=int, default=20, help="timed steps per proxy preset (train part)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,7 +165,8 @@ def main() -> int:
         else:
             started = time.perf_counter()
             try:
-                result[part] = prune_part(args.vectors, 384, args.clusters, args.fit_sample, args.niter)
+                result[part] = train_part(args.device, args.train_steps) if part == "train" else \
+                    prune_part(args.vectors, 384, args.clusters, args.fit_sample, args.niter)
             except Exception as error:  # recorded, as the other parts' failures are
                 result[part] = {"failed": True, "error": f"{type(error).__name__}: {error}"}
             result[part]["wall_s"] = round(time.perf_counter() - started, 1)

@@ -182,3 +182,15 @@ def test_eval_train_refuses_a_held_out_set_taken_from_the_pool(eval_inputs, caps
     assert code == 2
     assert "held-out set pool" in capsys.readouterr().err
     assert not (eval_inputs / "refused" / "eval_train.json").exists()
+
+
+def test_a_cuda_device_without_cuda_is_a_clear_error_before_any_arm_runs(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path is for machines without it")
+    with pytest.raises(train_eval.EvalError, match="torch sees no CUDA device"):
+        train_eval.run_evaluation(["never-run.yaml"], [("x", str(tmp_path / "x.parquet"))], str(tmp_path / "out"),
+                                  device="cuda")
+    with pytest.raises(train_eval.EvalError, match="unknown preset"):
+        train_eval.run_evaluation(["never-run.yaml"], [("x", "x")], str(tmp_path / "out"), preset_name="huge")
