@@ -217,21 +217,25 @@ class _SurvivorsFn(beam.DoFn):
         survivor = np.zeros(len(roots), dtype=bool)
         survivor[starts] = True
         ids = members.column("id").combine_chunks()
-        survivor_ids = ids.take(pa.array(starts[run], pa.int64()))
-        by_key = np.argsort(members.column("key").to_numpy(), kind="stable")
-        other_at = by_key[np.searchsorted(members.column("key").to_numpy()[by_key], members.column("other").to_numpy())]
-        other_ids = ids.take(pa.array(other_at, pa.int64()))
-        exact = pc.equal(members.column("kind"), EXACT)
+        keys = members.column("key").to_numpy()
+        by_key = np.argsort(keys, kind="stable")
+        other_at = by_key[np.searchsorted(keys[by_key], members.column("other").to_numpy())]
+        gone = np.flatnonzero(~survivor)  # the decisions: strings are built for the removed members only
+        taken = pa.array(gone, pa.int64())
+        removed = members.select(["name", "key", "kind", "similarity", "size"]).take(taken)
+        exact = pc.equal(removed.column("kind"), EXACT)
         how = pc.if_else(exact, "an exact copy of ", pc.binary_join_element_wise(
-            "Jaccard ", pc.cast(pc.round(members.column("similarity"), 3), pa.string()), " to ", ""))
-        detail = pc.binary_join_element_wise(how, other_ids, " in a component of ",
-                                             pc.cast(members.column("size"), pa.string()),
+            "Jaccard ", pc.cast(pc.round(removed.column("similarity"), 3), pa.string()), " to ", ""))
+        detail = pc.binary_join_element_wise(how, ids.take(pa.array(other_at[gone], pa.int64())),
+                                             " in a component of ", pc.cast(removed.column("size"), pa.string()),
                                              f" (survivor by {self.config.keep})", "")
-        removed = pa.array(~survivor)
         decisions = pa.Table.from_arrays([
-            members.column("name"), members.column("key"),
-            pc.if_else(exact, "exact_duplicate", "near_duplicate"), detail, survivor_ids], schema=DECISION_SCHEMA)
-        decisions = decisions.filter(removed).sort_by([("name", "ascending"), ("key", "ascending")])
+            removed.column("name"), removed.column("key"), pc.if_else(exact, "exact_duplicate", "near_duplicate"),
+            detail, ids.take(pa.array(starts[run][gone], pa.int64()))], schema=DECISION_SCHEMA)
+        names = pc.dictionary_encode(removed.column("name").combine_chunks())
+        name_rank = np.argsort(np.argsort(names.dictionary.to_numpy(zero_copy_only=False), kind="stable"))
+        order = np.lexsort((keys[gone], name_rank[names.indices.to_numpy()])) if len(gone) else gone
+        decisions = decisions.take(pa.array(order, pa.int64()))
         for ref in write_groups(join(self.scratch, "decided", f"{partition:05d}"), decisions,
                                 decisions.column("name").to_numpy(zero_copy_only=False)):
             yield DECIDED, ref
