@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from winnow.pipelines.evaluation.train_report import write_outputs
 from winnow.proxy import metrics, recipe
 
 EvalCallback = Callable[[str], None]
@@ -212,6 +211,8 @@ def run_evaluation(arguments: list[str], heldout: list[tuple[str, str]], out: st
         "arms": results,
     }
     report["comparisons"] = compare(results, [s.name for s in sets])
+    from winnow.pipelines.evaluation.train_report import write_outputs  # Beam's storage: not at CLI start
+
     write_outputs(report, out)
     return report
 
