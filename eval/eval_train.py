@@ -35,6 +35,16 @@ def _write(table: pa.Table, path: Path) -> str:
     return str(path)
 
 
+def write_config(path: Path, pool: str, output: Path, stage: str, section: dict) -> Path:
+    """An arm's job config: the pool (id, text, source) through one stage into `output`."""
+    import yaml
+
+    columns = {"id": "id", "text": "text", "source": "source"}
+    path.write_text(yaml.safe_dump({"input": {"path": pool, "columns": columns}, "output": {"path": str(output)},
+                                    stage: section}, sort_keys=False))
+    return path
+
+
 def unique_texts(table: pa.Table) -> pa.Table:
     """The first row of every distinct (stripped) text: a held-out text must not also sit in the pool."""
     seen: set[str] = set()
@@ -53,19 +63,9 @@ def prepare_prune(folder: Path, pool_rows: int) -> tuple[str, list[tuple[str, st
     docs = unique_texts(pq.read_table(SHARED / "docs_paragraphs.parquet", columns=["text"]))
     docs_order = np.random.default_rng(1).permutation(docs.num_rows)[:2000]
     heldout_docs = _write(docs.take(docs_order), data / "heldout_docs.parquet")
-    config = folder / "prune.yaml"
-    config.write_text(f"""input:
-  path: {pool}
-  columns: {{id: id, text: text, source: source}}
-output:
-  path: {folder / 'arm_prune'}
-prune:
-  enabled: true
-  strategy: dbp
-  keep_fraction: 0.5
-  keep: hard
-  semdedup: {{enabled: true, eps: 0.05}}
-""")
+    config = write_config(folder / "prune.yaml", pool, folder / "arm_prune", "prune", {
+        "enabled": True, "strategy": "dbp", "keep_fraction": 0.5, "keep": "hard",
+        "semdedup": {"enabled": True, "eps": 0.05}})
     return str(config), [("debian", heldout), ("docs", heldout_docs)], neutral
 
 
@@ -99,21 +99,9 @@ def prepare_select(folder: Path, family: str, pool_rows: int) -> tuple[str, list
         if main(["sae", "train", "--input", pool, "--out", str(sae), "--max-records", "1000", "--steps", "300"]):
             raise SystemExit("eval-train: training the SAE failed")
         print(f"eval-train: SAE trained in {time.perf_counter() - started:.0f} s", flush=True)
-    config = folder / "select.yaml"
-    config.write_text(f"""input:
-  path: {pool}
-  columns: {{id: id, text: text, source: source}}
-output:
-  path: {folder / 'arm_mona'}
-select:
-  enabled: true
-  method: mona
-  targets: {target_file}
-  ratio: 0.2
-  sae: {sae}
-  max_tokens: 256
-  batch_size: 16
-""")
+    config = write_config(folder / "select.yaml", pool, folder / "arm_mona", "select", {
+        "enabled": True, "method": "mona", "targets": target_file, "ratio": 0.2, "sae": str(sae),
+        "max_tokens": 256, "batch_size": 16})
     return str(config), heldout, neutral
 
 

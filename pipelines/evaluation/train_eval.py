@@ -31,7 +31,8 @@ class EvalError(ValueError):
 
 @dataclass
 class Arm:
-    """One training set: `texts` in training order; `input_texts` (controls: the pool they are drawn from)."""
+    """One training set: `texts` in training order (a control's are drawn per seed from its input); `input_key`
+    names the input (path and text column) its control is drawn from."""
 
     name: str
     kind: str  # recipe | control
@@ -58,7 +59,7 @@ def read_texts(pattern: str, column: str, what: str) -> list[str]:
     return [text for text in texts if isinstance(text, str) and text.strip()]
 
 
-def _output_arm(output: str, name: str) -> tuple[Arm, dict[str, Any]]:
+def _output_arm(output: str, name: str) -> Arm:
     from winnow.pipelines.io.storage import join, read_json
 
     try:
@@ -70,14 +71,14 @@ def _output_arm(output: str, name: str) -> tuple[Arm, dict[str, Any]]:
              for text in read_texts(join(output, entry["file"]), "text", "shard")]
     columns = config["input"]["columns"]
     key = json.dumps([config["input"]["path"], columns["text"]])
-    return Arm(name, "recipe", output, key, texts, config), manifest
+    return Arm(name, "recipe", output, key, texts, config)
 
 
 def recipe_arm(argument: str, overrides: list[str], force: bool, say: EvalCallback) -> Arm:
     """An arm from a YAML config (run, reusing the cache) or from a finished output directory."""
     name = Path(argument.rstrip("/")).stem
     if not argument.endswith((".yaml", ".yml")):
-        return _output_arm(argument, name)[0]
+        return _output_arm(argument, name)
     from winnow.pipelines.config import ConfigError, load_config
     from winnow.pipelines.io.read import InputError
     from winnow.pipelines.job import OutputError, plan_job, run_job
@@ -89,7 +90,7 @@ def recipe_arm(argument: str, overrides: list[str], force: bool, say: EvalCallba
         raise EvalError(f"{argument}: {error}") from None
     say(f"arm {name}: running {argument}")
     run_job(plan, force=force)
-    return _output_arm(plan.output, name)[0]
+    return _output_arm(plan.output, name)
 
 
 def control_arms(arms: list[Arm]) -> tuple[list[Arm], dict[str, list[str]]]:

@@ -85,7 +85,7 @@ def facts_path(records_path: str) -> str:
     return posixpath.join(posixpath.dirname(posixpath.dirname(records_path)), FACTS, posixpath.basename(records_path))
 
 
-def write_facts(rows: CachedRows, directory: str, name: str) -> dict[str, Any]:
+def write_facts(rows: CachedRows, keys: np.ndarray, directory: str, name: str) -> dict[str, Any]:
     """Every row's key, id, source and text length in row (= key) order, uncompressed: the decide step reads
     these instead of the record file, whose texts it needs only to apply its decisions."""
     texts = record_texts(rows)
@@ -93,7 +93,7 @@ def write_facts(rows: CachedRows, directory: str, name: str) -> dict[str, Any]:
         sources = rows.table.column("source").combine_chunks().cast(pa.string())
     else:
         sources = pa.array(rows.values("source"), pa.string())
-    table = pa.Table.from_arrays([pa.array(record_keys(rows.keys()), pa.int64()), rows.ids().cast(pa.string()),
+    table = pa.Table.from_arrays([pa.array(keys, pa.int64()), rows.ids().cast(pa.string()),
                                   sources, pc.binary_length(texts).cast(pa.int64())], schema=FACT_SCHEMA)
     payload = table_bytes(table, 65_536, compression="none", dictionary=False)
     write_bytes(join(directory, FACTS, name), payload)
@@ -198,10 +198,10 @@ class _SignFileFn(beam.DoFn):
         drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
         rows = CachedRows.read(path, drop)
         yield FILES, rows.write(self.directory, f"{RECORDS}/{name}", {}, drop=drop, compression=self.compression)
-        yield FILES, write_facts(rows, self.directory, name)
+        keys = record_keys(rows.keys())
+        yield FILES, write_facts(rows, keys, self.directory, name)
         if not len(rows):
             return
-        keys = record_keys(rows.keys())
         file_index = rows.keys()[:, 0]
         for index in np.unique(file_index).tolist():
             mine = keys[file_index == index]

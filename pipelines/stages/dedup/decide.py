@@ -94,8 +94,8 @@ def _write_components(paths: list[str], threshold: float | None, scratch: str) -
     member_roots = table.column("root").to_numpy()
     sizes = np.bincount(np.searchsorted(roots, member_roots), minlength=len(roots))
     largest = roots[np.lexsort((roots, -sizes))[:LARGEST]]
-    return {"path": path, "members": table.num_rows, "largest": sorted(int(root) for root in largest),
-            "shown": shown_keys(table.column("key").to_numpy(), member_roots, largest)}
+    shown = shown_keys(table.column("key").to_numpy(), member_roots, largest)
+    return {"path": path, "members": table.num_rows, "shown": shown}
 
 
 def shown_keys(keys: np.ndarray, roots: np.ndarray, largest: np.ndarray) -> list[int]:
@@ -117,14 +117,8 @@ def components_pass(config: DedupConfig) -> Pass:
     return Pass("components", build, reads_files=PAIRS)
 
 
-def rule_values(rows: CachedRows, positions: np.ndarray, texts: pa.Array | None, config: DedupConfig) -> np.ndarray:
-    """What the survivor rule compares for the rows at `positions` (their `texts`, needed for `longest`):
-    higher wins, equal values go to the first in input order."""
-    if config.keep == "first":
-        return np.zeros(len(positions), np.float64)
-    if config.keep == "longest":
-        return pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.float64)
-    name = config.keep_column
+def column_values(rows: CachedRows, positions: np.ndarray, name: str) -> np.ndarray:
+    """`dedup.keep_column` of the rows at `positions`, as the survivor rule compares it (a missing value loses)."""
     if rows.block:
         column = EXTRA_PREFIX + name
         values = rows.table.column(column).take(pa.array(positions)).to_pylist() \
@@ -167,7 +161,7 @@ class _MembersFn(beam.DoFn):
         shown = np.isin(found.column("key").to_numpy(), self.shown)
         rows = CachedRows.read(path, (VECTOR_COLUMN,)) if shown.any() or self.config.keep == "column" else None
         if self.config.keep == "column":
-            values = rule_values(rows, positions, None, self.config)
+            values = column_values(rows, positions, self.config.keep_column)
         elif self.config.keep == "longest":
             values = facts.column("bytes").to_numpy()[positions].astype(np.float64)
         else:
