@@ -274,6 +274,7 @@ def speed_part(compare_rows: int, repeats: int, sizes: list[int], root: Path) ->
         report["compare"] = {kind: {"runs": results, "best_rows_per_s": best[kind]} for kind, results in runs.items()}
         report["winnow_over_datatrove"] = round(best["winnow"] / best["datatrove"], 3)
         report["decision_change"] = measure_dedup("rethreshold", source, root / "rethreshold", compare_rows)
+        report["components_graph"] = measure_dedup("graph", source, root / "graph", compare_rows)
     for size in sizes:
         source = tile(size, root / f"tiled-{size}")
         report["scale"].append(measure_dedup("winnow", source, root / f"scale-{size}", size))
@@ -305,6 +306,26 @@ def shingles_part(rows: int, repeats: int) -> dict:
             "datatrove_over_words_time": round(best["datatrove"] / best["words"], 3)}
 
 
+def output_digests(output: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(output.rglob("*.parquet"))}
+
+
+def graph_against_driver(source: Path, output: Path) -> dict:
+    """The decide step with its components joined on the driver, then (reusing the candidates) by
+    large-star/small-star rounds in the pipeline: seconds of each, the rounds, and whether the outputs agree."""
+    driver = run_winnow_dedup(source, output, {"components": "driver"})
+    expected = output_digests(output)
+    graph = run_winnow_dedup(source, output, {"components": "graph"})
+    decide = [next(step for entry in manifest["stages"] if entry["stage"] == "dedup" for step in entry["steps"]
+                   if step["step"] == "decide") for manifest in (driver, graph)]
+    return {"driver_decide_s": decide[0]["seconds"], "graph_decide_s": decide[1]["seconds"],
+            "graph_passes_s": decide[1]["passes_seconds"], "joined": graph["dedup"]["joined"],
+            "identical_output": output_digests(output) == expected, "removed": graph["dedup"]["removed"]}
+
+
 def measure_dedup(kind: str, source: Path, output: Path, rows: int) -> dict:
     return measure(f"dedup-{kind}", source, output, rows, script=__file__)
 
@@ -324,6 +345,8 @@ def child(kind: str, source: str, output: str) -> dict:
                  "changed_steps": [(s["step"], s["reused"], s["seconds"], s.get("passes_seconds"))
                                    for s in stages[1]["steps"]],
                  "ratio": round(stages[1]["seconds"] / stages[0]["seconds"], 3)}
+    elif kind == "dedup-graph":
+        extra = graph_against_driver(Path(source), Path(output))
     else:
         theirs = datatrove_clusters(Path(source), Path(output), tasks=2)
         extra = {"marked": len(theirs), "clusters": len(set(theirs.values()))}
@@ -382,6 +405,9 @@ def print_speed(speed: dict) -> None:
         change = speed["decision_change"]
         print(f"threshold 0.8 -> 0.9 and keep first -> longest at {speed['compare_rows']:,} rows: stage "
               f"{change['changed_stage_s']} s against {change['cold_stage_s']} s cold ({change['ratio']}; goal <= 0.1)")
+        graph = speed["components_graph"]
+        print(f"components at {speed['compare_rows']:,} rows: decide {graph['driver_decide_s']} s on the driver, "
+              f"{graph['graph_decide_s']} s by {graph['joined']}; identical output: {graph['identical_output']}")
     if speed["scale"]:
         first = speed["scale"][0]
         print("\n| rows | wall s | dedup stage s | rows/s | peak RSS MiB | RSS x |\n|---|---|---|---|---|---|")

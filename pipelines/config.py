@@ -150,6 +150,11 @@ class DedupConfig(_Section):
         "first", description="the survivor of a component: first in input order, the longest text, or the highest "
         "dedup.keep_column; ties go to the first in input order")
     keep_column: str | None = Field(None, description="the input column dedup.keep: column compares (a number)")
+    components: Literal["auto", "driver", "graph"] = Field(
+        "auto", description="how pairs are joined into components: driver (union-find in one process, about 50 "
+        "bytes per pair), graph (large-star/small-star rounds in the pipeline, any size), auto (driver up to "
+        "dedup.driver_pairs cached pairs); the same components either way")
+    driver_pairs: int = Field(20_000_000, gt=0, description="cached pairs up to which auto joins on the driver")
 
     @model_validator(mode="after")
     def _column_named(self) -> DedupConfig:

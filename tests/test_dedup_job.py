@@ -161,3 +161,42 @@ def test_datatrove_shingles_match_what_its_tokenizer_merges(planted, tmp_path):
     assert fates["words"]["b"] == ("kept", None) and fates["words"]["zh-0-near"] == ("deduplicated", "zh-0")
     assert fates["datatrove"]["b"] == ("deduplicated", "a") and fates["datatrove"]["zh-0-near"] == ("kept", None)
     assert ledger_of(tmp_path / "datatrove")["b"]["detail"].startswith("Jaccard 1 to a ")
+
+
+def drifted(text: str, steps: int) -> list[str]:
+    """`steps` versions of the text, each with one more word changed than the one before (Jaccard about 0.92 to
+    its neighbour, 5-grams): neighbours are near copies, the ends are not, so the pairs form chains, not stars."""
+    words, versions = text.split(), []
+    for step in range(steps):
+        words[(step * 9 + 3) % len(words)] = f"DRIFT{step}"
+        versions.append(" ".join(words))
+    return versions
+
+
+def test_graph_rounds_join_the_components_the_driver_does(planted, tmp_path):
+    """`dedup.components: graph` (large-star/small-star rounds in passes) gives the driver's union-find output
+    byte for byte, on chains of drifting copies that take it more than one round, beside the planted copies."""
+    docs = pq.read_table(planted / "input" / "a.parquet").to_pylist()
+    rows = [{"id": f"chain-{c}-{s}", "text": text, "source": f"chain-{c}"}
+            for c in range(4) for s, text in enumerate(drifted(docs[c]["text"], 12))]
+    (tmp_path / "input").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[::-1]), tmp_path / "input" / "c.parquet", row_group_size=16)
+    inputs = [planted / "input" / "a.parquet", planted / "input" / "b.parquet", tmp_path / "input" / "c.parquet"]
+    for path in inputs[:2]:
+        (tmp_path / "input" / path.name).write_bytes(path.read_bytes())
+    outputs, summaries = {}, {}
+    for mode in ("driver", "graph"):
+        output = tmp_path / mode
+        manifest = run(job_config(tmp_path / "input" / "*", output, dedup={"enabled": True, "components": mode}))
+        outputs[mode], summaries[mode] = output_bytes(output), dict(manifest["dedup"])
+    assert summaries["driver"].pop("joined") == "driver (union-find)"
+    joined = summaries["graph"].pop("joined")
+    rounds = int(joined.split("(")[1].split()[0])
+    assert joined.startswith("graph (") and rounds > 1, joined
+    summaries["driver"].pop("settings"), summaries["graph"].pop("settings")
+    assert summaries["graph"] == summaries["driver"]
+    assert outputs["graph"] == outputs["driver"]
+    ledger = ledger_of(tmp_path / "graph")
+    chained = {row["duplicate_of"] for i, row in ledger.items() if i.startswith("chain-")
+               and row["fate"] == "deduplicated"}
+    assert len(chained) >= 4 and summaries["graph"]["removed"] > 8

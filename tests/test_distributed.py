@@ -5,7 +5,8 @@ in-process FnApiRunner's output byte for byte: shards, ledger, embeddings and th
 The fast slice (in `make test`) runs one job that crosses every stage that once needed a global value (prune's
 fit and quotas, select's BM25 statistics and exact threshold, the shards' column schema) on both runners; the
 whole matrix (`make test-distributed`) runs each stage alone: embed, prune (dbp, semdedup, recluster), select
-(mona with a tiny SAE, embedding, bm25, random), rephrase (a tiny greedy generation) and mix.
+(mona with a tiny SAE, embedding, bm25, random), rephrase (a tiny greedy generation), mix and dedup (its
+components on the driver and in large-star/small-star rounds).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def same_as_in_process(input_path, tmp_path: Path, beam_args: list[str], **secti
     other = job_config(input_path, tmp_path / "other", **sections)
     manifest = run(other, beam_args)
     outputs_equal(tmp_path / "local", tmp_path / "other")
-    for section in ("prune", "select", "rephrase", "mix"):
+    for section in ("prune", "select", "rephrase", "mix", "dedup"):
         if section in expected:
             assert _comparable(manifest[section]) == _comparable(expected[section]), section
     return manifest
@@ -99,6 +100,7 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
                                   "max_records": 2, "max_segment_tokens": 60, "batch_size": 2, "cache": False}},
         "mix": {"mix": MIX},
         "dedup": {"dedup": {"enabled": True, "threshold": 0.5}, "mix": MIX},
+        "dedup_graph": {"dedup": {"enabled": True, "threshold": 0.5, "components": "graph"}, "mix": MIX},
     }
     if tiny_sae is not None:
         cases["select_mona"] = {"select": {"enabled": True, "method": "mona", "targets": targets, "count": 40,
@@ -111,7 +113,7 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
 CASE_NAMES = ["embed", "embed_onnx_int8", "embed_static",
               "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_mona_shortlist",
               "select_embedding",
-              "select_bm25", "select_random", "rephrase", "mix", "dedup"]
+              "select_bm25", "select_random", "rephrase", "mix", "dedup", "dedup_graph"]
 
 
 @pytest.mark.distributed

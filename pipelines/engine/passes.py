@@ -30,14 +30,19 @@ class Pass:
     """One global value: `build(records, constants)` returns a PCollection of exactly one element (for a pass
     that does not read records, `records` is the pipeline itself; for one with `reads_files`, the paths of
     the files it reads: the step's input record files, or the previous step's files of that `dir`).
-    `constants` holds the earlier passes' results by name, and under `scratch` the step's folder for
-    temporary files (a pass may leave files there for the step's graph)."""
+    `constants` holds the earlier passes' results by name, under `previous` the previous step of the stage
+    (a StageEntry, or None), and under `scratch` the step's folder for temporary files (a pass may leave
+    files there for the step's graph). A pass with `again` repeats (the rounds of an iterative algorithm, a
+    pipeline each) and finds its own last result under its name."""
 
     name: str
     build: PassBuild
     reads_records: bool = True
     reads_vectors: bool = False
     reads_files: str | None = None
+    when: Callable[[Any], bool] | None = None  # runs only if when(the previous step) holds
+    again: Callable[[Any], bool] | None = None  # runs again while again(its result) holds; it sees that result
+    most: int = 1  # runs at most, with `again`: one more is an error
 
 
 def _write_value(values: list[Any], path: str, name: str) -> None:
@@ -73,12 +78,19 @@ def run_passes(options, passes: tuple[Pass, ...], inputs: list[str], directory: 
     their results by name. Each pass sees the results of the ones before it."""
     constants: dict[str, Any] = {}
     for definition in passes:
+        if definition.when is not None and not definition.when(previous):
+            continue
         path = join(directory, f"_pass-{definition.name}.pickle")
-        add_metrics(metrics, run_pipeline(
-            options, lambda pipeline, d=definition, p=path: build_pass_graph(pipeline, d, inputs, p,
-                                                                             {**constants, "scratch": scratch},
-                                                                             previous)))
-        constants[definition.name] = _read_value(path)
+        for run in range(definition.most + 1):
+            if run == definition.most:
+                raise RuntimeError(f"internal error: pass {definition.name} did not finish in {run} runs")
+            add_metrics(metrics, run_pipeline(
+                options, lambda pipeline, d=definition, p=path: build_pass_graph(pipeline, d, inputs, p,
+                                                                                 {**constants, "scratch": scratch,
+                                                                                  "previous": previous}, previous)))
+            constants[definition.name] = _read_value(path)
+            if definition.again is None or not definition.again(constants[definition.name]):
+                break
     return constants
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from winnow.pipelines.io.blocks import block_kinds, is_block
 from winnow.pipelines.io.cache_files import read_cache_table, table_elements
 from winnow.pipelines.io.extra_kinds import arrow_kind, records_kinds
+from winnow.pipelines.io.ordered_io import table_bytes
 from winnow.pipelines.io.records import LEDGER_SCHEMA
 from winnow.pipelines.io.storage import open_file
 
@@ -151,6 +152,7 @@ def shard_output(rows: pa.Table, extra: list[tuple[str, str]]) -> pa.Table:
                                 schema=pa.schema(fields))
 
 
+LEDGER_DICTIONARY = ("source", "fate", "stage", "reason", "input_file", "duplicate_of", "parent_id")
 LEDGER_KEYS = ("file_index", "variant")  # with the ledger's input_row, the order of its rows
 
 
@@ -186,6 +188,12 @@ def ledger_rows_table(rows: pa.Table, stage, reason, detail, copies, fate=None, 
     schema = pa.schema([*LEDGER_SCHEMA, *((name, pa.int64()) for name in LEDGER_KEYS)])
     return pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
                                 schema=schema)
+
+
+def ledger_bytes(ledger: pa.Table) -> bytes:
+    """A stage's ledger rows as one zstd Parquet file, dictionary-encoded only where values repeat: ids and
+    details rarely do, and trying costs a hash per value before Parquet falls back (a fifth of the write)."""
+    return table_bytes(ledger, 65_536, dictionary=[name for name in LEDGER_DICTIONARY if name in ledger.column_names])
 
 
 def ledger_tally(table: pa.Table) -> dict[str, int]:

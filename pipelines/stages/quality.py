@@ -26,10 +26,10 @@ from winnow.pipelines.engine.stage import Stage, Step, StepContext, StepOutput, 
 from winnow.pipelines.io.blocks import VECTOR_COLUMN
 from winnow.pipelines.io.cache_files import RECORDS, REMOVED
 from winnow.pipelines.io.cached_rows import CachedRows
-from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
+from winnow.pipelines.io.ordered_io import write_bytes
 from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.storage import join
-from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
+from winnow.pipelines.io.write import ledger_bytes, ledger_rows_table, rows_from_table
 from winnow.selectors.gopher import GopherRules, check
 
 NAME = "quality"
@@ -87,7 +87,7 @@ class _CheckFileFn(beam.DoFn):
         if rules:
             ledger = ledger_rows_table(rows_from_table(rows.rows_table(~keep), []), NAME, pa.array(rules, pa.string()),
                                        pa.array(details, pa.string()), 0, fate="rejected")
-            payload = table_bytes(ledger, 65_536)
+            payload = ledger_bytes(ledger)
             write_bytes(join(self.directory, REMOVED, name), payload)
             yield FILES, {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
         if len(rows):

@@ -1,11 +1,14 @@
 """Dedup stage: exact and MinHash near-duplicate removal, off by default; by default after quality, before embed.
 
-Two cached steps, so that a changed decision (`dedup.threshold`, `keep`, `keep_column`) reuses the hashing:
+Two cached steps, so that a changed decision (`dedup.threshold`, `keep`, `keep_column`, `components`) reuses the
+hashing:
   candidates  every record file's exact digests and MinHash band keys, shuffled by hash range through files;
               runs of equal keys linked to their first record (exact and near pairs); near pairs checked on
               their shingles (Jaccard similarity); the pairs written to `pairs/` (candidates.py)
-  decide      the pairs that count joined into components on the driver (union-find); each component's survivor
-              chosen by the rule; the others removed (decide.py):
+  decide      the pairs that count joined into components, on the driver (union-find) or, past
+              `dedup.driver_pairs` or with `dedup.components: graph`, by large-star/small-star rounds in passes
+              of their own (stars.py); each component's survivor chosen by the rule; the others removed
+              (decide.py):
                 records  every record not removed
                 removed  ledger rows `deduplicated`, stage `dedup`, reason `exact_duplicate` or `near_duplicate`,
                          `duplicate_of` the survivor's id, the detail its strongest pair and the component's size
@@ -20,9 +23,10 @@ from typing import Any
 
 from winnow.pipelines.engine.stage import ManifestContext, Stage, Step, config_section, summary_meta
 from winnow.pipelines.stages.dedup.candidates import build_candidates
-from winnow.pipelines.stages.dedup.decide import NAME, SUMMARY_DIR, build_decide, components_pass
+from winnow.pipelines.stages.dedup.decide import LARGEST, NAME, SHOWN, SUMMARY_DIR, build_decide
+from winnow.pipelines.stages.dedup.stars import roots_pass, stars_pass
 
-DECISION_KEYS = ("threshold", "keep", "keep_column")
+DECISION_KEYS = ("threshold", "keep", "keep_column", "components", "driver_pairs")
 
 
 def _steps(plan, config) -> list[Step]:
@@ -31,7 +35,8 @@ def _steps(plan, config) -> list[Step]:
     decision = {k: section[k] for k in DECISION_KEYS}
     return [
         Step("candidates", build_candidates, {NAME: scores}, reads_files=True),
-        Step("decide", build_decide, {NAME: decision}, reads_files=True, passes=(components_pass(config.dedup),)),
+        Step("decide", build_decide, {NAME: decision}, reads_files=True,
+             passes=(stars_pass(config.dedup), roots_pass(config.dedup, LARGEST, SHOWN))),
     ]
 
 

@@ -67,10 +67,10 @@ def file_index_of(key: int) -> int:
     return int(key) >> (ROW_BITS + VARIANT_BITS)
 
 
-def spread(values: np.ndarray) -> np.ndarray:
-    """A partition (0 .. PARTITIONS - 1) of each int64 or uint64 value, mixed so that low bits do not decide."""
+def spread(values: np.ndarray, parts: int = PARTITIONS) -> np.ndarray:
+    """A partition (0 .. parts - 1) of each int64 or uint64 value, mixed so that low bits do not decide."""
     mixed = values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    return ((mixed >> np.uint64(32)) % np.uint64(PARTITIONS)).astype(np.int64)
+    return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
 
 
 def record_texts(rows: CachedRows) -> pa.Array:

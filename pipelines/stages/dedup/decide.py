@@ -1,16 +1,18 @@
 """Dedup's second step, `decide`: the pairs that count, their components, each component's survivor.
 
-The `components` pass reads the cached pairs file by file, keeps the exact ones and the near ones whose checked
-Jaccard similarity reaches `dedup.threshold`, and joins them into components on the driver (union-find over the
-pairs held at once, 21 bytes each, plus about 40 bytes per member: `minhash.component_members`). It writes every
-member's key, component (its smallest key), component size and strongest pair, sorted by key, into the step's
-scratch folder, and hands on that file's name and the keys of the members the report shows (the first three of
-each of the largest components). The graph then moves rows through files as prune does: each record file's
-facts (written by the candidates step: key, id, source, text length) give the members in its key range, which
-are written (id, the rule's value, source) into a fragment by component partition; each partition chooses
-every component's survivor by `dedup.keep` (first in input order, the longest text, or the highest
-`dedup.keep_column`; ties go to the first in input order) and writes the other members' decisions by record
-file; each record file then drops its removed rows, which become `deduplicated` ledger rows.
+The graph's first task reads the cached pairs file by file, keeps the exact ones and the near ones whose checked
+Jaccard similarity reaches `dedup.threshold`, and joins them into components (union-find over the pairs held
+at once, 21 bytes each, plus about 40 bytes per member: `minhash.component_members`). It writes every member's
+key, component (its smallest key), component size and strongest pair, sorted by key, into the step's scratch
+folder, and hands on that file's name and the keys of the members the report shows (the first three of each
+of the largest components) to every record file. Past `dedup.driver_pairs` cached pairs (or with
+`dedup.components: graph`) the step's passes have joined them instead, in large-star/small-star rounds
+(stars.py), and the same rows are read from their files. The graph then moves rows through files as prune
+does: each record file's facts (written by the candidates step: key, id, source, text length) give the members
+in its key range, which are written (id, the rule's value, source) into a fragment by component partition;
+each partition chooses every component's survivor by `dedup.keep` (first in input order, the longest text, or
+the highest `dedup.keep_column`; ties go to the first in input order) and writes the other members' decisions
+by record file; each record file then drops its removed rows, which become `deduplicated` ledger rows.
 """
 
 from __future__ import annotations
@@ -27,23 +29,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from winnow.pipelines.config import DedupConfig
-from winnow.pipelines.engine.passes import Pass
 from winnow.pipelines.engine.stage import StepContext, StepOutput
-from winnow.pipelines.io.blocks import EXTRA_PREFIX, VECTOR_COLUMN
+from winnow.pipelines.io.blocks import EXTRA_PREFIX, VECTOR_COLUMN, is_block
 from winnow.pipelines.io.cache_files import RECORDS, REMOVED
-from winnow.pipelines.io.cached_rows import CachedRows
-from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
+from winnow.pipelines.io.cached_rows import ORDER_COLUMNS, CachedRows
+from winnow.pipelines.io.ordered_io import write_bytes
 from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.row_groups import read_groups, write_groups
 from winnow.pipelines.io.storage import join, open_file, write_parquet
-from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
-from winnow.pipelines.stages.dedup.candidates import EXACT, PAIRS, facts_path, record_keys, record_texts, spread
+from winnow.pipelines.io.write import ledger_bytes, ledger_rows_table, rows_from_table
+from winnow.pipelines.stages.dedup.candidates import (
+    EXACT,
+    PAIRS,
+    PARTITIONS,
+    facts_path,
+    record_keys,
+    record_texts,
+    spread,
+)
+from winnow.pipelines.stages.dedup.stars import file_members, uses_graph
 from winnow.selectors import minhash
 
 NAME = "dedup"
 SUMMARY_DIR = "_dedup_summary"
 SNIPPET_CHARS = 200
 LARGEST, SHOWN = 5, 3
+MEMBERS_PER_PARTITION = 131_072
 DECIDED, TALLY = "decided", "tally"
 COMPONENT_SCHEMA = pa.schema([("key", pa.int64()), ("root", pa.int64()), ("size", pa.int64()), ("kind", pa.int8()),
                               ("similarity", pa.float32()), ("other", pa.int64())])
@@ -108,15 +119,6 @@ def shown_keys(keys: np.ndarray, roots: np.ndarray, largest: np.ndarray) -> list
     return sorted(int(key) for key in keys[rank < SHOWN])
 
 
-def components_pass(config: DedupConfig) -> Pass:
-    def build(paths, constants):
-        return (paths
-                | "PairFiles" >> beam.combiners.ToList()
-                | "Components" >> beam.Map(_write_components, config.threshold, constants["scratch"]))
-
-    return Pass("components", build, reads_files=PAIRS)
-
-
 def column_values(rows: CachedRows, positions: np.ndarray, name: str) -> np.ndarray:
     """`dedup.keep_column` of the rows at `positions`, as the survivor rule compares it (a missing value loses)."""
     if rows.block:
@@ -131,35 +133,47 @@ def column_values(rows: CachedRows, positions: np.ndarray, name: str) -> np.ndar
         raise ValueError(f"dedup.keep_column: {name!r} holds a value that is not a number ({error})") from None
 
 
+def text_rows(path: str) -> CachedRows:
+    """A record file's rows with their texts and order alone (a typed block's other columns are not read)."""
+    with open_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        if not is_block(parquet.schema_arrow):
+            return CachedRows(parquet.read())
+        return CachedRows(parquet.read(columns=[name for name in parquet.schema_arrow.names
+                                                if name in (*ORDER_COLUMNS, "text")]))
+
+
 class _MembersFn(beam.DoFn):
     """A record file -> its rows that belong to a component, written into a fragment by component partition:
     (partition, ref). Ids, sources and text lengths come from the candidates step's facts file; the record file
     itself is read only for a `keep_column` rule or to show the first texts of the largest components."""
 
-    def __init__(self, components: dict[str, Any], config: DedupConfig, scratch: str):
-        self.path, self.shown = components["path"], np.asarray(components["shown"], np.int64)
-        self.members = components["members"]
+    def __init__(self, config: DedupConfig, scratch: str):
         self.config = config
         self.scratch = scratch
 
-    def process(self, path: str) -> Iterator[tuple[int, tuple[str, int]]]:
-        if not self.members:
+    def process(self, element: tuple[str, dict[str, Any]]) -> Iterator[tuple[int, tuple[str, int]]]:
+        path, components = element
+        if not components["members"]:
             return
         with open_file(facts_path(path)) as handle:
             facts = pq.read_table(handle)
         if not facts.num_rows:
             return
         keys = facts.column("key").to_numpy()
-        with open_file(self.path) as handle:
-            found = pq.read_table(handle, filters=[("key", ">=", int(keys[0])), ("key", "<=", int(keys[-1]))])
+        if components.get("graph"):
+            found = file_members(components, int(keys[0]), int(keys[-1]))
+        else:
+            with open_file(components["path"]) as handle:
+                found = pq.read_table(handle, filters=[("key", ">=", int(keys[0])), ("key", "<=", int(keys[-1]))])
         at = np.minimum(np.searchsorted(keys, found.column("key").to_numpy()), len(keys) - 1)
         inside = keys[at] == found.column("key").to_numpy()
         found, positions = found.filter(pa.array(inside)), at[inside]
         if not found.num_rows:
             return
         taken = pa.array(positions, pa.int64())
-        shown = np.isin(found.column("key").to_numpy(), self.shown)
-        rows = CachedRows.read(path, (VECTOR_COLUMN,)) if shown.any() or self.config.keep == "column" else None
+        shown = np.isin(found.column("key").to_numpy(), np.asarray(components["shown"], np.int64))
+        rows = CachedRows.read(path, (VECTOR_COLUMN,)) if self.config.keep == "column" else None
         if self.config.keep == "column":
             values = column_values(rows, positions, self.config.keep_column)
         elif self.config.keep == "longest":
@@ -168,15 +182,22 @@ class _MembersFn(beam.DoFn):
             values = np.zeros(len(positions), np.float64)
         snippets = pa.nulls(len(positions), pa.string())
         if shown.any():
-            texts = record_texts(rows).take(taken)
-            snippets = pc.if_else(pa.array(shown), pc.utf8_slice_codeunits(texts, 0, SNIPPET_CHARS), snippets)
+            texts = record_texts(rows if rows is not None else text_rows(path))
+            texts = texts.take(pa.array(positions[shown], pa.int64()))
+            snippets = pc.replace_with_mask(snippets, pa.array(shown), pc.utf8_slice_codeunits(texts, 0, SNIPPET_CHARS))
         name = posixpath.basename(path)
         table = pa.Table.from_arrays([
             *found.columns, facts.column("id").take(taken), pa.array(values), facts.column("source").take(taken),
             pa.repeat(pa.scalar(name, pa.string()), found.num_rows), snippets], schema=MEMBER_SCHEMA)
-        partition = spread(table.column("root").to_numpy())
+        partition = spread(table.column("root").to_numpy(), member_partitions(components["members"]))
         order = np.argsort(partition, kind="stable")
         yield from write_groups(join(self.scratch, "members", name), table.take(pa.array(order)), partition[order])
+
+
+def member_partitions(members: int) -> int:
+    """Component partitions for `members` records in components: one per MEMBERS_PER_PARTITION, at most
+    PARTITIONS. Fewer fragments to open than the candidates step's PARTITIONS when the members are few."""
+    return min(PARTITIONS, max(1, -(-members // MEMBERS_PER_PARTITION)))
 
 
 def _size_bands(sizes: np.ndarray) -> Counter:
@@ -271,11 +292,12 @@ class _ApplyFn(beam.DoFn):
         rows = CachedRows.read(path, drop)
         keep = np.ones(len(rows), dtype=bool)
         if decisions.num_rows:
-            keys = record_keys(rows.keys())
+            keys = record_keys(rows.keys())  # ascending: CachedRows holds its rows in input order
             decided = decisions.column("key").to_numpy()
-            keep = ~np.isin(keys, decided)
-            if (~keep).sum() != len(decided):
+            at = np.minimum(np.searchsorted(keys, decided), len(keys) - 1)
+            if not np.array_equal(keys[at], decided) or np.any(at[1:] == at[:-1]):
                 raise RuntimeError(f"internal error: dedup decisions on rows that {name} does not hold")
+            keep[at] = False
         yield rows.write(self.directory, f"{RECORDS}/{name}", {}, keep=keep, drop=drop, compression=self.compression)
         if not decisions.num_rows:
             return
@@ -283,7 +305,7 @@ class _ApplyFn(beam.DoFn):
         table = rows_from_table(rows.rows_table(~keep), [])
         ledger = ledger_rows_table(table, NAME, decisions.column("reason"), decisions.column("detail"), 0,
                                    "deduplicated", decisions.column("duplicate_of"))
-        payload = table_bytes(ledger, 65_536)
+        payload = ledger_bytes(ledger)
         write_bytes(join(self.directory, REMOVED, name), payload)
         yield {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
 
@@ -312,7 +334,14 @@ class _TallyFn(beam.CombineFn):
         return tally
 
 
-def _summary(tally: dict[str, Any], count: int, config: DedupConfig) -> dict[str, Any]:
+def _joined(config: DedupConfig, context: StepContext) -> str:
+    """How the components were joined, for the summary: on the driver, or in the graph's rounds."""
+    if uses_graph(config, context.previous):
+        return f"graph ({context.constants['roots']['rounds']} large-star/small-star rounds)"
+    return "driver (union-find)"
+
+
+def _summary(tally: dict[str, Any], count: int, config: DedupConfig, joined: str) -> dict[str, Any]:
     bands = sorted(tally["sizes"].items(), key=lambda item: int(item[0].split("-")[0]))
     return {
         "dir": SUMMARY_DIR, "records": count, "components": tally["components"],
@@ -322,15 +351,30 @@ def _summary(tally: dict[str, Any], count: int, config: DedupConfig) -> dict[str
         "component_sizes": dict(bands),
         "largest": [{"size": -size, "survivor": survivor, "texts": snippets}
                     for size, _, survivor, snippets in tally["largest"]],
-        "keep": config.keep, "threshold": config.threshold,
+        "keep": config.keep, "threshold": config.threshold, "joined": joined,
     }
+
+
+def _with_components(pipeline, context: StepContext, config: DedupConfig):
+    """(record file, components) for every record file of the step: the graph's from its passes, or the
+    driver's, joined in this pipeline (one pipeline fewer to start)."""
+    records = context.previous.paths(RECORDS)
+    if uses_graph(config, context.previous):
+        found = pipeline | "GraphComponents" >> beam.Create([context.constants["roots"]])
+    else:
+        found = (pipeline
+                 | "PairFiles" >> beam.Create([sorted(context.previous.paths(PAIRS))])
+                 | "Components" >> beam.Map(_write_components, config.threshold, context.scratch))
+    return (found
+            | "ToRecordFiles" >> beam.FlatMap(lambda components: [(path, components) for path in records])
+            | "SpreadRecordFiles" >> beam.Reshuffle())
 
 
 def build_decide(pipeline, paths, context: StepContext) -> StepOutput:
     config = context.job.config.dedup
     routed = split_routed(
-        paths
-        | "Members" >> beam.ParDo(_MembersFn(context.constants["components"], config, context.scratch))
+        _with_components(pipeline, context, config)
+        | "Members" >> beam.ParDo(_MembersFn(config, context.scratch))
         | "ByComponentPartition" >> beam.GroupByKey()
         | "Survivors" >> beam.ParDo(_SurvivorsFn(config, context.scratch)),
         "Chosen", (DECIDED, TALLY))
@@ -343,6 +387,6 @@ def build_decide(pipeline, paths, context: StepContext) -> StepOutput:
     summary = (
         routed[TALLY]
         | "Tally" >> beam.CombineGlobally(_TallyFn())
-        | "Summary" >> beam.Map(_summary, context.previous.records, config)
+        | "Summary" >> beam.Map(_summary, context.previous.records, config, _joined(config, context))
     )
     return StepOutput(None, [], [written, summary])

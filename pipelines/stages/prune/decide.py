@@ -27,7 +27,7 @@ from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
 from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.row_groups import group_runs, read_groups, write_groups
 from winnow.pipelines.io.storage import join, open_file
-from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
+from winnow.pipelines.io.write import ledger_bytes, ledger_rows_table, rows_from_table
 from winnow.pipelines.stages.prune.clusters import read_centroids
 from winnow.pipelines.stages.prune.common import (
     DECIDED,
@@ -368,7 +368,7 @@ class _JoinFn(beam.DoFn):
             table, pc.if_else(semdedup, "semdedup", "prune"), pc.if_else(semdedup, "semantic_duplicate", self.strategy),
             decisions.column("detail").filter(removed), 0, pc.if_else(semdedup, "deduplicated", "pruned"),
             decisions.column("duplicate_of").filter(removed))
-        payload = table_bytes(ledger, 65_536)
+        payload = ledger_bytes(ledger)
         write_bytes(join(self.directory, REMOVED, name), payload)
         yield {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
 

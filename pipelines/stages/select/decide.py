@@ -17,10 +17,10 @@ from winnow.pipelines.engine.passes import Pass
 from winnow.pipelines.io.blocks import FEATURES_COLUMN, VECTOR_COLUMN
 from winnow.pipelines.io.cache_files import RECORDS, REMOVED
 from winnow.pipelines.io.cached_rows import CachedRows
-from winnow.pipelines.io.ordered_io import table_bytes, write_bytes
+from winnow.pipelines.io.ordered_io import write_bytes
 from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.storage import join
-from winnow.pipelines.io.write import ledger_rows_table, rows_from_table
+from winnow.pipelines.io.write import ledger_bytes, ledger_rows_table, rows_from_table
 from winnow.pipelines.stages.select.scores import METHODS, SHORTLIST_SCORE, SelectPlan
 from winnow.pipelines.stages.select.shortlist import shortlist_size
 from winnow.pipelines.stages.select.threshold import Threshold, TopN, rank_key, selected
@@ -85,7 +85,7 @@ class _DecideFileFn(beam.DoFn):
         reasons, details = _not_selected_reasons(self.plan, scores[left], shortlist_scores, self.wanted,
                                                  shortlisted)
         ledger = ledger_rows_table(table, "select", reasons, details, 0, fate="not_selected")
-        payload = table_bytes(ledger, 65_536)
+        payload = ledger_bytes(ledger)
         write_bytes(join(self.directory, REMOVED, name), payload)
         return {"dir": REMOVED, "file": f"{REMOVED}/{name}", "rows": ledger.num_rows, "bytes": len(payload)}
 
