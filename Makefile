@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase proxy -name '*.py' 2>/dev/n
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-corpus bench-gpu bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-two-tier bench-corpus bench-gpu bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
 	eval-quality eval-prune eval-select eval-rephrase eval-train report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -66,6 +66,10 @@ bench-embed: setup
 # Every embedding backend (torch, onnx fp32/int8, static) on the same rows: docs/s and quality against torch fp32.
 bench-backends: setup
 	$(BIN)/python bench/bench_backends.py $(ARGS)
+
+# Two-tier SemDeDup in the job (static candidates confirmed by the full model) against the full model alone
+bench-two-tier: setup
+	$(BIN)/python bench/bench_two_tier.py $(ARGS)
 
 # The ~465k documents of ../shared/data/ through validate, embed, prune and mix per embedding tier (static on all
 # rows, onnx int8 on a 5,000-row stride sample), with semhash 0.5 beside them; writes bench/out/corpus.json.

@@ -132,28 +132,20 @@ class DedupConfig(_Section):
 
     enabled: bool = False
     exact: bool = Field(True, description="remove exact copies (a digest of the normalised text)")
-    normalise: Literal["none", "whitespace", "datatrove"] = Field(
-        "whitespace", description="the exact digest's normalisation: none; whitespace (runs -> one space, ends "
-        "trimmed); datatrove (lower case, numbers -> 0, punctuation removed, accents stripped)")
+    normalise: Literal["none", "whitespace", "datatrove"] = Field("whitespace", description="of the exact digest")
     near: bool = Field(True, description="remove near duplicates: MinHash of word n-grams, LSH, components")
     ngram: int = Field(5, gt=0, description="words per shingle (texts with fewer words are left to the exact pass)")
-    shingles: Literal["words", "datatrove"] = Field(
-        "words", description="words: words split at spaces, each CJK character a word, hashed by winnow; datatrove: "
-        "DataTrove 0.10.1's English tokens and xxhash64 shingles, so that the signatures are its own")
+    shingles: Literal["words", "datatrove"] = Field("words", description="words, or DataTrove 0.10.1's shingles")
     bands: int = Field(14, gt=0, le=127, description="LSH bands")
     rows: int = Field(8, gt=0, description="hashes per band")
     seed: int = Field(1, ge=0, description="seed of the MinHash permutations")
     threshold: float | None = Field(
-        0.8, ge=0, le=1, description="Jaccard similarity of the shingles a candidate pair must reach to count "
-        "(checked on the texts); null: every pair that shares a band counts")
+        0.8, ge=0, le=1, description="checked Jaccard a candidate pair must reach; null: every band-sharing pair")
     keep: Literal["first", "longest", "column"] = Field(
-        "first", description="the survivor of a component: first in input order, the longest text, or the highest "
-        "dedup.keep_column; ties go to the first in input order")
+        "first", description="a component's survivor (ties: the first in input order)")
     keep_column: str | None = Field(None, description="the input column dedup.keep: column compares (a number)")
-    components: Literal["auto", "driver", "graph"] = Field(
-        "auto", description="how pairs are joined into components: driver (union-find in one process, about 50 "
-        "bytes per pair), graph (large-star/small-star rounds in the pipeline, any size), auto (driver up to "
-        "dedup.driver_pairs cached pairs); the same components either way")
+    components: Literal["auto", "driver", "graph"] = Field("auto", description="joined by union-find on the "
+                                                           "driver, by large-star/small-star rounds, or auto")
     driver_pairs: int = Field(20_000_000, gt=0, description="cached pairs up to which auto joins on the driver")
 
     @model_validator(mode="after")
@@ -202,6 +194,18 @@ class SemDedupConfig(_Section):
     enabled: bool = True
     eps: float = Field(0.05, gt=0, lt=1, description="drop a record whose cosine to an earlier one > 1 - eps")
     strict: bool = Field(True, description="'>' as the reference; false: '>=' as NeMo Curator")
+    confirm: Literal["off", "torch", "onnx"] = Field("off", description="two tiers: candidates at candidate_eps "
+                                                     "confirmed at eps by embed.model on this backend")
+    confirm_precision: Literal["fp32", "int8"] = Field("fp32", description="of the confirming backend (onnx)")
+    candidate_eps: float = Field(0.15, gt=0, lt=1, description="with confirm: the looser eps of the candidates")
+
+    @model_validator(mode="after")
+    def _candidates_looser(self) -> SemDedupConfig:
+        if self.confirm != "off" and self.confirm_precision == "int8" and self.confirm != "onnx":
+            raise ValueError(f"prune.semdedup.confirm_precision: int8 needs confirm onnx (not {self.confirm})")
+        if self.confirm != "off" and self.candidate_eps < self.eps:
+            raise ValueError(f"prune.semdedup.candidate_eps ({self.candidate_eps}) is below eps ({self.eps})")
+        return self
 
 
 class PruneConfig(_Section):

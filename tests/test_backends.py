@@ -167,3 +167,38 @@ def test_embedding_selection_embeds_its_targets_with_the_pools_backend(sample_sl
                         embed={"enabled": True, "backend": "static", "export_dir": str(export_dir)})
     manifest = run_job(plan_job(build_config(config), []))
     assert manifest["select"]["selected"] == 10 and manifest["select"]["embed_backend"] == "static"
+
+
+def test_two_tier_semdedup_confirms_the_static_candidates_with_the_full_model(sample_slice, packaged, export_dir,
+                                                                               tmp_path):
+    """`prune.semdedup.confirm: torch` on static embeddings: the pairs inside each cluster whose static cosine
+    passes 1 - candidate_eps are the candidates; their rows alone are embedded by the packaged model, and the
+    pairs whose cosine there passes 1 - eps are SemDeDup's. Counted exactly against the same computation here,
+    and every removal's full-model cosine to the record it duplicates passes eps."""
+
+    eps, candidate_eps = 0.05, 0.15
+    prune = {"enabled": True, "keep_fraction": 1.0, "strategy": "none", "kmeans": {"k": 4},
+             "semdedup": {"eps": eps, "confirm": "torch", "candidate_eps": candidate_eps}}
+    embed = {"enabled": True, "backend": "static", "export_dir": str(export_dir)}
+    manifest = run_job(plan_job(build_config(job_config(sample_slice / "*", tmp_path / "out", embed=embed,
+                                                        prune=prune)), []))
+    ids, static = read_embeddings(tmp_path / "out")
+    ledger = {row["id"]: row for row in pq.read_table(tmp_path / "out" / "ledger").to_pylist()}
+    texts = {row["id"]: row["text"] for path in sorted(sample_slice.glob("*.parquet"))
+             for row in pq.read_table(path).to_pylist()}
+    clusters = np.array([ledger[i]["cluster"] for i in ids])
+    same = clusters[:, None] == clusters[None, :]
+    upper = np.triu(np.ones_like(same), 1).astype(bool)
+    candidates = same & upper & (static @ static.T > 1 - candidate_eps)
+    rows = np.flatnonzero(candidates.any(axis=0) | candidates.any(axis=1))
+    full = np.zeros((len(ids), 384), np.float32)
+    full[rows] = backends.load_encoder("torch", packaged[0]).encode([texts[ids[r]] for r in rows])
+    confirmed = candidates & (full @ full.T > 1 - eps)
+    counts = manifest["prune"]["confirm"]
+    assert (counts["backend"], counts["precision"]) == ("torch", "fp32")
+    assert counts["candidate_pairs"] == int(candidates.sum()) > counts["confirmed_pairs"] == int(confirmed.sum()) > 0
+    assert counts["rows_embedded"] == len(rows) < len(ids)
+    position = {i: n for n, i in enumerate(ids)}
+    removed = [row for row in ledger.values() if row["stage"] == "semdedup"]
+    assert removed and all(full[position[row["id"]]] @ full[position[row["duplicate_of"]]] > 1 - eps
+                           for row in removed)

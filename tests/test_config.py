@@ -21,7 +21,8 @@ def test_default_config_loads_with_public_keys():
     assert resolved["embed"]["batch_size"] == 64
     assert resolved["output"]["path"] == "out/default"
     assert resolved["prune"]["kmeans"] == {"k": None, "niter": 100, "seed": 1234, "fit_sample": 100000}
-    assert resolved["prune"]["semdedup"] == {"enabled": True, "eps": 0.05, "strict": True}
+    assert resolved["prune"]["semdedup"] == {"enabled": True, "eps": 0.05, "strict": True, "confirm": "off",
+                                             "confirm_precision": "fp32", "candidate_eps": 0.15}
     assert resolved["mix"]["schedule"] == [
         {"at": 0.0, "temperature": 5.0, "alpha": None},
         {"at": 0.5, "temperature": 1.0, "alpha": None},

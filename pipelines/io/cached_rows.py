@@ -65,6 +65,12 @@ class CachedRows:
             return self.table.column("id").combine_chunks()
         return pa.array([r["id"] for r in self.records], pa.string())
 
+    def texts(self) -> pa.Array:
+        """Every row's text as one Arrow string array."""
+        if self.block:
+            return self.table.column("text").combine_chunks()
+        return pa.array([r.get("text") for r in self.records], pa.string())
+
     def values(self, name: str) -> list[Any]:
         """A field of every row as Python values (a map column's as dicts); None where a row lacks it."""
         if self.block:

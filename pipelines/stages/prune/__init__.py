@@ -32,29 +32,44 @@ from __future__ import annotations
 
 from typing import Any
 
+from winnow.pipelines.engine.embed_model import EmbedPlan
 from winnow.pipelines.engine.stage import (
     ManifestContext,
+    PlanContext,
     Stage,
     Step,
     config_section,
     summary_meta,
 )
-from winnow.pipelines.stages.prune.clusters import build_clusters, fit_pass
-from winnow.pipelines.stages.prune.common import SUMMARY_DIR
+from winnow.pipelines.stages.prune.clusters import clusters_step, fit_pass
+from winnow.pipelines.stages.prune.common import CONFIRM_COUNTS, PAIRS, SUMMARY_DIR
 from winnow.pipelines.stages.prune.decide import build_decide, groups_pass, refit_pass
 
 DECISION_KEYS = ("strategy", "keep_fraction", "keep", "tau", "neighbours", "min_per_cluster_frac", "seed",
                  "recluster")
 
 
-def _steps(plan, config) -> list[Step]:
+def _plan(context: PlanContext) -> EmbedPlan | None:
+    """The confirming model of two-tier SemDeDup (`prune.semdedup.confirm`): embed.model on that backend,
+    exported here on the driver, once."""
+    semdedup = context.config.prune.semdedup
+    if not (semdedup.enabled and semdedup.confirm != "off"):
+        return None
+    embed = context.config.embed.model_copy(update={"backend": semdedup.confirm,
+                                                     "precision": semdedup.confirm_precision, "device": "cpu"})
+    return EmbedPlan.from_config(embed, context.workers)
+
+
+def _steps(plan: EmbedPlan | None, config) -> list[Step]:
     section = config_section(config, "prune")
     scores = {k: v for k, v in section.items() if k not in DECISION_KEYS or k == "seed"}  # seed: the fit sample
     decision = {k: section[k] for k in DECISION_KEYS}
     prune = config.prune
     refit = (refit_pass(prune),) if prune.recluster else ()
+    confirm = {} if plan is None else {"confirm": f"{plan.fingerprint}:{plan.backend}:{plan.precision}",
+                                       "max_seq_length": plan.max_seq_length}
     return [
-        Step("clusters", build_clusters, {"prune": scores}, reads_vectors=True, reads_files=True,
+        Step("clusters", clusters_step(plan), {"prune": scores}, confirm, reads_vectors=True, reads_files=True,
              passes=(fit_pass(prune),)),
         Step("decide", build_decide, {"prune": decision}, reads_files=True, passes=(*refit, groups_pass(prune))),
     ]
@@ -63,6 +78,11 @@ def _steps(plan, config) -> list[Step]:
 def _manifest(context: ManifestContext) -> dict[str, Any]:
     centroids = [f for f in context.files if f["dir"] == "centroids"]
     section = {**summary_meta(context.files, SUMMARY_DIR), "settings": context.job.config.prune.model_dump()}
+    if context.plan is not None:
+        pairs = [f for f in context.files if f["dir"] == PAIRS]
+        section["confirm"] = {"backend": context.plan.backend, "precision": context.plan.precision,
+                              "fingerprint": context.plan.fingerprint,
+                              **{key: sum(f.get(key, 0) for f in pairs) for key in CONFIRM_COUNTS}}
     if centroids:
         section["centroids"] = {"k": centroids[0]["rows"], "dimension": centroids[0].get("dimension")}
     return {"prune": section}
@@ -106,7 +126,7 @@ STAGE = Stage(
     section="prune",
     enabled=lambda config: config.prune.enabled,
     reads_embeddings=lambda config: config.prune.enabled,
-    plan=lambda context: None,
+    plan=_plan,
     steps=_steps,
     libraries=("faiss-cpu", "numpy"),
     manifest=_manifest,

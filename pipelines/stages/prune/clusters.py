@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.pipelines.config import PruneConfig
+from winnow.pipelines.engine.embed_model import EmbedHandler, EmbedPlan
+from winnow.pipelines.engine.model_stage import acquire_model, model_lock
 from winnow.pipelines.engine.passes import Pass
 from winnow.pipelines.engine.progress import Progress
 from winnow.pipelines.engine.stage import (
@@ -67,8 +69,9 @@ class _AssignFileFn(beam.DoFn):
     groups are partitions of clusters (routed FRAGMENTS, (partition, (fragment, row group)))."""
 
     def __init__(self, centroids: np.ndarray, directory: str, scratch: str, partitions: int, drops_vectors: bool,
-                 compression: str):
+                 compression: str, with_texts: bool = False):
         self.centroids = centroids
+        self.with_texts = with_texts
         self.compression = compression
         self.directory = directory
         self.scratch = scratch
@@ -94,7 +97,10 @@ class _AssignFileFn(beam.DoFn):
             "cluster": pa.array(labels, pa.int64()), "dist_to_centroid": pa.array(dist, pa.float32())}, drop=drop,
             compression=self.compression)
         if len(rows):
-            members = by_cluster(members_table(keys, name, rows.ids(), labels, dist, vectors))
+            members = members_table(keys, name, rows.ids(), labels, dist, vectors)
+            if self.with_texts:  # two-tier SemDeDup embeds the candidates' texts in their partition
+                members = members.append_column("text", rows.texts())
+            members = by_cluster(members)
             partitions = partition_of(members.column("cluster").to_numpy(), len(self.centroids), self.partitions)
             for ref in write_groups(join(self.scratch, "fragments", name), members, partitions):
                 yield FRAGMENTS, ref
@@ -105,32 +111,64 @@ class _NearPairsFn(beam.DoFn):
     SemDeDup pairs inside each cluster (first < second, positions in that members file, cosine past 1 - eps),
     which do not depend on the order a decision resolves them in."""
 
-    def __init__(self, settings: PruneSettings, directory: str):
+    def __init__(self, settings: PruneSettings, directory: str, confirm: EmbedPlan | None = None,
+                 candidate_eps: float | None = None):
         self.settings = settings
         self.directory = directory
+        self.confirm = confirm
+        self.candidate_eps = candidate_eps
         self.busy_ms = beam.metrics.Metrics.distribution("winnow.semdedup", "busy_ms")
+
+    def setup(self):
+        self.held = None
+        self.handler = EmbedHandler(self.confirm) if self.confirm is not None else None
+
+    def _confirmed(self, members: pa.Table, first: np.ndarray, second: np.ndarray,
+                   counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Two tiers: the candidate pairs' rows embedded by the confirming model, the pairs whose cosine there
+        passes SemDeDup's threshold kept with that cosine."""
+        rows = np.unique(np.r_[first, second])
+        counts.update(candidate_pairs=len(first), rows_embedded=len(rows))
+        if not len(rows):
+            return first, second, np.zeros(0, np.float32)
+        if self.held is None:
+            self.held = acquire_model(self.handler)
+        texts = members.column("text").take(pa.array(rows)).to_pylist()
+        with model_lock(self.handler):
+            vectors = self.held.value.encode(texts, self.confirm.batch_size)
+        at_first, at_second = np.searchsorted(rows, first), np.searchsorted(rows, second)
+        cosine = np.einsum("ij,ij->i", vectors[at_first], vectors[at_second]).astype(np.float32)
+        threshold = np.float32(1.0 - self.settings.eps)
+        passes = cosine > threshold if self.settings.strict else cosine >= threshold
+        counts["confirmed_pairs"] = int(passes.sum())
+        return first[passes], second[passes], cosine[passes]
 
     def process(self, element) -> Iterator[dict[str, Any]]:
         partition, refs = element
         members = by_cluster(read_groups(refs, MEMBER_SCHEMA))
         started = time.perf_counter()
         first, second, cosine = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        counts: dict[str, int] = {}
         if self.settings.semdedup:
             vectors = vector_matrix(members.column(VECTOR_COLUMN))
+            eps = self.settings.eps if self.confirm is None else self.candidate_eps
             for start, stop in group_runs(members.column("cluster").to_numpy()):
-                i, j, value = near_pairs(vectors[start:stop], self.settings.eps, self.settings.strict)
+                i, j, value = near_pairs(vectors[start:stop], eps, self.settings.strict)
                 first.append(i + start)
                 second.append(j + start)
                 cosine.append(value)
+        first, second, cosine = np.concatenate(first), np.concatenate(second), np.concatenate(cosine)
+        if self.confirm is not None and self.settings.semdedup:
+            first, second, cosine = self._confirmed(members, first, second, counts)
+            members = members.drop_columns(["text"])
         self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
-        pairs = pa.table({"first": np.concatenate(first), "second": np.concatenate(second),
-                          "cosine": np.concatenate(cosine)})
+        pairs = pa.table({"first": first, "second": second, "cosine": cosine})
         name = f"part-{partition:05d}.parquet"
         for kind, table in ((MEMBERS, members), (PAIRS, pairs)):
             payload = table_bytes(table, 65_536, compression="none", dictionary=False)
             write_bytes(join(self.directory, kind, name), payload)
             yield {"dir": kind, "file": f"{kind}/{name}", "rows": table.num_rows, "bytes": len(payload),
-                   "partition": partition}
+                   "partition": partition, **(counts if kind == PAIRS else {})}
 
 
 def _write_centroids(centroids: np.ndarray, directory: str) -> dict[str, Any]:
@@ -146,22 +184,31 @@ def read_centroids(directory: str) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(join(directory, CENTROIDS))))
 
 
-def build_clusters(pipeline, paths, context: StepContext) -> StepOutput:
+def clusters_step(confirm: EmbedPlan | None):
+    """The clusters step's graph; with `confirm` (the confirming model's plan), SemDeDup in two tiers."""
+    def build(pipeline, paths, context: StepContext) -> StepOutput:
+        return build_clusters(pipeline, paths, context, confirm)
+    return build
+
+
+def build_clusters(pipeline, paths, context: StepContext, confirm: EmbedPlan | None = None) -> StepOutput:
     """Centroids fitted on the driver from the fit pass; every record file assigned (its rows gain `cluster`
     and `dist_to_centroid`); partitions of clusters written with their SemDeDup pairs; the centroids file."""
     settings = settings_from(context.job.config.prune)
+    confirm = confirm if settings.semdedup else None
     sample = context.constants["fit"]
     centroids = fit(sample, settings)
     partitions = partition_count(sample[3], len(centroids))
     assigned = split_routed(
         paths  # stage_run's Create of the files spreads them (a Reshuffle)
         | "Assign" >> beam.ParDo(_AssignFileFn(centroids, context.directory, context.scratch, partitions,
-                                               context.drops_vectors, context.compression)),
+                                               context.drops_vectors, context.compression, confirm is not None)),
         "Assigned", (FILES, FRAGMENTS))
     pairs = (
         assigned[FRAGMENTS]
         | "ByPartition" >> beam.GroupByKey()
-        | "NearPairs" >> beam.ParDo(_NearPairsFn(settings, context.directory))
+        | "NearPairs" >> beam.ParDo(_NearPairsFn(settings, context.directory, confirm,
+                                                 context.job.config.prune.semdedup.candidate_eps))
     )
     written = (
         pipeline

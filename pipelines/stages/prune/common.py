@@ -24,6 +24,7 @@ CENTROIDS = "centroids.npy"
 
 
 MEMBERS, PAIRS = "members", "pairs"
+CONFIRM_COUNTS = ("candidate_pairs", "rows_embedded", "confirmed_pairs")  # two-tier SemDeDup, per pairs file
 
 
 WINDOW = 4096  # records assigned to the centroids at once (rows of one input file, by input_row // WINDOW)
