@@ -101,6 +101,9 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
         "mix": {"mix": MIX},
         "dedup": {"dedup": {"enabled": True, "threshold": 0.5}, "mix": MIX},
         "dedup_graph": {"dedup": {"enabled": True, "threshold": 0.5, "components": "graph"}, "mix": MIX},
+        "prune_two_tier": {"embed": {**EMBED, "backend": "static", "export_dir": str(tmp_path / "exports")},
+                           "prune": {"enabled": True, "keep_fraction": 0.8,
+                                     "semdedup": {"confirm": "torch", "candidate_eps": 0.15}}},
     }
     if tiny_sae is not None:
         cases["select_mona"] = {"select": {"enabled": True, "method": "mona", "targets": targets, "count": 40,
@@ -111,8 +114,8 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
 
 
 CASE_NAMES = ["embed", "embed_onnx_int8", "embed_static",
-              "prune_dbp_mix", "prune_semdedup", "prune_recluster", "select_mona", "select_mona_shortlist",
-              "select_embedding",
+              "prune_dbp_mix", "prune_semdedup", "prune_recluster", "prune_two_tier",
+              "select_mona", "select_mona_shortlist", "select_embedding",
               "select_bm25", "select_random", "rephrase", "mix", "dedup", "dedup_graph"]
 
 
