@@ -34,13 +34,25 @@ def _runs(node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def large_star(node: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every edge of each node u here, from u's side -> large-star's edges (v, m(u)) for each neighbour v > u,
     m(u) the smallest of u and its neighbours. The edges come out larger end first, to be grouped by it."""
+    return large_star_round(node, other)[:2]
+
+
+def large_star_round(node: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """`large_star`'s edges and `unsettled`'s count of the same edges, sorted once."""
     node, other = _sorted_distinct(node, other)
     if not len(node):
-        return node, other
+        return node, other, 0
     starts, run = _runs(node)
-    smallest = np.minimum(node[starts], np.minimum.reduceat(other, starts))[run]
+    nearest = np.minimum.reduceat(other, starts)
+    smallest = np.minimum(node[starts], nearest)[run]
     larger = other > node
-    return other[larger], smallest[larger]
+    return other[larger], smallest[larger], _unsettled(node[starts], nearest, np.diff(np.r_[starts, len(node)]))
+
+
+def _unsettled(nodes: np.ndarray, nearest: np.ndarray, degree: np.ndarray) -> int:
+    centre = nearest > nodes
+    leaf = (degree == 1) & (nearest < nodes)
+    return int(np.count_nonzero(~(centre | leaf)))
 
 
 def small_star(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,15 +80,7 @@ def both_ways(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.nda
 def unsettled(node: np.ndarray, other: np.ndarray) -> int:
     """Nodes here that are neither a centre (every neighbour larger) nor a leaf (one neighbour, smaller). When
     no partition has one, every component is a star around its smallest node: the rounds are done."""
-    node, other = _sorted_distinct(node, other)
-    if not len(node):
-        return 0
-    starts, _ = _runs(node)
-    degree = np.diff(np.r_[starts, len(node)])
-    nearest = np.minimum.reduceat(other, starts)
-    centre = nearest > node[starts]
-    leaf = (degree == 1) & (nearest < node[starts])
-    return int(np.count_nonzero(~(centre | leaf)))
+    return large_star_round(node, other)[2]
 
 
 def star_members(node: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from winnow.pipelines.io import native
 from winnow.pipelines.io.blocks import VECTOR_COLUMN, is_block, vector_matrix, write_block
 from winnow.pipelines.io.cache_files import read_cache_table, table_elements, write_records_file
 
@@ -66,10 +67,10 @@ class CachedRows:
         return pa.array([r["id"] for r in self.records], pa.string())
 
     def texts(self) -> pa.Array:
-        """Every row's text as one Arrow string array."""
+        """Every row's text as one Arrow string array, in row order (a block's column uncopied)."""
         if self.block:
-            return self.table.column("text").combine_chunks()
-        return pa.array([r.get("text") for r in self.records], pa.string())
+            return native.one_chunk(self.table.column("text"))
+        return pa.array(self.values("text"), pa.string())
 
     def values(self, name: str) -> list[Any]:
         """A field of every row as Python values (a map column's as dicts); None where a row lacks it."""

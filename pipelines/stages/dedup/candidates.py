@@ -73,11 +73,10 @@ def spread(values: np.ndarray, parts: int = PARTITIONS) -> np.ndarray:
     return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
 
 
-def record_texts(rows: CachedRows) -> pa.Array:
-    """A record file's texts as one Arrow string array, in its row order."""
-    if rows.block:
-        return native.one_chunk(rows.table.column("text"))
-    return pa.array(rows.values("text"), pa.string())
+def counted(kind: np.ndarray, similarity: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Which cached pairs count: the exact ones, and the near ones whose checked Jaccard reaches `threshold`
+    (all of them with no threshold)."""
+    return (kind == EXACT) | (similarity >= threshold) if threshold is not None else np.ones(len(kind), bool)
 
 
 def facts_path(records_path: str) -> str:
@@ -88,7 +87,7 @@ def facts_path(records_path: str) -> str:
 def write_facts(rows: CachedRows, keys: np.ndarray, directory: str, name: str) -> dict[str, Any]:
     """Every row's key, id, source and text length in row (= key) order, uncompressed: the decide step reads
     these instead of the record file, whose texts it needs only to apply its decisions."""
-    texts = record_texts(rows)
+    texts = rows.texts()
     if rows.block and "source" in rows.table.column_names:
         sources = rows.table.column("source").combine_chunks().cast(pa.string())
     else:
@@ -145,7 +144,7 @@ class _DigestFileFn(beam.DoFn):
             return
         name = posixpath.basename(path)
         keys = record_keys(rows.keys())
-        digest = exact_digests(record_texts(rows), self.normalisation)
+        digest = exact_digests(rows.texts(), self.normalisation)
         partition = spread(digest[:, 0])
         order = np.lexsort((keys, digest[:, 1], digest[:, 0], partition))
         table = pa.Table.from_arrays([pa.array(digest[order, 0]), pa.array(digest[order, 1]),
@@ -210,7 +209,7 @@ class _SignFileFn(beam.DoFn):
             return
         copies = read_groups(list(joined["skip"]), SKIP_SCHEMA).column("key").to_numpy()
         wanted = ~np.isin(keys, copies)
-        bands, signed = near_band_keys(record_texts(rows).filter(pa.array(wanted)), self.config)
+        bands, signed = near_band_keys(rows.texts().filter(pa.array(wanted)), self.config)
         keys = keys[wanted][signed]
         bands = bands[signed]
         self.signed.inc(len(keys))
@@ -288,7 +287,7 @@ class _ShinglesFn(beam.DoFn):
         rows = CachedRows.read(path, (VECTOR_COLUMN,))
         keys = record_keys(rows.keys())
         positions = np.flatnonzero(np.isin(keys, wanted))
-        texts = minhash.normalise(record_texts(rows).take(pa.array(positions, pa.int64())), "datatrove")
+        texts = minhash.normalise(rows.texts().take(pa.array(positions, pa.int64())), "datatrove")
         yield from zip(keys[positions].tolist(), minhash.shingle_sets(texts, self.ngram, self.kind), strict=True)
 
 

@@ -42,9 +42,9 @@ from winnow.pipelines.stages.dedup.candidates import (
     EXACT,
     PAIRS,
     PARTITIONS,
+    counted,
     facts_path,
     record_keys,
-    record_texts,
     spread,
 )
 from winnow.pipelines.stages.dedup.stars import file_members, uses_graph
@@ -79,7 +79,7 @@ def accepted_pairs(paths: list[str], threshold: float | None) -> tuple[np.ndarra
         with open_file(path) as handle:
             table = pq.read_table(handle)
         kind, similarity = table.column("kind").to_numpy(), table.column("similarity").to_numpy()
-        counts = (kind == EXACT) | (similarity >= threshold) if threshold is not None else np.ones(len(kind), bool)
+        counts = counted(kind, similarity, threshold)
         taken = int(counts.sum())
         for column, name in zip(columns, ("first", "second", "kind", "similarity"), strict=True):
             column[filled:filled + taken] = table.column(name).to_numpy()[counts]
@@ -182,7 +182,7 @@ class _MembersFn(beam.DoFn):
             values = np.zeros(len(positions), np.float64)
         snippets = pa.nulls(len(positions), pa.string())
         if shown.any():
-            texts = record_texts(rows if rows is not None else text_rows(path))
+            texts = (rows if rows is not None else text_rows(path)).texts()
             texts = texts.take(pa.array(positions[shown], pa.int64()))
             snippets = pc.replace_with_mask(snippets, pa.array(shown), pc.utf8_slice_codeunits(texts, 0, SNIPPET_CHARS))
         name = posixpath.basename(path)

@@ -29,11 +29,11 @@ from winnow.pipelines.io.records import split_routed
 from winnow.pipelines.io.row_groups import read_groups, write_groups
 from winnow.pipelines.io.storage import join, open_file
 from winnow.pipelines.stages.dedup.candidates import (
-    EXACT,
     PAIRS,
     PARTITIONS,
     ROW_BITS,
     VARIANT_BITS,
+    counted,
     file_index_of,
     spread,
 )
@@ -84,9 +84,8 @@ class _IncidentFn(beam.DoFn):
     def process(self, path: str) -> Iterator[tuple[int, tuple[str, int]]]:
         with open_file(path) as handle:
             table = pq.read_table(handle)
-        kind, similarity = table.column("kind").to_numpy(), table.column("similarity").to_numpy()
-        if self.threshold is not None:
-            table = table.filter(pa.array((kind == EXACT) | (similarity >= self.threshold)))
+        table = table.filter(pa.array(counted(table.column("kind").to_numpy(), table.column("similarity").to_numpy(),
+                                              self.threshold)))
         first, second = table.column("first").to_numpy(), table.column("second").to_numpy()
         node, other = star_rounds.both_ways(first, second)
         kind = np.tile(table.column("kind").to_numpy(), 2)
@@ -122,8 +121,8 @@ class _LargeStarFn(beam.DoFn):
                                               pa.array(strongest_other)], schema=STRONGEST_SCHEMA)
             for ref in _by_file(strongest, join(self.folder, STRONGEST), f"{partition:05d}"):
                 yield STRONGEST, ref
-        yield UNSETTLED, star_rounds.unsettled(node, other)
-        high, low = star_rounds.large_star(node, other)
+        high, low, unsettled = star_rounds.large_star_round(node, other)
+        yield UNSETTLED, unsettled
         for ref in _write_by_node(join(self.folder, "large", f"{partition:05d}"), self.parts, node=high, other=low):
             yield EDGES, ref
 

@@ -158,7 +158,7 @@ class _NearPairsFn(beam.DoFn):
                 second.append(j + start)
                 cosine.append(value)
         first, second, cosine = np.concatenate(first), np.concatenate(second), np.concatenate(cosine)
-        if self.confirm is not None and self.settings.semdedup:
+        if self.confirm is not None:
             first, second, cosine = self._confirmed(members, first, second, counts)
             members = members.drop_columns(["text"])
         self.busy_ms.update(int(1000 * (time.perf_counter() - started)))
