@@ -2,13 +2,14 @@
 
 For each corpus (real near-duplicate siblings in Debian descriptions; documentation paragraphs) the same rows
 are embedded by every tier in one process, with the same threads (cores / 1 worker): torch fp32 (the
-reference), ONNX fp32, ONNX int8 and the static model distilled from the same model folder. Exports are made
-first (timed apart, in --export-dir). Per tier: docs/s and its ratio to torch, mean and minimum cosine to the
-reference (same dimensions only), top-10 neighbour overlap, SemDeDup pair precision / recall / F1 at the
-default eps 0.05 (pairs over the whole sample, a superset of the per-cluster pairs the stage compares), and the
-agreement of `prune.strategy: dbp` kept sets (keep_fraction 0.5, the same k-means settings). Then the two-tier
-design measured: static candidate pairs at looser cosines, confirmed by the full model (recall of the reference
-pairs, and the share of rows the full model would still embed).
+reference), ONNX fp32, ONNX int8, OpenVINO fp32 and the static model distilled from the same model folder.
+Exports are made first (timed apart, in --export-dir). Per tier: docs/s and its ratio to torch, mean and
+minimum cosine to the reference (same dimensions only), top-10 neighbour overlap, SemDeDup pair precision /
+recall / F1 at the default eps 0.05 (pairs over the whole sample, a superset of the per-cluster pairs the stage
+compares), and the agreement of `prune.strategy: dbp` kept sets (keep_fraction 0.5, the same k-means settings).
+Then the two-tier design measured: static candidate pairs at looser cosines, confirmed by the full model (recall
+of the reference pairs, and the share of rows the full model would still embed). Last, `embed.batch_size` swept
+for torch and OpenVINO on the first --sweep-rows rows.
 
     make bench-backends                        # 3,000 rows per corpus
     make bench-backends ARGS="--rows 1000"
@@ -36,7 +37,7 @@ from winnow.selectors.semdedup import near_pairs  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CORPORA = {"debian_en": "debian_descriptions_en.parquet", "docs": "docs_paragraphs.parquet"}
-TIERS = [("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"), ("static", "fp32")]
+TIERS = [("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("static", "fp32")]
 
 
 def neighbours(vectors: np.ndarray, k: int = 10) -> np.ndarray:
@@ -82,6 +83,29 @@ def two_tier(reference: np.ndarray, static: np.ndarray, eps: float) -> list[dict
     return rows
 
 
+def batch_sweep(encoders: dict, texts: list[str], sizes: list[int], default: int, eps: float) -> dict:
+    """`embed.batch_size` per runtime: docs/s of each size against torch at the default size, and how far the
+    vectors move from that run (a batch's padding changes the sums' order, not the model)."""
+    reference = encoders[("torch", "fp32")].encode(texts, default)
+    reference_pairs = near_pairs(reference, eps)
+    timed: dict = {}
+    for size in sizes:
+        for tier in (("torch", "fp32"), ("openvino", "fp32")):
+            encoders[tier].encode(texts[:size], size)  # warm
+            started = time.perf_counter()
+            vectors = encoders[tier].encode(texts, size)
+            pairs = near_pairs(vectors, eps)
+            timed[f"{'-'.join(tier)}-{size}"] = {
+                "seconds": time.perf_counter() - started, "max_abs_diff": float(np.abs(vectors - reference).max()),
+                "same_pairs": bool(np.array_equal(pairs[0], reference_pairs[0])
+                                   and np.array_equal(pairs[1], reference_pairs[1]))}
+    base = timed[f"torch-fp32-{default}"]["seconds"]
+    return {name: {"docs_per_s": round(len(texts) / row["seconds"], 1),
+                   "x_torch_default": round(base / row["seconds"], 2),
+                   "max_abs_diff": float(f"{row['max_abs_diff']:.2g}"), "same_pairs": row["same_pairs"]}
+            for name, row in timed.items()}
+
+
 def dbp_kept(vectors: np.ndarray) -> np.ndarray:
     return prune_pool(vectors, PruneSettings(strategy="dbp", keep_fraction=0.5))["kept"]
 
@@ -91,6 +115,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.05)
+    parser.add_argument("--sweep-sizes", type=int, nargs="*", default=[64, 32, 16, 8],
+                        help="batch sizes timed for torch and OpenVINO (none: skip the sweep)")
+    parser.add_argument("--sweep-rows", type=int, default=1000)
     parser.add_argument("--export-dir", type=Path, default=backends.default_export_dir())
     parser.add_argument("--out", type=Path, default=Path("bench/out/backends.json"))
     args = parser.parse_args()
@@ -135,6 +162,11 @@ def main() -> int:
         result["corpora"][corpus] = rows
         result.setdefault("two_tier", {})[corpus] = two_tier(reference, vectors[("static", "fp32")], args.eps)
         print(corpus, "two-tier", json.dumps(result["two_tier"][corpus]), flush=True)
+        if args.sweep_sizes:
+            sizes = sorted(set(args.sweep_sizes) | {args.batch_size}, reverse=True)
+            sweep = batch_sweep(encoders, texts[: args.sweep_rows], sizes, args.batch_size, args.eps)
+            result.setdefault("batch_sweep", {})[corpus] = sweep
+            print(corpus, "batch sizes", json.dumps(sweep), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"bench-backends: {args.out}")

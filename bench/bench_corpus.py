@@ -12,6 +12,11 @@ in its own process as well.
 
     make bench-corpus                                  # static on all rows, int8 on 5,000, semhash
     make bench-corpus ARGS="--tiers static --no-semhash"
+    make bench-corpus ARGS="--tiers --no-semhash --candidates"   # two-tier's share of rows, nothing run
+
+`--candidates` counts, with the static vectors of the whole corpus (k-means k = sqrt(n) fitted on 100,000 rows),
+the rows in a SemDeDup candidate pair inside their cluster at a few candidate cosines: the rows two-tier
+SemDeDup's confirming model would embed, on all rows and on the distinct texts alone.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FILES = ("debian_descriptions_en", "debian_descriptions_multilingual", "bigbench_tasks", "docs_paragraphs",
          "multiemo_en")
 TIERS = {"static": ("static", "fp32"), "onnx-int8": ("onnx", "int8"), "onnx-fp32": ("onnx", "fp32"),
-         "torch": ("torch", "fp32")}
+         "openvino-fp32": ("openvino", "fp32"), "torch": ("torch", "fp32")}
 TEN_MILLION = 10_000_000
 
 
@@ -120,6 +125,35 @@ def in_child(kind: str, payload: dict) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def candidate_shares(source: Path, model: str, eps_values: tuple[float, ...] = (0.05, 0.10, 0.15)) -> dict:
+    """The share of rows two-tier SemDeDup would hand to the full model, from the static vectors alone."""
+    import numpy as np
+
+    from winnow.selectors import backends, clustering, semdedup
+
+    texts = pq.read_table(source, columns=["text"]).column("text")
+    vectors = backends.load_encoder("static", model).encode(texts.to_pylist())
+    distinct = np.zeros(len(texts), bool)
+    distinct[np.unique(texts.to_numpy(zero_copy_only=False), return_index=True)[1]] = True
+    result = {"rows": len(texts), "distinct_texts": int(distinct.sum())}
+    for name, rows in (("all_rows", np.arange(len(texts))), ("distinct_texts", np.flatnonzero(distinct))):
+        k = clustering.default_k(len(rows))
+        fit = np.random.default_rng(0).choice(len(rows), min(len(rows), 100_000), replace=False)
+        labels, _ = clustering.assign(vectors[rows], clustering.fit_centroids(vectors[rows][fit], k))
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(k + 1))
+        shares = {}
+        for eps in eps_values:
+            in_pairs = 0
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+                members = rows[order[start:stop]]
+                first, second, _ = semdedup.near_pairs(vectors[members], eps)
+                in_pairs += len(np.union1d(first, second))
+            shares[f"candidate_eps_{eps}"] = {"rows": in_pairs, "share_of_corpus": round(in_pairs / len(texts), 4)}
+        result[name] = shares
+    return result
+
+
 def make_export(tier: str, export_dir: Path) -> str | None:
     """A tier's exported model, made ahead (as `winnow embed export` would), so that a tier's run and its peak
     memory are the job's alone; the static one is also semhash's model."""
@@ -150,9 +184,10 @@ def main() -> int:
     parser.add_argument("--tiers", nargs="*", default=["static", "onnx-int8"], choices=list(TIERS))
     parser.add_argument("--sample-rows", type=int, default=5_000,
                         help="rows for the tiers named by --sampled (an even stride over the corpus)")
-    parser.add_argument("--sampled", nargs="*", default=["onnx-int8", "onnx-fp32", "torch"])
+    parser.add_argument("--sampled", nargs="*", default=["onnx-int8", "onnx-fp32", "openvino-fp32", "torch"])
     parser.add_argument("--semhash", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--candidates", action="store_true", help="two-tier's share of rows (see above)")
     parser.add_argument("--work", type=Path, default=Path("bench/out/corpus"))
     parser.add_argument("--out", type=Path, default=Path("bench/out/corpus.json"))
     args = parser.parse_args()
@@ -171,6 +206,9 @@ def main() -> int:
         measured = in_child("tier", tier_config(tier, source, args.work / f"out-{tier}", export_dir))
         result["tiers"][tier] = {"rows": measured["input_records"], **measured, **rates(measured)}
         print(tier, json.dumps(result["tiers"][tier]), flush=True)
+    if args.candidates:
+        result["candidates"] = candidate_shares(corpus, model)
+        print("candidates", json.dumps(result["candidates"]), flush=True)
     if args.semhash:
         result["semhash"] = in_child("semhash", {"source": str(corpus), "model": model, "threshold": args.threshold})
         print("semhash", json.dumps(result["semhash"]), flush=True)

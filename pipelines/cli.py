@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="the embedding backends")
     embed_commands = embed.add_subparsers(dest="embed_command", required=True)
     export = embed_commands.add_parser(
-        "export", help="make the config's embed.backend export (onnx, or the static model) ahead of a run")
+        "export", help="make the config's embed.backend export (onnx, openvino, or the static model) ahead of a run")
     export.add_argument("config", help="YAML job config")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key, e.g. embed.backend=static")

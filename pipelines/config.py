@@ -166,13 +166,13 @@ class EmbedConfig(_Section):
     window: int = Field(2048, gt=0, description="texts handed to the model at once, sorted by length inside")
     max_seq_length: int | None = Field(None, gt=0, description="truncate longer inputs (model default: unset)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["torch", "onnx", "static"] = Field(
-        "torch", description="torch: the model as it is; onnx: exported once and run by ONNX Runtime; static: a "
-        "model2vec model distilled once from embed.model (hundreds of times faster, different vectors)")
+    backend: Literal["torch", "onnx", "openvino", "static"] = Field(
+        "torch", description="torch: the model as it is; onnx, openvino: exported once and run by that runtime; "
+        "static: a model2vec model distilled once from embed.model (hundreds of times faster, different vectors)")
     precision: Literal["fp32", "int8"] = Field("fp32", description="int8: dynamically quantised weights (onnx)")
-    export_dir: str | None = Field(None, description="where onnx exports and static models are kept by the "
+    export_dir: str | None = Field(None, description="where exports and static models are kept by the "
                                    "model's fingerprint; default ~/.cache/winnow/models")
-    torch_threads: int = Field(0, ge=0, description="threads per worker (torch or ONNX Runtime); 0: cores / workers")
+    torch_threads: int = Field(0, ge=0, description="threads per worker (torch or the runtime); 0: cores / workers")
     reuse: bool = Field(True, description="reuse embeddings of unchanged texts from the previous run in OUT")
 
     @model_validator(mode="after")
@@ -194,8 +194,8 @@ class SemDedupConfig(_Section):
     enabled: bool = True
     eps: float = Field(0.05, gt=0, lt=1, description="drop a record whose cosine to an earlier one > 1 - eps")
     strict: bool = Field(True, description="'>' as the reference; false: '>=' as NeMo Curator")
-    confirm: Literal["off", "torch", "onnx"] = Field("off", description="two tiers: candidates at candidate_eps "
-                                                     "confirmed at eps by embed.model on this backend")
+    confirm: Literal["off", "torch", "onnx", "openvino"] = Field(
+        "off", description="two tiers: candidates at candidate_eps confirmed at eps by embed.model on this backend")
     confirm_precision: Literal["fp32", "int8"] = Field("fp32", description="of the confirming backend (onnx)")
     candidate_eps: float = Field(0.15, gt=0, lt=1, description="with confirm: the looser eps of the candidates")
 

@@ -1,16 +1,16 @@
 """Embedding backends: the same sentence-transformers model run by torch, by ONNX Runtime (fp32 or dynamically
-quantised int8), or distilled into a static model (model2vec). Beam-free.
+quantised int8), by OpenVINO (fp32), or distilled into a static model (model2vec). Beam-free.
 
-An ONNX export or a static distillation is made once from the configured local model folder, with no download,
-and kept in an export directory under the source model's fingerprint and the backend and precision
+An ONNX or OpenVINO export or a static distillation is made once from the configured local model folder, with
+no download, and kept in an export directory under the source model's fingerprint and the backend and precision
 (`BACKEND-PRECISION-FINGERPRINT/`), written to a temporary folder and renamed into place, so a second process
 finds it whole or not at all. Every encoder returns unit float32 rows and sorts its texts by length before
 cutting batches (less padding), like sentence-transformers does.
 
 Measured on this project's 2-core AVX2 machine (docs/NOTES.md, `make bench-backends`): int8 ONNX is about as
-fast as torch there (its speed-up needs VNNI or AMX instructions), the static model hundreds of times faster
-at a large quality cost. Threads: ONNX Runtime starts one thread per core unless told; `threads` is set per
-worker so that workers x threads = cores.
+fast as torch there (its speed-up needs VNNI or AMX instructions), OpenVINO fp32 the fastest runtime of the same
+vectors, the static model hundreds of times faster at a large quality cost. Threads: ONNX Runtime and OpenVINO
+start one thread per core unless told; `threads` is set per worker so that workers x threads = cores.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import numpy as np
 
 from winnow.selectors.embedding import encode, l2_normalise, load_model
 
-BACKENDS = ("torch", "onnx", "static")
+BACKENDS = ("torch", "onnx", "openvino", "static")
 PRECISIONS = ("fp32", "int8")
 STATIC_DIMS = 256
 _ONNX_FILE = "model.onnx"
+_OPENVINO_FILE = "openvino_model.xml"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -73,6 +74,8 @@ def ensure_export(model_path: str | Path, fingerprint: str, backend: str, precis
     try:
         if backend == "onnx":
             _export_onnx(Path(model_path), temporary, precision)
+        elif backend == "openvino":
+            _export_openvino(Path(model_path), temporary)
         else:
             _distill_static(Path(model_path), temporary)
         (temporary / "winnow-export.json").write_text(json.dumps(
@@ -134,6 +137,17 @@ def _export_onnx(model_path: Path, target: Path, precision: str) -> None:
     raw.unlink()
 
 
+def _export_openvino(model_path: Path, target: Path) -> None:
+    """The fp32 ONNX export converted to OpenVINO's format (its weights kept in fp32, not compressed to fp16)."""
+    import openvino
+
+    _export_onnx(model_path, target, "fp32")
+    onnx_file = target / _ONNX_FILE
+    openvino.save_model(openvino.Core().read_model(str(onnx_file)), str(target / _OPENVINO_FILE),
+                        compress_to_fp16=False)
+    onnx_file.unlink()
+
+
 def _distill_static(model_path: Path, target: Path) -> None:
     from model2vec.distill import distill_from_model
     from transformers import AutoModel, AutoTokenizer
@@ -150,22 +164,19 @@ def _length_order(texts: Sequence[str]) -> np.ndarray:
                       kind="stable")
 
 
-class OnnxEncoder:
-    """An exported model run by ONNX Runtime on the CPU with a fixed number of threads."""
+class _GraphEncoder:
+    """An exported graph fed length-ordered, padded batches of the model's own tokenizer; subclasses run it."""
 
-    def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None):
-        import onnxruntime
+    def __init__(self, folder: Path, max_seq_length: int | None):
         from transformers import AutoTokenizer
 
         settings = json.loads((folder / "winnow-settings.json").read_text())
         self.max_length = max_seq_length or settings["max_seq_length"]
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(folder / _ONNX_FILE), options,
-                                                    providers=["CPUExecutionProvider"])
-        self.inputs = [node.name for node in self.session.get_inputs()]
+        self.inputs: list[str] = []
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         texts = list(texts)
@@ -177,11 +188,49 @@ class OnnxEncoder:
                                    max_length=self.max_length, return_tensors="np")
             feed = {name: batch[name].astype(np.int64) if name in batch else
                     np.zeros_like(batch["input_ids"], dtype=np.int64) for name in self.inputs}
-            vectors = self.session.run(None, feed)[0]
+            vectors = self.run(feed)
             if out is None:
                 out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
         return l2_normalise(out if out is not None else np.zeros((0, 0), np.float32))
+
+
+class OnnxEncoder(_GraphEncoder):
+    """An exported model run by ONNX Runtime on the CPU with a fixed number of threads."""
+
+    def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None):
+        import onnxruntime
+
+        super().__init__(folder, max_seq_length)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(folder / _ONNX_FILE), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.inputs = [node.name for node in self.session.get_inputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feed)[0]
+
+
+class OpenvinoEncoder(_GraphEncoder):
+    """An exported model run by OpenVINO on the CPU: a fixed number of threads, one stream, and f32 inference
+    (on CPUs with bf16 or AMX units OpenVINO would otherwise run in bf16 and change the vectors)."""
+
+    def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None):
+        import openvino
+
+        super().__init__(folder, max_seq_length)
+        compiled = openvino.Core().compile_model(
+            str(folder / _OPENVINO_FILE), "CPU",
+            {"INFERENCE_NUM_THREADS": max(1, threads), "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32",
+             "PERFORMANCE_HINT": "LATENCY"})
+        self.request = compiled.create_infer_request()
+        self.output = compiled.outputs[0]
+        self.inputs = [port.get_any_name() for port in compiled.inputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return np.array(self.request.infer(feed)[self.output], dtype=np.float32)
 
 
 class StaticEncoder:
@@ -217,6 +266,8 @@ def load_encoder(backend: str, folder: str | Path, device: str = "cpu", max_seq_
         return TorchEncoder(folder, device, max_seq_length)
     if backend == "onnx":
         return OnnxEncoder(folder, threads, max_seq_length)
+    if backend == "openvino":
+        return OpenvinoEncoder(folder, threads, max_seq_length)
     if backend == "static":
         return StaticEncoder(folder, max_seq_length)
     raise ValueError(f"embed.backend: {backend!r} is not one of {', '.join(BACKENDS)}")

@@ -1,6 +1,7 @@
-"""Embedding backends: ONNX (fp32, int8) and static exports of the packaged model, made once by fingerprint, their
-vectors against torch's, the embed stage on each backend (never reusing another backend's vectors), and the
-errors a user gets for a bad backend, an unexportable model folder or a GPU setting without a GPU."""
+"""Embedding backends: ONNX (fp32, int8), OpenVINO (fp32) and static exports of the packaged model, made once by
+fingerprint, their vectors against torch's, the embed stage on each backend (never reusing another backend's
+vectors), and the errors a user gets for a bad backend, an unexportable model folder or a GPU setting without a
+GPU."""
 
 from __future__ import annotations
 
@@ -67,6 +68,20 @@ def test_onnx_fp32_is_the_torch_model_and_int8_stays_close(packaged, export_dir,
     cosine = np.sum(quantised * reference, axis=1)
     assert cosine.min() > 0.97 and not np.allclose(cosine, 1.0, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(quantised, axis=1), 1.0, atol=1e-5)
+
+
+def test_openvino_is_the_torch_model_whatever_its_threads(packaged, export_dir, reference):
+    path, fingerprint = packaged
+    folder = backends.ensure_export(path, fingerprint, "openvino", "fp32", export_dir)
+    assert folder == backends.export_path(export_dir, fingerprint, "openvino", "fp32")
+    assert (folder / "openvino_model.xml").exists() and not (folder / "model.onnx").exists()
+    vectors = backends.load_encoder("openvino", folder, threads=1).encode(TEXTS, batch_size=2)
+    assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+    two_threads = backends.load_encoder("openvino", folder, threads=2).encode(TEXTS, batch_size=2)
+    assert np.array_equal(two_threads, vectors)  # one worker or two: the same bytes on every runner
+    with pytest.raises(ValueError, match="int8 needs embed.backend onnx"):
+        backends.ensure_export(path, fingerprint, "openvino", "int8", export_dir)
 
 
 def test_an_export_is_made_once_and_found_by_fingerprint(packaged, export_dir, monkeypatch):
@@ -144,6 +159,10 @@ def test_stage_on_each_backend_never_reuses_another_backends_vectors(sample_slic
     config["embed"] = {**embed, "backend": "static"}
     run_job(plan_job(build_config(config), []))
     assert read_embeddings(output)[1].shape == (60, backends.STATIC_DIMS)
+    config["embed"] = {**embed, "backend": "openvino"}
+    openvino_run = run_job(plan_job(build_config(config), []))
+    assert openvino_run["embeddings"]["computed_rows"] == 60 and openvino_run["embeddings"]["backend"] == "openvino"
+    np.testing.assert_allclose(read_embeddings(output)[1], torch_vectors, atol=1e-5)
 
 
 def test_embed_export_command_makes_the_export_a_run_then_finds(tmp_path, sample_slice, packaged, export_dir,
