@@ -2,14 +2,15 @@
 
 For each corpus (real near-duplicate siblings in Debian descriptions; documentation paragraphs) the same rows
 are embedded by every tier in one process, with the same threads (cores / 1 worker): torch fp32 (the
-reference), ONNX fp32, ONNX int8, OpenVINO fp32 and the static model distilled from the same model folder.
+reference), ONNX fp32, ONNX int8, OpenVINO fp32, OpenVINO int8 and the static model distilled from the same
+model folder.
 Exports are made first (timed apart, in --export-dir). Per tier: docs/s and its ratio to torch, mean and
 minimum cosine to the reference (same dimensions only), top-10 neighbour overlap, SemDeDup pair precision /
 recall / F1 at the default eps 0.05 (pairs over the whole sample, a superset of the per-cluster pairs the stage
 compares), and the agreement of `prune.strategy: dbp` kept sets (keep_fraction 0.5, the same k-means settings).
 Then the two-tier design measured: static candidate pairs at looser cosines, confirmed by the full model (recall
 of the reference pairs, and the share of rows the full model would still embed). Last, `embed.batch_size` swept
-for torch and OpenVINO on the first --sweep-rows rows.
+for torch and OpenVINO (fp32 and int8) on the first --sweep-rows rows.
 
     make bench-backends                        # 3,000 rows per corpus
     make bench-backends ARGS="--rows 1000"
@@ -37,7 +38,9 @@ from winnow.selectors.semdedup import near_pairs  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CORPORA = {"debian_en": "debian_descriptions_en.parquet", "docs": "docs_paragraphs.parquet"}
-TIERS = [("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("static", "fp32")]
+TIERS = [("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "int8"),
+         ("static", "fp32")]
+SWEPT = (("torch", "fp32"), ("openvino", "fp32"), ("openvino", "int8"))
 
 
 def neighbours(vectors: np.ndarray, k: int = 10) -> np.ndarray:
@@ -90,7 +93,7 @@ def batch_sweep(encoders: dict, texts: list[str], sizes: list[int], default: int
     reference_pairs = near_pairs(reference, eps)
     timed: dict = {}
     for size in sizes:
-        for tier in (("torch", "fp32"), ("openvino", "fp32")):
+        for tier in SWEPT:
             encoders[tier].encode(texts[:size], size)  # warm
             started = time.perf_counter()
             vectors = encoders[tier].encode(texts, size)
@@ -116,7 +119,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.05)
     parser.add_argument("--sweep-sizes", type=int, nargs="*", default=[64, 32, 16, 8],
-                        help="batch sizes timed for torch and OpenVINO (none: skip the sweep)")
+                        help="batch sizes timed for torch and OpenVINO fp32 and int8 (none: skip the sweep)")
     parser.add_argument("--sweep-rows", type=int, default=1000)
     parser.add_argument("--export-dir", type=Path, default=backends.default_export_dir())
     parser.add_argument("--out", type=Path, default=Path("bench/out/backends.json"))

@@ -10,7 +10,8 @@ documents are extrapolated from the stages' rates. semhash 0.5 (`SemHash.from_re
 `self_deduplicate(threshold)`) runs with the static model winnow distils (the same vectors as the static tier),
 in its own process as well.
 
-    make bench-corpus                                  # static on all rows, int8 on 5,000, semhash
+    make bench-corpus                                  # static and OpenVINO int8 on all rows, semhash
+    make bench-corpus ARGS="--tiers static openvino-int8 onnx-int8"   # ONNX int8 on 5,000 rows as well
     make bench-corpus ARGS="--tiers static --no-semhash"
     make bench-corpus ARGS="--tiers --no-semhash --candidates"   # two-tier's share of rows, nothing run
 
@@ -39,7 +40,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FILES = ("debian_descriptions_en", "debian_descriptions_multilingual", "bigbench_tasks", "docs_paragraphs",
          "multiemo_en")
 TIERS = {"static": ("static", "fp32"), "onnx-int8": ("onnx", "int8"), "onnx-fp32": ("onnx", "fp32"),
-         "openvino-fp32": ("openvino", "fp32"), "torch": ("torch", "fp32")}
+         "openvino-fp32": ("openvino", "fp32"), "openvino-int8": ("openvino", "int8"), "torch": ("torch", "fp32")}
 TEN_MILLION = 10_000_000
 
 
@@ -69,13 +70,13 @@ def sample(source: Path, rows: int | None, work: Path) -> Path:
     return path
 
 
-def tier_config(tier: str, source: Path, output: Path, export_dir: Path) -> dict:
+def tier_config(tier: str, source: Path, output: Path, export_dir: Path, batch_size: int = 64) -> dict:
     backend, precision = TIERS[tier]
     return {
         "input": {"path": str(source), "columns": {"id": "id", "text": "text", "source": "source"}},
         "output": {"path": str(output), "cache": False, "report": False},
         "embed": {"enabled": "auto", "backend": backend, "precision": precision, "export_dir": str(export_dir),
-                  "batch_size": 64},
+                  "batch_size": batch_size},
         "prune": {"enabled": True, "strategy": "dbp", "keep_fraction": 0.7, "keep": "hard",
                   "semdedup": {"enabled": True, "eps": 0.05}},
         "mix": {"enabled": True, "shards": 20,
@@ -181,10 +182,11 @@ def main() -> int:
     if sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiers", nargs="*", default=["static", "onnx-int8"], choices=list(TIERS))
+    parser.add_argument("--tiers", nargs="*", default=["static", "openvino-int8"], choices=list(TIERS))
     parser.add_argument("--sample-rows", type=int, default=5_000,
                         help="rows for the tiers named by --sampled (an even stride over the corpus)")
     parser.add_argument("--sampled", nargs="*", default=["onnx-int8", "onnx-fp32", "openvino-fp32", "torch"])
+    parser.add_argument("--batch-size", type=int, default=64, help="embed.batch_size (16 is faster on a CPU)")
     parser.add_argument("--semhash", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--candidates", action="store_true", help="two-tier's share of rows (see above)")
@@ -197,13 +199,15 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     export_dir = args.work / "models"
     corpus = combine(args.work)
-    result = {"corpus_rows": pq.ParquetFile(corpus).metadata.num_rows, "cpus": os.cpu_count(), "tiers": {}}
+    result = {"corpus_rows": pq.ParquetFile(corpus).metadata.num_rows, "cpus": os.cpu_count(),
+              "batch_size": args.batch_size, "tiers": {}}
     model = make_export("static", export_dir)
     for tier in args.tiers:
         make_export(tier, export_dir)
         rows = args.sample_rows if tier in args.sampled else None
         source = sample(corpus, rows, args.work)
-        measured = in_child("tier", tier_config(tier, source, args.work / f"out-{tier}", export_dir))
+        measured = in_child("tier", tier_config(tier, source, args.work / f"out-{tier}", export_dir,
+                                                args.batch_size))
         result["tiers"][tier] = {"rows": measured["input_records"], **measured, **rates(measured)}
         print(tier, json.dumps(result["tiers"][tier]), flush=True)
     if args.candidates:

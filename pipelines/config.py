@@ -169,7 +169,7 @@ class EmbedConfig(_Section):
     backend: Literal["torch", "onnx", "openvino", "static"] = Field(
         "torch", description="torch: the model as it is; onnx, openvino: exported once and run by that runtime; "
         "static: a model2vec model distilled once from embed.model (hundreds of times faster, different vectors)")
-    precision: Literal["fp32", "int8"] = Field("fp32", description="int8: dynamically quantised weights (onnx)")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="int8: quantised (onnx: weights; openvino: MatMuls)")
     export_dir: str | None = Field(None, description="where exports and static models are kept by the "
                                    "model's fingerprint; default ~/.cache/winnow/models")
     torch_threads: int = Field(0, ge=0, description="threads per worker (torch or the runtime); 0: cores / workers")
@@ -196,13 +196,13 @@ class SemDedupConfig(_Section):
     strict: bool = Field(True, description="'>' as the reference; false: '>=' as NeMo Curator")
     confirm: Literal["off", "torch", "onnx", "openvino"] = Field(
         "off", description="two tiers: candidates at candidate_eps confirmed at eps by embed.model on this backend")
-    confirm_precision: Literal["fp32", "int8"] = Field("fp32", description="of the confirming backend (onnx)")
+    confirm_precision: Literal["fp32", "int8"] = Field("fp32", description="of the confirming backend")
     candidate_eps: float = Field(0.15, gt=0, lt=1, description="with confirm: the looser eps of the candidates")
 
     @model_validator(mode="after")
     def _candidates_looser(self) -> SemDedupConfig:
-        if self.confirm != "off" and self.confirm_precision == "int8" and self.confirm != "onnx":
-            raise ValueError(f"prune.semdedup.confirm_precision: int8 needs confirm onnx (not {self.confirm})")
+        if self.confirm != "off" and self.confirm_precision == "int8" and self.confirm == "torch":
+            raise ValueError("prune.semdedup.confirm_precision: int8 needs confirm onnx or openvino (not torch)")
         if self.confirm != "off" and self.candidate_eps < self.eps:
             raise ValueError(f"prune.semdedup.candidate_eps ({self.candidate_eps}) is below eps ({self.eps})")
         return self

@@ -1,5 +1,6 @@
 """Embedding backends: the same sentence-transformers model run by torch, by ONNX Runtime (fp32 or dynamically
-quantised int8), by OpenVINO (fp32), or distilled into a static model (model2vec). Beam-free.
+quantised int8), by OpenVINO (fp32, or int8 quantised by NNCF on a packaged calibration set), or distilled into a
+static model (model2vec). Beam-free.
 
 An ONNX or OpenVINO export or a static distillation is made once from the configured local model folder, with
 no download, and kept in an export directory under the source model's fingerprint and the backend and precision
@@ -7,14 +8,16 @@ no download, and kept in an export directory under the source model's fingerprin
 finds it whole or not at all. Every encoder returns unit float32 rows and sorts its texts by length before
 cutting batches (less padding), like sentence-transformers does.
 
-Measured on this project's 2-core AVX2 machine (docs/NOTES.md, `make bench-backends`): int8 ONNX is about as
-fast as torch there (its speed-up needs VNNI or AMX instructions), OpenVINO fp32 the fastest runtime of the same
-vectors, the static model hundreds of times faster at a large quality cost. Threads: ONNX Runtime and OpenVINO
-start one thread per core unless told; `threads` is set per worker so that workers x threads = cores.
+Measured (docs/NOTES.md, `make bench-backends`): int8 pays only on CPUs with VNNI or AMX instructions (about 1.1x
+torch on an AVX2-only machine; OpenVINO int8 about 3x on an AVX512-VNNI one), OpenVINO fp32 is the fastest
+runtime of the same vectors, the static model hundreds of times faster at a large quality cost. Threads: ONNX
+Runtime and OpenVINO start one thread per core unless told; `threads` is set per worker so that workers x
+threads = cores.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +36,11 @@ STATIC_DIMS = 256
 _ONNX_FILE = "model.onnx"
 _OPENVINO_FILE = "openvino_model.xml"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# OpenVINO int8's activation ranges are calibrated on these texts (150 Debian package descriptions and 150
+# documentation paragraphs, none among the rows the benchmarks measure). Its digest is part of the export's name,
+# so a changed set is a new export, and of this module's source, so it is in every stage's code hash.
+CALIBRATION_FILE = Path(__file__).with_name("calibration.jsonl")
+CALIBRATION_SHA256 = "dbbe4bec576fde9a0cd29081796669765e0b05b30915653f2ea202dd7279b77f"
 
 
 class ExportFailed(ValueError):
@@ -46,7 +54,8 @@ def default_export_dir() -> Path:
 
 
 def export_path(export_dir: str | Path, fingerprint: str, backend: str, precision: str) -> Path:
-    return Path(export_dir).expanduser() / f"{backend}-{precision}-{fingerprint[:24]}"
+    calibrated = f"-c{CALIBRATION_SHA256[:8]}" if (backend, precision) == ("openvino", "int8") else ""
+    return Path(export_dir).expanduser() / f"{backend}-{precision}-{fingerprint[:24]}{calibrated}"
 
 
 def check_choice(backend: str, precision: str) -> None:
@@ -55,8 +64,16 @@ def check_choice(backend: str, precision: str) -> None:
         raise ValueError(f"embed.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"embed.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and backend != "onnx":
-        raise ValueError(f"embed.precision: int8 needs embed.backend onnx (not {backend})")
+    if precision == "int8" and backend not in ("onnx", "openvino"):
+        raise ValueError(f"embed.precision: int8 needs embed.backend onnx or openvino (not {backend})")
+
+
+def calibration_texts() -> list[str]:
+    """The packaged calibration set, refused when it is not the one the export names record."""
+    data = CALIBRATION_FILE.read_bytes()
+    if hashlib.sha256(data).hexdigest() != CALIBRATION_SHA256:
+        raise ExportFailed(f"{CALIBRATION_FILE} is not the calibration set this version of winnow was made with")
+    return [json.loads(line)["text"] for line in data.decode().splitlines()]
 
 
 def ensure_export(model_path: str | Path, fingerprint: str, backend: str, precision: str,
@@ -75,7 +92,7 @@ def ensure_export(model_path: str | Path, fingerprint: str, backend: str, precis
         if backend == "onnx":
             _export_onnx(Path(model_path), temporary, precision)
         elif backend == "openvino":
-            _export_openvino(Path(model_path), temporary)
+            _export_openvino(Path(model_path), temporary, precision)
         else:
             _distill_static(Path(model_path), temporary)
         (temporary / "winnow-export.json").write_text(json.dumps(
@@ -137,14 +154,24 @@ def _export_onnx(model_path: Path, target: Path, precision: str) -> None:
     raw.unlink()
 
 
-def _export_openvino(model_path: Path, target: Path) -> None:
-    """The fp32 ONNX export converted to OpenVINO's format (its weights kept in fp32, not compressed to fp16)."""
+def _export_openvino(model_path: Path, target: Path, precision: str) -> None:
+    """The fp32 ONNX export converted to OpenVINO's format (its weights kept in fp32, not compressed to fp16); for
+    int8, quantised by NNCF's post-training quantisation (weights and activations of the MatMuls, the transformer
+    preset), its activation ranges measured on the calibration set fed one text at a time (no padding tokens)."""
     import openvino
 
     _export_onnx(model_path, target, "fp32")
     onnx_file = target / _ONNX_FILE
-    openvino.save_model(openvino.Core().read_model(str(onnx_file)), str(target / _OPENVINO_FILE),
-                        compress_to_fp16=False)
+    model = openvino.Core().read_model(str(onnx_file))
+    if precision == "int8":
+        import nncf
+
+        feeds = _GraphEncoder(target, None).feeds(calibration_texts(), batch_size=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(feeds))
+    openvino.save_model(model, str(target / _OPENVINO_FILE), compress_to_fp16=False)
     onnx_file.unlink()
 
 
@@ -178,17 +205,23 @@ class _GraphEncoder:
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
+    def feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """One padded batch as the graph's inputs (a model without token types gets zeros)."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="np")
+        return {name: batch[name].astype(np.int64) if name in batch else
+                np.zeros_like(batch["input_ids"], dtype=np.int64) for name in self.inputs or _INPUTS}
+
+    def feeds(self, texts: Sequence[str], batch_size: int) -> list[dict[str, np.ndarray]]:
+        return [self.feed(texts[start:start + batch_size]) for start in range(0, len(texts), batch_size)]
+
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         texts = list(texts)
         order = _length_order(texts)
         out: np.ndarray | None = None
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
-            batch = self.tokenizer([texts[row] for row in rows], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="np")
-            feed = {name: batch[name].astype(np.int64) if name in batch else
-                    np.zeros_like(batch["input_ids"], dtype=np.int64) for name in self.inputs}
-            vectors = self.run(feed)
+            vectors = self.run(self.feed([texts[row] for row in rows]))
             if out is None:
                 out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors

@@ -1,4 +1,4 @@
-"""Embedding backends: ONNX (fp32, int8), OpenVINO (fp32) and static exports of the packaged model, made once by
+"""Embedding backends: ONNX (fp32, int8), OpenVINO (fp32, int8) and static exports of the packaged model, made once by
 fingerprint, their vectors against torch's, the embed stage on each backend (never reusing another backend's
 vectors), and the errors a user gets for a bad backend, an unexportable model folder or a GPU setting without a
 GPU."""
@@ -42,7 +42,7 @@ def reference(packaged):
 def test_a_choice_that_does_not_exist_is_refused():
     with pytest.raises(ValueError, match="embed.backend: 'tensorrt'"):
         backends.check_choice("tensorrt", "fp32")
-    with pytest.raises(ValueError, match="int8 needs embed.backend onnx"):
+    with pytest.raises(ValueError, match="int8 needs embed.backend onnx or openvino"):
         backends.check_choice("static", "int8")
 
 
@@ -80,8 +80,36 @@ def test_openvino_is_the_torch_model_whatever_its_threads(packaged, export_dir, 
     np.testing.assert_allclose(vectors, reference, atol=1e-5)
     two_threads = backends.load_encoder("openvino", folder, threads=2).encode(TEXTS, batch_size=2)
     assert np.array_equal(two_threads, vectors)  # one worker or two: the same bytes on every runner
-    with pytest.raises(ValueError, match="int8 needs embed.backend onnx"):
-        backends.ensure_export(path, fingerprint, "openvino", "int8", export_dir)
+
+
+def test_openvino_int8_is_quantised_on_the_packaged_calibration_set(packaged, export_dir, reference):
+    path, fingerprint = packaged
+    assert len(backends.calibration_texts()) == 300
+    folder = backends.ensure_export(path, fingerprint, "openvino", "int8", export_dir)
+    assert folder.name.endswith(f"-c{backends.CALIBRATION_SHA256[:8]}")  # a new calibration set, a new export
+    assert folder == backends.export_path(export_dir, fingerprint, "openvino", "int8")
+    import openvino
+
+    model = openvino.Core().read_model(str(folder / "openvino_model.xml"))
+    products = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
+    assert len(products) == 48 and all(  # the six layers' eight MatMuls, each fed through a quantiser
+        any(port.get_source_output().get_node().get_type_name() == "FakeQuantize" for port in op.inputs())
+        for op in products)
+    vectors = backends.load_encoder("openvino", folder, threads=1).encode(TEXTS, batch_size=2)
+    cosine = np.sum(vectors * reference, axis=1)
+    assert cosine[:-1].min() > 0.99 and cosine[-1] > 0.9  # the empty text ([CLS] [SEP] alone) moves most
+    assert not np.allclose(cosine, 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    two_threads = backends.load_encoder("openvino", folder, threads=2).encode(TEXTS, batch_size=2)
+    assert np.array_equal(two_threads, vectors)
+
+
+def test_a_changed_calibration_set_is_refused(tmp_path, monkeypatch):
+    changed = tmp_path / "calibration.jsonl"
+    changed.write_bytes(backends.CALIBRATION_FILE.read_bytes() + b'{"text": "one more"}\n')
+    monkeypatch.setattr(backends, "CALIBRATION_FILE", changed)
+    with pytest.raises(backends.ExportFailed, match="not the calibration set"):
+        backends.calibration_texts()
 
 
 def test_an_export_is_made_once_and_found_by_fingerprint(packaged, export_dir, monkeypatch):

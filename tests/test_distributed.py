@@ -87,6 +87,8 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
         "embed_onnx_int8": {"embed": {**EMBED, "backend": "onnx", "precision": "int8",
                                       "export_dir": str(tmp_path / "exports")}},
         "embed_openvino": {"embed": {**EMBED, "backend": "openvino", "export_dir": str(tmp_path / "exports")}},
+        "embed_openvino_int8": {"embed": {**EMBED, "backend": "openvino", "precision": "int8",
+                                          "export_dir": str(tmp_path / "exports")}},
         "embed_static": {"embed": {**EMBED, "backend": "static", "export_dir": str(tmp_path / "exports")}},
         "prune_dbp_mix": {"embed": EMBED, "prune": {"enabled": True, "strategy": "dbp", "keep_fraction": 0.6},
                           "mix": MIX},
@@ -114,7 +116,7 @@ def matrix_cases(tmp_path: Path, tiny_sae: Path | None) -> dict[str, dict]:
     return cases
 
 
-CASE_NAMES = ["embed", "embed_onnx_int8", "embed_openvino", "embed_static",
+CASE_NAMES = ["embed", "embed_onnx_int8", "embed_openvino", "embed_openvino_int8", "embed_static",
               "prune_dbp_mix", "prune_semdedup", "prune_recluster", "prune_two_tier",
               "select_mona", "select_mona_shortlist", "select_embedding",
               "select_bm25", "select_random", "rephrase", "mix", "dedup", "dedup_graph"]

@@ -154,7 +154,8 @@ def test_dedup_with_its_cache_on_s3_gives_the_local_output(s3_server, sample_sli
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("backend", "precision"), [("onnx", "int8"), ("openvino", "fp32"), ("static", "fp32")])
+@pytest.mark.parametrize(("backend", "precision"), [("onnx", "int8"), ("openvino", "fp32"), ("openvino", "int8"),
+                                                     ("static", "fp32")])
 def test_embedding_backends_with_the_cache_on_s3_give_the_local_output(backend, precision, s3_server, sample_slice,
                                                                         tmp_path):
     """The exported backends (their exports on local disk, the stage cache and output on S3) embed and prune

@@ -7,9 +7,10 @@ The stage works on the cache's record files, not on records: one task per file (
 a file of pickled records) reads it, embeds its texts window by window and writes the same rows with the vectors
 as a fixed-size-list column (blocks.py) into this stage's cache; no GroupByKey holds records or vectors. A window
 is the rows of a file with the same `input_row // embed.window` (a window cut by a file boundary is embedded as
-two); every backend (`embed.backend`: torch, onnx fp32/int8, openvino, static; selectors/backends.py) sorts a window by
-length before cutting batches of `embed.batch_size`, which keeps padding low. `embeddings/part-*.parquet` (id,
-text_hash, embedding, in input order) are cut from the written files by `WriteOrderedFiles`.
+two); every backend (`embed.backend`: torch, onnx fp32/int8, openvino fp32/int8, static; selectors/backends.py)
+sorts a window by length before cutting batches of `embed.batch_size`, which keeps padding low.
+`embeddings/part-*.parquet` (id, text_hash, embedding, in input order) are cut from the written files by
+`WriteOrderedFiles`.
 
 When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again:
 each worker indexes the previous files' text hashes once (16 bytes per previous row) and reads the vectors of a
