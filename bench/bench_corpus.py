@@ -186,7 +186,8 @@ def main() -> int:
     parser.add_argument("--sample-rows", type=int, default=5_000,
                         help="rows for the tiers named by --sampled (an even stride over the corpus)")
     parser.add_argument("--sampled", nargs="*", default=["onnx-int8", "onnx-fp32", "openvino-fp32", "torch"])
-    parser.add_argument("--batch-size", type=int, default=64, help="embed.batch_size (16 is faster on a CPU)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="embed.batch_size (on a CPU: 16 for fp32, 32-64 for OpenVINO int8)")
     parser.add_argument("--semhash", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--candidates", action="store_true", help="two-tier's share of rows (see above)")
