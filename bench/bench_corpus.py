@@ -138,9 +138,10 @@ def candidate_shares(source: Path, model: str, eps_values: tuple[float, ...] = (
     distinct[np.unique(texts.to_numpy(zero_copy_only=False), return_index=True)[1]] = True
     result = {"rows": len(texts), "distinct_texts": int(distinct.sum())}
     for name, rows in (("all_rows", np.arange(len(texts))), ("distinct_texts", np.flatnonzero(distinct))):
+        pool = vectors[rows]
         k = clustering.default_k(len(rows))
         fit = np.random.default_rng(0).choice(len(rows), min(len(rows), 100_000), replace=False)
-        labels, _ = clustering.assign(vectors[rows], clustering.fit_centroids(vectors[rows][fit], k))
+        labels, _ = clustering.assign(pool, clustering.fit_centroids(pool[fit], k))
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(k + 1))
         shares = {}
