@@ -6,11 +6,21 @@ rate of `winnow eval train`'s presets (train). Writes one JSON;
 a part that fails is recorded with the end of its error output, and the others still run.
 
 The prune part's vectors are synthetic (1M unit vectors of 384 dimensions around `--clusters` random centres),
-so that it needs no model or corpus; the model parts read ../shared/data (or `--data`) and the packaged
-models, or the folders given with `--model` and `--lm`.
+so that it needs no model or corpus; the model parts read `--data-dir` (../shared/data: embed the Debian
+descriptions, select and rephrase the docs paragraphs) and the packaged models, or the folders given with
+`--model` and `--lm`.
+
+A GPU machine that cannot be reached by the packaged weights (they are larger than what may travel to it) gets
+stand-ins: `--pack DIR` writes here the packaged models' folders without their weights (config, tokenizer,
+sentence-transformers modules) and slices of the two corpora, and `--stand-ins DIR` there draws the weights at
+random (torch seed 0) and runs on those folders. A forward pass costs the same whatever its weights, so the
+speeds are the architectures'; what the stand-ins select or write means nothing, and generation runs to
+`max_new_tokens` more often than with real weights.
 
     make bench-gpu                                     # on the device machine
     make bench-gpu ARGS="--parts prune --vectors 100000"
+    make bench-gpu ARGS="--pack .gpu/pack --device cpu"                 # here, before the GPU run
+    python bench/bench_gpu.py --stand-ins .gpu/pack --data-dir .gpu/pack/data   # there
 """
 
 from __future__ import annotations
@@ -27,6 +37,44 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("embed", "select", "rephrase", "prune", "train")
+DATA_DIR = HERE.parents[1] / "shared" / "data"
+PART_DATA = {"embed": "debian_descriptions_en.parquet", "select": "docs_paragraphs.parquet",
+             "rephrase": "docs_paragraphs.parquet"}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def pack(target: Path, data_dir: Path, rows: dict[str, int]) -> dict:
+    """The packaged embedding model and LM without their weights, and the first `rows` of each part's corpus."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from winnow.selectors import embedding, lm
+
+    sources = {"model": embedding.resolve_model_path(embedding.PACKAGED_MODEL), "lm": lm.resolve_lm_path(lm.PACKAGED_LM)}
+    for name, source in sources.items():
+        shutil.rmtree(target / name, ignore_errors=True)
+        shutil.copytree(source, target / name, ignore=shutil.ignore_patterns(*WEIGHT_FILES, "README.md", "*.py*"))
+    (target / "data").mkdir(parents=True, exist_ok=True)
+    for name, count in rows.items():
+        table = pq.read_table(data_dir / name, columns=["id", "text", "source"])
+        pq.write_table(table.slice(0, count), target / "data" / name, compression="zstd")
+    return {path.relative_to(target).as_posix(): path.stat().st_size for path in sorted(target.rglob("*"))
+            if path.is_file()}
+
+
+def stand_in_weights(folder: Path) -> dict:
+    """Random weights (torch seed 0) for the weightless `model` and `lm` folders that `pack` wrote."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    made = {}
+    for name, auto in (("model", AutoModel), ("lm", AutoModelForCausalLM)):
+        torch.manual_seed(0)
+        model = auto.from_config(AutoConfig.from_pretrained(folder / name, local_files_only=True))
+        model.save_pretrained(folder / name)
+        made[name] = {"parameters": sum(p.numel() for p in model.parameters()), "architecture": type(model).__name__}
+    return made
 
 
 def run_bench(script: str, out: Path, extra: list[str]) -> dict:
@@ -133,15 +181,25 @@ def main() -> int:
     parser.add_argument("--niter", type=int, default=100)
     parser.add_argument("--model", help="sentence-transformers folder for embed (default: the packaged one)")
     parser.add_argument("--lm", help="causal LM folder for select and rephrase (default: the packaged one)")
-    parser.add_argument("--data", type=Path, help="Parquet with id, text, source (default: the benches' own)")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                        help=f"holds the parts' corpora ({', '.join(sorted(set(PART_DATA.values())))})")
+    parser.add_argument("--pack", type=Path, help="write the weightless model folders and corpus slices here; exit")
+    parser.add_argument("--stand-ins", type=Path, help="a folder --pack wrote: run on random weights drawn there")
     parser.add_argument("--train-steps", type=int, default=20, help="timed steps per proxy preset (train part)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.pack:
+        sizes = pack(args.pack, args.data_dir, {PART_DATA["embed"]: args.embed_rows,
+                                                 PART_DATA["select"]: max(args.select_rows + 1_000, 4_000)})
+        print(json.dumps(sizes, indent=1))
+        return 0
     work = args.out.parent / "gpu-parts"
     work.mkdir(parents=True, exist_ok=True)
-    common = ["--device", args.device] + (["--data", str(args.data)] if args.data else [])
     result: dict = {"device": args.device}
+    if args.stand_ins:
+        result["stand_in_weights"] = stand_in_weights(args.stand_ins)
+        args.model, args.lm = str(args.stand_ins / "model"), str(args.stand_ins / "lm")
     try:
         import torch
 
@@ -151,6 +209,8 @@ def main() -> int:
         result["cuda_device"] = None
     for part in args.parts:
         print(f"bench-gpu: {part}", flush=True)
+        common = ["--device", args.device] + (["--data", str(args.data_dir / PART_DATA[part])]
+                                              if part in PART_DATA else [])
         if part == "embed":
             extra = ["--rows", str(args.embed_rows), "--batch-size", "128"] + (["--model", args.model] if args.model
                                                                                 else [])
