@@ -51,7 +51,8 @@ def pack(target: Path, data_dir: Path, rows: dict[str, int]) -> dict:
 
     from winnow.selectors import embedding, lm
 
-    sources = {"model": embedding.resolve_model_path(embedding.PACKAGED_MODEL), "lm": lm.resolve_lm_path(lm.PACKAGED_LM)}
+    sources = {"model": embedding.resolve_model_path(embedding.PACKAGED_MODEL),
+               "lm": lm.resolve_lm_path(lm.PACKAGED_LM)}
     for name, source in sources.items():
         shutil.rmtree(target / name, ignore_errors=True)
         shutil.copytree(source, target / name, ignore=shutil.ignore_patterns(*WEIGHT_FILES, "README.md", "*.py*"))
