@@ -102,6 +102,21 @@ def read_cache_table(path: str, drop: tuple[str, ...] = ()) -> pa.Table:
         return parquet.read()
 
 
+def read_cache_groups(path: str, columns: tuple[str, ...]) -> Iterator[pa.Table]:
+    """A cache file's table one row group at a time: of a typed block only the `columns` it has (at least one
+    table, empty for a file without rows); pickled records whole, in one table."""
+    with open_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        if not is_block(parquet.schema_arrow):
+            yield parquet.read()
+            return
+        wanted = [name for name in parquet.schema_arrow.names if name in columns]
+        if not parquet.num_row_groups:
+            yield parquet.schema_arrow.empty_table().select(wanted)
+        for group in range(parquet.num_row_groups):
+            yield parquet.read_row_group(group, columns=wanted)
+
+
 def table_elements(table: pa.Table, drop: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """The records (or ledger rows) of a cache file's table: a typed block (blocks.py) or pickled dicts."""
     if "fate" in table.column_names:  # typed ledger rows (a stage that writes its removed rows itself)

@@ -41,7 +41,7 @@ from winnow.pipelines.engine.stage import (
     config_section,
     summary_meta,
 )
-from winnow.pipelines.stages.prune.clusters import clusters_step, fit_pass
+from winnow.pipelines.stages.prune.clusters import clusters_step, fit_passes
 from winnow.pipelines.stages.prune.common import CONFIRM_COUNTS, PAIRS, SUMMARY_DIR
 from winnow.pipelines.stages.prune.decide import build_decide, groups_pass, refit_pass
 
@@ -70,7 +70,7 @@ def _steps(plan: EmbedPlan | None, config) -> list[Step]:
                                        "max_seq_length": plan.max_seq_length}
     return [
         Step("clusters", clusters_step(plan), {"prune": scores}, confirm, reads_vectors=True, reads_files=True,
-             passes=(fit_pass(prune),)),
+             passes=fit_passes(prune)),
         Step("decide", build_decide, {"prune": decision}, reads_files=True, passes=(*refit, groups_pass(prune))),
     ]
 

@@ -45,7 +45,9 @@ from winnow.pipelines.stages.prune.common import (
     members_table,
     partition_count,
     partition_of,
+    sample_bound,
     settings_from,
+    smallest_of,
 )
 from winnow.selectors.pruning import (
     PruneSettings,
@@ -53,14 +55,44 @@ from winnow.selectors.pruning import (
 from winnow.selectors.semdedup import near_pairs
 
 
-def fit_pass(config: PruneConfig) -> Pass:
-    """The step's record files -> (the fit sample, how many records)."""
-    def build(paths, constants):
-        return (paths
-                | "Candidates" >> beam.Map(file_candidates, config.seed, config.kmeans.fit_sample)
-                | "Sample" >> beam.CombineGlobally(SmallestRows(config.kmeans.fit_sample)))
+def fit_passes(config: PruneConfig) -> tuple[Pass, Pass]:
+    """The step's record files -> the fit sample, in two passes so that the sample's vectors never travel as
+    pipeline elements (a 100,000-row sample through combine and gather took ten times its size in memory):
+    `fit-keys` finds the sample's rows by (hash, order key), without vectors; `fit` writes each file's rows at or
+    under the largest of them to the step's scratch folder and gathers only those files' names and row counts,
+    which `read_sample` merges on the driver."""
+    n = config.kmeans.fit_sample
 
-    return Pass("fit", build, reads_files=RECORDS)
+    def keys(paths, constants):
+        return (paths
+                | "KeyCandidates" >> beam.Map(file_candidates, config.seed, n, vectors=False)
+                | "KeySample" >> beam.CombineGlobally(SmallestRows(n)))
+
+    def build(paths, constants):
+        bound, folder = sample_bound(constants["fit-keys"]), join(constants["scratch"], "fit")
+        return (paths
+                | "Candidates" >> beam.Map(_write_candidates, config.seed, n, bound, folder)
+                | "Parts" >> beam.combiners.ToList())
+
+    return Pass("fit-keys", keys, reads_files=RECORDS), Pass("fit", build, reads_files=RECORDS)
+
+
+def _write_candidates(path: str, seed: int, n: int, bound, folder: str) -> tuple[str, int]:
+    hashes, keys, vectors, count = file_candidates(path, seed, n, bound=bound)
+    target = join(folder, posixpath.basename(path) + ".npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, hashes=hashes, keys=keys, vectors=vectors)
+    write_bytes(target, buffer.getvalue())
+    return target, count
+
+
+def read_sample(parts: list[tuple[str, int]], n: int):
+    """The fit sample from the files `fit` wrote: the `n` smallest of their rows, and all the rows counted."""
+    sample = None
+    for target, count in sorted(parts):
+        with np.load(io.BytesIO(read_bytes(target))) as arrays:
+            sample = smallest_of([sample, (arrays["hashes"], arrays["keys"], arrays["vectors"], count)], n)
+    return sample if sample is not None else SmallestRows(n).extract_output(None)
 
 
 class _AssignFileFn(beam.DoFn):
@@ -196,7 +228,7 @@ def build_clusters(pipeline, paths, context: StepContext, confirm: EmbedPlan | N
     and `dist_to_centroid`); partitions of clusters written with their SemDeDup pairs; the centroids file."""
     settings = settings_from(context.job.config.prune)
     confirm = confirm if settings.semdedup else None
-    sample = context.constants["fit"]
+    sample = read_sample(context.constants["fit"], context.job.config.prune.kmeans.fit_sample)
     centroids = fit(sample, settings)
     partitions = partition_count(sample[3], len(centroids))
     assigned = split_routed(

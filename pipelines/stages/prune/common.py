@@ -9,7 +9,8 @@ import pyarrow as pa
 
 from winnow.pipelines.config import PruneConfig
 from winnow.pipelines.io.blocks import VECTOR_COLUMN, vector_array
-from winnow.pipelines.io.cached_rows import CachedRows
+from winnow.pipelines.io.cache_files import read_cache_groups
+from winnow.pipelines.io.cached_rows import ORDER_COLUMNS, CachedRows
 from winnow.pipelines.io.records import seeded_hashes
 from winnow.pipelines.io.row_groups import group_runs
 from winnow.selectors import clustering
@@ -69,7 +70,7 @@ def settings_from(config: PruneConfig) -> PruneSettings:
 Sample = tuple  # (hashes uint64, order keys int64 (n, 3), vectors float32 (n, d), rows counted)
 
 
-def _smallest(parts: list[Sample | None], n: int) -> Sample | None:
+def smallest_of(parts: list[Sample | None], n: int) -> Sample | None:
     """The `n` rows of `parts` with the smallest (hash, order key), and the rows the parts counted."""
     parts = [part for part in parts if part is not None]
     if not parts:
@@ -95,10 +96,10 @@ class SmallestRows(beam.CombineFn):
         return None
 
     def add_input(self, accumulator, part):
-        return _smallest([accumulator, part], self.n)
+        return smallest_of([accumulator, part], self.n)
 
     def merge_accumulators(self, accumulators):
-        return _smallest(list(accumulators), self.n)
+        return smallest_of(list(accumulators), self.n)
 
     def extract_output(self, accumulator):
         if accumulator is None:
@@ -108,12 +109,42 @@ class SmallestRows(beam.CombineFn):
 
 def candidates(keys: np.ndarray, ids: pa.Array, vectors: np.ndarray, seed: int, n: int) -> Sample:
     hashes = seeded_hashes(seed, ids, "fit")
-    return _smallest([(hashes, keys, vectors, len(keys))], n)
+    return smallest_of([(hashes, keys, vectors, len(keys))], n)
 
 
-def file_candidates(path: str, seed: int, n: int) -> Sample:
-    rows = CachedRows.read(path)
-    return candidates(rows.keys(), rows.ids(), rows.vectors(), seed, n)
+def sample_bound(sample: Sample) -> tuple[int, int, int, int] | None:
+    """The largest (hash, order key) of a sample (its last row), or None for an empty one."""
+    hashes, keys = sample[0], sample[1]
+    if not len(hashes):
+        return None
+    return int(hashes[-1]), int(keys[-1, 0]), int(keys[-1, 1]), int(keys[-1, 2])
+
+
+def _at_most(hashes: np.ndarray, keys: np.ndarray, bound: tuple[int, int, int, int]) -> np.ndarray:
+    """Rows whose (hash, order key) is at most `bound`, compared as `smallest_of` orders them."""
+    less, equal = np.zeros(len(hashes), dtype=bool), np.ones(len(hashes), dtype=bool)
+    columns = (hashes, keys[:, 0], keys[:, 1], keys[:, 2])
+    for column, value in zip(columns, (np.uint64(bound[0]), *bound[1:]), strict=True):
+        less |= equal & (column < value)
+        equal &= column == value
+    return less | equal
+
+
+def file_candidates(path: str, seed: int, n: int, vectors: bool = True,
+                    bound: tuple[int, int, int, int] | None = None) -> Sample:
+    """A record file's candidates for the fit sample (its `n` smallest rows by (hash, order key), and its row
+    count), read a row group at a time and without the texts; without `vectors`, only their hashes and keys.
+    With `bound`, only the rows at or under it: the fit pass sends the vectors of the sample's own rows, not
+    a whole file's (a file's vectors through the pipeline took several times their size)."""
+    columns = (*ORDER_COLUMNS, "id", VECTOR_COLUMN) if vectors else (*ORDER_COLUMNS, "id")
+    sample = None
+    for table in read_cache_groups(path, columns):
+        rows = CachedRows(table)
+        keys, hashes = rows.keys(), seeded_hashes(seed, rows.ids(), "fit")
+        chosen = np.arange(len(rows)) if bound is None else np.flatnonzero(_at_most(hashes, keys, bound))
+        matrix = rows.vectors()[chosen] if vectors else np.zeros((len(chosen), 0), dtype=np.float32)
+        sample = smallest_of([sample, (hashes[chosen], keys[chosen], matrix, len(rows))], n)
+    return sample
 
 
 def fit(sample: Sample, settings: PruneSettings) -> np.ndarray:
