@@ -3,11 +3,13 @@ take turns in the single-threaded kernel sections."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-from winnow.pipelines.engine.model_stage import ModelHandler, RunModel, model_lock
+from winnow.pipelines.engine.model_stage import ModelHandler, RunModel, model_lock, release_models
 
 
 class _CountingHandler(ModelHandler):
@@ -76,3 +78,31 @@ def test_single_threaded_kernels_of_two_threads_take_turns():
         list(pool.map(section, range(8)))
     assert most[0] == 1
     assert all(counts <= {1} for counts in seen)
+
+
+class _HeavyHandler(ModelHandler):
+    """A model whose lifetime the test watches through a weak reference."""
+
+    def tag(self) -> str:
+        return "heavy"
+
+    def load(self):
+        return _Model()
+
+
+class _Model:
+    pass
+
+
+def test_a_finished_stage_lets_its_model_go():
+    """Beam's Shared keeps the last model it handed out alive; in-process that held the embedding model (2 GiB
+    at OpenVINO int8) through prune. Once the DoFns are torn down, release_models lets it be collected."""
+    fn = RunModel(_HeavyHandler(1))
+    fn.setup()
+    model = weakref.ref(fn._model())
+    assert model() is not None
+    fn.teardown()
+    gc.collect()
+    assert model() is not None  # Shared's keep-alive still holds it
+    release_models()
+    assert model() is None

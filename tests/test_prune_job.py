@@ -110,3 +110,55 @@ def test_the_random_strategy_matches_the_reference_whatever_keep_says(pruned, tm
         quota = int(reference["kept"][members].sum())
         hardest[members[np.argsort(-reference["dist"][members], kind="stable")[:quota]]] = True
     assert (reference["kept"] & ~hardest).sum() > 0.3 * reference["kept"].sum(), "not the hardest of each cluster"
+
+
+def _blocks(directory, sizes, dim, rng):
+    """Embed-stage blocks of `sizes` rows (row groups of 5,000), input rows numbered across the files."""
+    import pyarrow as pa
+
+    from winnow.pipelines.io.blocks import REUSED_COLUMN, VECTOR_COLUMN, block_table, vector_array, write_block
+
+    paths, start = [], 0
+    for number, size in enumerate(sizes):
+        rows = np.arange(start, start + size)
+        core = {"file_index": pa.array(np.zeros(size, dtype=np.int64)), "input_row": pa.array(rows),
+                "id": [f"r{row}" for row in rows.tolist()], "text": [f"text {row}" for row in rows.tolist()],
+                "source": ["s"] * size, "input_file": ["in.parquet"] * size,
+                "text_hash": [f"{row:032x}" for row in rows.tolist()], "note": [None] * size}
+        table = block_table(core, None).append_column(
+            VECTOR_COLUMN, vector_array(rng.standard_normal((size, dim)).astype(np.float32)))
+        table = table.append_column(REUSED_COLUMN, pa.array(np.zeros(size, dtype=bool)))
+        write_block(str(directory), f"records/block-{number:05d}.parquet", table)
+        paths.append(str(directory / "records" / f"block-{number:05d}.parquet"))
+        start += size
+    return paths
+
+
+def test_the_fit_sample_through_scratch_files_is_the_smallest_rows_of_all(tmp_path):
+    """The fit sample's vectors no longer travel as pipeline elements: fit-keys' bound, each file's rows at or
+    under it written apart, and the driver's merge give exactly the n smallest (hash, order key) rows of all the
+    files with their vectors, and every row counted, as one pass over all the rows at once does."""
+    from winnow.pipelines.io.cached_rows import CachedRows
+    from winnow.pipelines.stages.prune.clusters import _write_candidates, read_sample
+    from winnow.pipelines.stages.prune.common import (
+        SmallestRows,
+        candidates,
+        file_candidates,
+        sample_bound,
+        smallest_of,
+    )
+
+    paths = _blocks(tmp_path / "up", [7_000, 0, 5_500, 300], 4, np.random.default_rng(0))
+    n, seed = 1_000, 3
+    keys_only = smallest_of([file_candidates(path, seed, n, vectors=False) for path in paths], n)
+    assert keys_only[2].shape == (n, 0) and keys_only[3] == 12_800
+    parts = [_write_candidates(path, seed, n, sample_bound(keys_only), str(tmp_path / "fit")) for path in paths]
+    assert sum(len(np.load(part)["hashes"]) for part, _ in parts) == n  # only the sample's rows were written
+    sample = read_sample(parts, n)
+
+    whole = [CachedRows.read(path) for path in paths]
+    reference = smallest_of([candidates(rows.keys(), rows.ids(), rows.vectors(), seed, n) for rows in whole
+                             if len(rows)] + [SmallestRows(n).extract_output(None)], n)
+    assert sample[3] == reference[3] == 12_800
+    for got, expected in zip(sample[:3], reference[:3], strict=True):
+        np.testing.assert_array_equal(got, expected)
