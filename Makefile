@@ -6,7 +6,7 @@ SOURCES := $(shell find pipelines selectors rephrase proxy -name '*.py' 2>/dev/n
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-two-tier bench-corpus bench-gpu bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
+.PHONY: setup run run-select run-dask test test-fast test-distributed lint bench-embed bench-backends bench-two-tier bench-corpus bench-prune-corpus bench-gpu bench-mix bench-scale bench-runners bench-cache bench-prune bench-prune-stage bench-dedup bench-select bench-rephrase eval-mix \
 	eval-quality eval-prune eval-select eval-rephrase eval-train report-screenshot clean
 
 setup: $(VENV)/.deps $(VENV)/.installed
@@ -78,6 +78,9 @@ bench-corpus: setup
 
 # On a machine with CUDA: embed, select and rephrase on the GPU against their bare loops, and k-means, assignment
 # and SemDeDup at 1M vectors (faiss on GPU vs CPU), in one run; writes bench/out/gpu.json.
+bench-prune-corpus: setup
+	$(BIN)/python bench/bench_prune_corpus.py $(ARGS)
+
 bench-gpu: setup
 	$(BIN)/python bench/bench_gpu.py $(ARGS)
 
