@@ -34,7 +34,7 @@ def write_blocks(embeddings: Path, corpus: Path, directory: Path) -> list[dict]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from winnow.pipelines.io.blocks import REUSED_COLUMN, VECTOR_COLUMN, block_table, vector_array, write_block
+    from winnow.pipelines.io.blocks import embedded_block, write_block
 
     vectors = pq.read_table(embeddings, columns=["id", "text_hash", "embedding"])
     rows = pq.read_table(corpus, columns=["id", "text", "source"])
@@ -49,9 +49,8 @@ def write_blocks(embeddings: Path, corpus: Path, directory: Path) -> list[dict]:
                 "text": picked.column("text"), "source": picked.column("source"),
                 "input_file": [corpus.name] * len(chosen), "text_hash": vectors.column("text_hash").take(chosen),
                 "note": [None] * len(chosen)}
-        table = block_table(core, None).append_column(VECTOR_COLUMN, vector_array(matrix[chosen]))
-        table = table.append_column(REUSED_COLUMN, pa.array(np.zeros(len(chosen), dtype=bool)))
-        files.append(write_block(str(directory), f"records/block-00000-{number:05d}.parquet", table))
+        files.append(write_block(str(directory), f"records/block-00000-{number:05d}.parquet",
+                                 embedded_block(core, matrix[chosen])))
     return files
 
 

@@ -33,7 +33,7 @@ def write_upstream(vectors: np.ndarray, directory: Path) -> list[dict]:
     """N records with their vectors as embed-stage blocks under directory/records; their file metadata."""
     import pyarrow as pa
 
-    from winnow.pipelines.io.blocks import REUSED_COLUMN, VECTOR_COLUMN, block_table, vector_array, write_block
+    from winnow.pipelines.io.blocks import embedded_block, write_block
 
     files = []
     for number, start in enumerate(range(0, len(vectors), BLOCK_ROWS)):
@@ -44,10 +44,8 @@ def write_upstream(vectors: np.ndarray, directory: Path) -> list[dict]:
             "source": ["tiled"] * len(rows), "input_file": ["tiled.parquet"] * len(rows),
             "text_hash": [f"{row:032x}" for row in rows.tolist()], "note": [None] * len(rows),
         }
-        table = block_table(core, None)
-        table = table.append_column(VECTOR_COLUMN, vector_array(vectors[rows]))
-        table = table.append_column(REUSED_COLUMN, pa.array(np.zeros(len(rows), dtype=bool)))
-        files.append(write_block(str(directory), f"records/block-00000-{number:05d}.parquet", table))
+        files.append(write_block(str(directory), f"records/block-00000-{number:05d}.parquet",
+                                 embedded_block(core, vectors[rows])))
     return files
 
 

@@ -116,7 +116,7 @@ def _blocks(directory, sizes, dim, rng):
     """Embed-stage blocks of `sizes` rows (row groups of 5,000), input rows numbered across the files."""
     import pyarrow as pa
 
-    from winnow.pipelines.io.blocks import REUSED_COLUMN, VECTOR_COLUMN, block_table, vector_array, write_block
+    from winnow.pipelines.io.blocks import embedded_block, write_block
 
     paths, start = [], 0
     for number, size in enumerate(sizes):
@@ -125,10 +125,8 @@ def _blocks(directory, sizes, dim, rng):
                 "id": [f"r{row}" for row in rows.tolist()], "text": [f"text {row}" for row in rows.tolist()],
                 "source": ["s"] * size, "input_file": ["in.parquet"] * size,
                 "text_hash": [f"{row:032x}" for row in rows.tolist()], "note": [None] * size}
-        table = block_table(core, None).append_column(
-            VECTOR_COLUMN, vector_array(rng.standard_normal((size, dim)).astype(np.float32)))
-        table = table.append_column(REUSED_COLUMN, pa.array(np.zeros(size, dtype=bool)))
-        write_block(str(directory), f"records/block-{number:05d}.parquet", table)
+        write_block(str(directory), f"records/block-{number:05d}.parquet",
+                    embedded_block(core, rng.standard_normal((size, dim)).astype(np.float32)))
         paths.append(str(directory / "records" / f"block-{number:05d}.parquet"))
         start += size
     return paths

@@ -68,6 +68,13 @@ def vector_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
+def embedded_block(core: dict[str, Any], vectors: np.ndarray, extras: pa.Table | None = None) -> pa.Table:
+    """A block as the embed stage leaves it, from its core columns and fresh (not reused) vectors: for benches
+    and tests that start a later stage from known vectors without running embed."""
+    table = block_table(core, extras).append_column(VECTOR_COLUMN, vector_array(vectors))
+    return table.append_column(REUSED_COLUMN, pa.array(np.zeros(len(vectors), dtype=bool)))
+
+
 def vector_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A fixed-size-list column as an (n, dim) float32 matrix."""
     if isinstance(column, pa.ChunkedArray):
