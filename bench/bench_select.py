@@ -5,10 +5,11 @@ size, token cap and torch threads, one after the other in this process, over the
 ../shared/data/docs_paragraphs.parquet. The plain loop is selectors.sae.sample_codes called once on all texts
 (length-sorted batches of forward passes up to the layer, SAE encoding, mean pooling; no Beam). The Beam figure
 is the whole job's wall time (read, validate, score, threshold, write shards and ledger), so the ratio is a
-lower bound for the stage. First, the default-size SAE (4,608 features, k 32, 400 steps of 1,024 tokens) is
-trained on the activations of `--train-rows` other rows, and that training is timed. Then the same job with
-`select.shortlist` (`--shortlist`, BM25 by default) at each of `--multiples`, side by side: the whole job's wall
-time against the exact job's, and the share of the exact job's selection each keeps.
+lower bound for the stage; the same job without select runs just before it, in the same process, and its stage
+timings are recorded (`record_path_job_timings`). First, the default-size SAE (4,608 features, k 32, 400 steps
+of 1,024 tokens) is trained on the activations of `--train-rows` other rows, and that training is timed. Then
+the same job with `select.shortlist` (`--shortlist`, BM25 by default) at each of `--multiples`, side by side: the
+whole job's wall time against the exact job's, and the share of the exact job's selection each keeps.
 
     make bench-select                   # 5,000 samples
     make bench-select ARGS="--rows 500"
@@ -93,6 +94,10 @@ def main() -> int:
                        "batch_size": args.batch_size, "max_tokens": args.max_tokens,
                        "torch_threads": threads, "model": args.lm, "device": args.device},
         })
+        record_path = config.resolved()  # the same job without select: the record path's share of the wall time
+        record_path["select"]["enabled"] = False
+        record_path["output"]["path"] = str(scratch / "out-record-path")
+        record_path_timings = run_job(plan_job(build_config(record_path), []), force=True)["timings"]
         started = time.perf_counter()
         manifest = run_job(plan_job(config, []), force=True)
         beam_s = time.perf_counter() - started
@@ -105,13 +110,14 @@ def main() -> int:
             config_dict["select"].update(shortlist=args.shortlist, shortlist_multiple=multiple)
             config_dict["output"]["path"] = str(scratch / f"out-{multiple}")
             started = time.perf_counter()
-            run_job(plan_job(build_config(config_dict), []), force=True)
+            timings = run_job(plan_job(build_config(config_dict), []), force=True)["timings"]
             seconds = time.perf_counter() - started
             kept = pq.read_table(scratch / f"out-{multiple}" / "ledger", columns=["id", "fate"]).to_pandas()
             chosen = set(kept.loc[kept["fate"] == "kept", "id"])
             shortlists.append({"shortlist": args.shortlist, "multiple": multiple, "job_s": round(seconds, 2),
                                "speedup_over_exact": round(beam_s / seconds, 2),
-                               "recall_of_exact_selection": round(len(chosen & exact) / max(1, len(exact)), 4)})
+                               "recall_of_exact_selection": round(len(chosen & exact) / max(1, len(exact)), 4),
+                               "job_timings": {name: round(value, 2) for name, value in timings.items()}})
             print(json.dumps(shortlists[-1]), flush=True)
 
     from winnow.selectors.task_selection import jaccard_to_prototype, prototype
@@ -136,6 +142,7 @@ def main() -> int:
                          "train_s": round(train_s, 1), "activation_tokens": int(len(acts)),
                          "activation_extract_s": round(extract_s, 1)},
         "beam_timings": manifest["timings"],
+        "record_path_job_timings": {name: round(value, 2) for name, value in record_path_timings.items()},
         "shortlists": shortlists,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
