@@ -76,11 +76,13 @@ bench-two-tier: setup
 bench-corpus: setup
 	$(BIN)/python bench/bench_corpus.py $(ARGS)
 
-# On a machine with CUDA: embed, select and rephrase on the GPU against their bare loops, and k-means, assignment
-# and SemDeDup at 1M vectors (faiss on GPU vs CPU), in one run; writes bench/out/gpu.json.
+# The prune stage alone on the embeddings a bench-corpus int8 run wrote, joined with the corpus's texts: wall time,
+# peak RSS and the kept set; writes bench/out/prune_corpus.json.
 bench-prune-corpus: setup
 	$(BIN)/python bench/bench_prune_corpus.py $(ARGS)
 
+# On a machine with CUDA: embed, select and rephrase on the GPU against their bare loops, and k-means, assignment
+# and SemDeDup at 1M vectors (faiss on GPU vs CPU), in one run; writes bench/out/gpu.json.
 bench-gpu: setup
 	$(BIN)/python bench/bench_gpu.py $(ARGS)
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_prune_stage import peak_rss_mib, reset_peak_rss
+from bench_prune_stage import peak_rss_mib, reset_peak_rss, status_kib
 
 OUT = Path("bench/out/corpus")
 BLOCK_ROWS = 50_000
@@ -97,9 +97,7 @@ def main() -> int:
 
         def sample() -> None:
             while True:
-                status = Path("/proc/self/status").read_text().splitlines()
-                rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) // 1024
-                samples.append((round(time.perf_counter() - started, 1), rss))
+                samples.append((round(time.perf_counter() - started, 1), status_kib("VmRSS") // 1024))
                 time.sleep(0.5)
 
         threading.Thread(target=sample, daemon=True).start()

@@ -49,9 +49,14 @@ def write_upstream(vectors: np.ndarray, directory: Path) -> list[dict]:
     return files
 
 
-def peak_rss_mib() -> float:
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
     status = Path("/proc/self/status").read_text().splitlines()
-    return round(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024, 1)
+    return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+
+
+def peak_rss_mib() -> float:
+    return round(status_kib("VmHWM") / 1024, 1)
 
 
 def reset_peak_rss() -> None:
