@@ -24,7 +24,6 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from winnow.pipelines.engine.model_stage import release_models
 from winnow.pipelines.engine.options import (
     add_metrics,
     beam_options,
@@ -185,7 +184,6 @@ def _run_stages(plan: JobPlan, cache: StageCache, options, force: bool, cached: 
                 on_stage(planned.name, None)
             entry = run_stage(plan, planned, entries[-1] if entries else None, cache, options,
                               reuse_steps=cached and not force)
-            release_models()
         add_metrics(metrics, entry.metrics)
         plan.timings[f"{planned.name}_s"] = 0.0 if entry.reused else entry.seconds
         entries.append(entry)

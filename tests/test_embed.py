@@ -80,3 +80,47 @@ def test_rows_whose_id_repeats_are_embedded_beside_the_blocks(sample_slice, mode
     np.testing.assert_allclose(vectors, model.encode(shards.column("text").to_pylist(), normalize_embeddings=True),
                                atol=2e-5)
     assert manifest["embeddings"]["computed_rows"] == table.num_rows - 2
+
+
+def test_embeddings_output_is_written_after_the_model_is_let_go(sample_slice, model, tmp_path, monkeypatch):
+    """The embeddings output is a step of its own, built once the embed step's model is gone: at int8
+    OpenVINO's 2 GiB would otherwise sit under the write (the whole corpus peaked there). A changed output
+    layout reruns only that step, the vectors coming from the cache."""
+    import gc
+    import weakref
+
+    from winnow.pipelines.engine.embed_model import EmbedHandler
+    from winnow.pipelines.stages import embed
+
+    loaded, alive_at_write = [], []
+    load = EmbedHandler.load
+
+    def tracked_load(self):
+        encoder = load(self)
+        loaded.append(weakref.ref(encoder))
+        return encoder
+
+    def checked_write(pipeline, files, context):
+        gc.collect()
+        alive_at_write.append(sum(ref() is not None for ref in loaded))
+        return write(pipeline, files, context)
+
+    write = embed._write_embeddings
+    monkeypatch.setattr(EmbedHandler, "load", tracked_load)
+    monkeypatch.setattr(embed, "_write_embeddings", checked_write)
+    output = tmp_path / "out"
+    config = job_config(sample_slice / "b_docs.parquet", output, embed={"enabled": True, "window": 16})
+    first = run_job(plan_job(build_config(config), []))
+    assert len(loaded) == 1 and alive_at_write == [0]
+    assert [s["step"] for s in first["stages"][1]["steps"]] == ["embed", "embeddings"]
+    ids, vectors = read_embeddings(output)
+
+    config["output"]["row_group_rows"] = 7
+    again = run_job(plan_job(build_config(config), []))
+    assert [s["reused"] for s in again["stages"][1]["steps"]] == [True, False], "only the output is rewritten"
+    assert len(loaded) == 1, "the cached vectors are not embedded again"
+    again_ids, again_vectors = read_embeddings(output)
+    assert again_ids == ids
+    np.testing.assert_array_equal(again_vectors, vectors)
+    first_file = output / again["embeddings"]["files"][0]["file"]
+    assert pq.ParquetFile(first_file).metadata.row_group(0).num_rows == 7

@@ -200,7 +200,7 @@ def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path):
     config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
     first = run(config)
     embed_dir = next((tmp_path / ".out.cache").glob("embed-*"))
-    next((embed_dir / "records").glob("*.parquet")).unlink()
+    next((embed_dir / "embed" / "records").glob("*.parquet")).unlink()  # the stage's records
     second = run(config)
     assert stages(second) == [("validate", True), ("embed", False), ("prune", True)]
     assert second["counts"] == first["counts"]

@@ -79,6 +79,8 @@ class Step:
     reads_files: bool = False  # the graph gets the previous step's record files (paths), not records, and
     # returns the metadata of the record files it wrote (`dir` records) among its metadata
     passes: tuple[Pass, ...] = ()
+    writes_records: bool = True  # False: a last step that only writes files beside the records (embeddings);
+    # the stage's records are the previous step's, read by the next stage where that step wrote them
 
 
 @dataclass

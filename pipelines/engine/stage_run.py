@@ -2,10 +2,14 @@
 runs the step's graph and writes its records, removed rows and file list to the cache.
 
 A stage of several steps (scores, then a decision) is cached as one entry `.OUT.cache/STAGE-KEY/`: the last
-step's files at its top, each earlier step's in a folder named after the step with its own `step.json`. When
+step's files at its top, each earlier step's in a folder named after the step with its own `step.json` (a last
+step that writes no records leaves the stage's records in the previous step's folder). When
 the stage's key has no entry, an earlier step whose key is unchanged is taken from the stage's previous entry
 (hard links, or copies on an object store) instead of being computed again: that is what makes a changed
 threshold cost only the decision.
+
+The models a step loaded are let go when its pipeline is done, before the next step starts: the embed stage's
+model (2 GiB of OpenVINO at int8) is not resident while its embeddings output is written.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from winnow.pipelines.engine.model_stage import release_models
 from winnow.pipelines.engine.options import add_metrics, run_pipeline
 from winnow.pipelines.engine.passes import run_passes
 from winnow.pipelines.engine.stage import StepContext
@@ -84,6 +89,7 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
         metrics: dict[str, Any] = {}
         previous = None
         last = len(planned.steps) - 1
+        records_step = last if planned.steps[last].step.writes_records else last - 1
         for index, planned_step in enumerate(planned.steps):
             step_started = time.perf_counter()
             step_dir = directory if index == last else join(directory, planned_step.name)
@@ -108,6 +114,7 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                         build_stage_graph(pipeline, planned, u, d, i, job, p, c, s)))
                 finally:
                     delete_tree(scratch)
+                    release_models()
                 step_files = read_files_meta(join(step_dir, FILES_META))
                 delete_file(join(step_dir, FILES_META))
                 reused = False
@@ -116,8 +123,7 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                 if not reused:
                     StageCache.commit_step(step_dir, planned_step.key, step_files, seconds, planned_step.material,
                                            step_metrics)
-                files += [{**f, "step": planned_step.name, "file": f"{planned_step.name}/{f['file']}"}
-                          if "file" in f else {**f, "step": planned_step.name} for f in step_files]
+                files += [_in_step_folder(f, planned_step.name, index == records_step) for f in step_files]
                 previous = StageEntry(f"{planned.name}.{planned_step.name}", planned_step.key, step_dir, step_files,
                                       sum(f["rows"] for f in step_files if f["dir"] == RECORDS), 0, seconds)
                 inputs = previous.paths(RECORDS)
@@ -133,3 +139,10 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
         raise
     return cache.commit(planned.name, planned.key, directory, files, time.perf_counter() - started,
                         planned.steps[-1].material, metrics, steps)
+
+
+def _in_step_folder(meta: dict[str, Any], step: str, stage_records: bool) -> dict[str, Any]:
+    """An earlier step's file as the stage lists it: under the step's folder and marked with the step, except
+    the records that are the stage's own (those of the step before a last step that writes none)."""
+    moved = {**meta, "file": f"{step}/{meta['file']}"} if "file" in meta else dict(meta)
+    return moved if stage_records and meta["dir"] == RECORDS else {**moved, "step": step}

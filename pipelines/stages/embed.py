@@ -10,7 +10,9 @@ is the rows of a file with the same `input_row // embed.window` (a window cut by
 two); every backend (`embed.backend`: torch, onnx fp32/int8, openvino fp32/int8, static; selectors/backends.py)
 sorts a window by length before cutting batches of `embed.batch_size`, which keeps padding low.
 `embeddings/part-*.parquet` (id, text_hash, embedding, in input order) are cut from the written files by
-`WriteOrderedFiles`.
+`WriteOrderedFiles` in a second step, `embeddings`, once the model is let go (stage_run releases a step's models
+when its pipeline is done): at int8 OpenVINO holds 2 GiB, and writing the output in the same pipeline put it
+on top of that. The stage's records stay where the first step wrote them, in the cache entry's `embed/` folder.
 
 When the previous run's embeddings exist for the same model, texts whose hash is there are not embedded again:
 each worker indexes the previous files' text hashes once (16 bytes per previous row) and reads the vectors of a
@@ -290,29 +292,38 @@ def _plan(context: PlanContext) -> EmbedPlan:
     return plan
 
 
-def _embed_and_write(plan: EmbedPlan):
+def _embed(plan: EmbedPlan):
     def build(pipeline, files, context: StepContext) -> StepOutput:
-        output = context.job.config.output
-        directory = context.directory
         written = (
             files  # stage_run's Create of the files spreads them (a Reshuffle)
-            | "Embed" >> beam.ParDo(_EmbedFileFn(plan, directory, context.compression))
+            | "Embed" >> beam.ParDo(_EmbedFileFn(plan, context.directory, context.compression))
         )
-        embeddings = (
-            written
-            | "Embedded" >> beam.Map(lambda meta: (join(directory, meta["file"]), RECORDS))
-            | "WriteEmbeddings" >> WriteOrderedFiles(
-                directory, EMBEDDINGS_DIR, output.ledger_rows, _embedded_rows, _embeddings_output,
-                output.row_group_rows, _reuse_tally, columns=_embedded_columns, chunk_rows=VECTOR_CHUNK_ROWS)
-        )
-        return StepOutput(None, [], [written, embeddings])
+        return StepOutput(None, [], [written])
     return build
+
+
+def _write_embeddings(pipeline, files, context: StepContext) -> StepOutput:
+    """The embeddings output, cut from the embed step's files in input order."""
+    output = context.job.config.output
+    embeddings = (
+        files
+        | "Embedded" >> beam.Map(lambda path: (path, RECORDS))
+        | "WriteEmbeddings" >> WriteOrderedFiles(
+            context.directory, EMBEDDINGS_DIR, output.ledger_rows, _embedded_rows, _embeddings_output,
+            output.row_group_rows, _reuse_tally, columns=_embedded_columns, chunk_rows=VECTOR_CHUNK_ROWS)
+    )
+    return StepOutput(None, [], [embeddings])
 
 
 def _steps(plan: EmbedPlan, config) -> list[Step]:
     settings = config_section(config, "embed", exclude=("reuse", "torch_threads", "export_dir"))
-    return [Step("embed", _embed_and_write(plan), {"embed": settings},
-                 {"model": plan.fingerprint, "device": plan.device}, adds_vectors=True, reads_files=True)]
+    return [
+        Step("embed", _embed(plan), {"embed": settings}, {"model": plan.fingerprint, "device": plan.device},
+             adds_vectors=True, reads_files=True),
+        Step(EMBEDDINGS_DIR, _write_embeddings, {"output": {"rows": config.output.ledger_rows,
+                                                            "row_group_rows": config.output.row_group_rows}},
+             reads_vectors=True, reads_files=True, writes_records=False),
+    ]
 
 
 def _manifest(context: ManifestContext) -> dict[str, Any]:
