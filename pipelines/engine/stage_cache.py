@@ -4,7 +4,8 @@ A stage's output is its records (what the next stage reads), the ledger rows of 
 metadata of any files it wrote (summaries, embeddings, centroids). It is stored in `.OUT.cache/STAGE-KEY/`:
   records/part-FFFFF-BBBBB.parquet   pickled records, one file per block of 10,000 input rows (file F, block B)
   records/block-FFFFF-GGGGG.parquet  or typed blocks (blocks.py), one per row group G of input file F (validate;
-                                     embed writes the same files with their vectors)
+                                     embed writes the same files with their vectors, in its `embed/` step folder:
+                                     its last step writes only the embeddings output beside them)
   removed/part-FFFFF-BBBBB.parquet   pickled ledger rows, likewise
   STEP/...                           an earlier step of the stage (e.g. prune's `clusters`): the same layout
                                      and its own step.json, so that it can be reused when only later steps change
