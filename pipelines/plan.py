@@ -128,9 +128,10 @@ def key_steps(stages: list[PlannedStage]) -> None:
         step = planned.step
         if stage.module not in codes:
             codes[stage.module] = code_hash((stage.module, STEP_RUNNER))
-        planned.keeps_vectors = any(later.step.reads_vectors for _, later in steps[index + 1:])
         vectors = vectors or step.adds_vectors
-        planned.drops_vectors, vectors = vectors and not planned.keeps_vectors, vectors and planned.keeps_vectors
+        read_later = any(later.step.reads_vectors for _, later in steps[index + 1:])
+        planned.keeps_vectors = vectors and read_later
+        planned.drops_vectors, vectors = vectors and not read_later, planned.keeps_vectors
         planned.material = {
             "stage": stage.name, "step": step.name, "previous": previous, "keeps_vectors": planned.keeps_vectors,
             "code": codes[stage.module], "libraries": library_versions(stage.libraries),

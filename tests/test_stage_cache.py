@@ -234,6 +234,24 @@ def test_stage_keys_follow_code_and_chain(tmp_path, monkeypatch):
     assert stage_key({"a": 1, "previous": "x"}) != stage_key({"a": 1, "previous": "y"})
 
 
+def test_only_steps_whose_records_carry_vectors_keep_them(sample_slice, tmp_path):
+    """Whether a step's cached records keep the embeddings is in its key; validate's records never carry any,
+    so its key (and its cache entry) is the same whether or not later stages embed and read vectors."""
+    def steps(**sections) -> dict[str, tuple[str, bool, bool]]:
+        job = plan_job(build_config(job_config(sample_slice / "*", tmp_path / "out", **sections)), [])
+        return {f"{stage.stage.name}.{step.name}": (step.key, step.keeps_vectors, step.drops_vectors)
+                for stage in job.stages for step in stage.steps}
+
+    alone, embedded, pruned = steps(), steps(embed={"enabled": True}), steps(**PIPELINE)
+    assert alone["validate.validate"] == embedded["validate.validate"] == pruned["validate.validate"]
+    assert alone["validate.validate"][1:] == (False, False)
+    assert embedded["embed.embed"][1:] == (True, False), "the embeddings step reads the embed step's vectors"
+    assert embedded["embed.embeddings"][1:] == (False, True), "nothing after it reads them"
+    assert pruned["embed.embeddings"][1:] == (True, False), "prune reads them"
+    assert pruned["prune.clusters"][1:] == (False, True), "the last reader drops them"
+    assert pruned["prune.decide"][1:] == (False, False)
+
+
 def test_lookup_rejects_entries_without_their_stage_file(tmp_path):
     cache = StageCache(tmp_path / "cache")
     temporary = cache.begin("embed", "abc")
