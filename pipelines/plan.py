@@ -131,7 +131,8 @@ def key_steps(stages: list[PlannedStage]) -> None:
         vectors = vectors or step.adds_vectors
         read_later = any(later.step.reads_vectors for _, later in steps[index + 1:])
         planned.keeps_vectors = vectors and read_later
-        planned.drops_vectors, vectors = vectors and not read_later, planned.keeps_vectors
+        planned.drops_vectors = vectors and not read_later
+        vectors = planned.keeps_vectors
         planned.material = {
             "stage": stage.name, "step": step.name, "previous": previous, "keeps_vectors": planned.keeps_vectors,
             "code": codes[stage.module], "libraries": library_versions(stage.libraries),
