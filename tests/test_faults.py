@@ -198,14 +198,14 @@ def test_what_makes_a_run_impossible_stops_it_with_one_line(tmp_path, name, writ
     assert says in _impossible(tmp_path, name, write)
 
 
-def test_a_corpus_where_every_record_is_rejected_still_gives_a_verified_output(tmp_path):
+def test_a_corpus_where_every_record_is_rejected_still_gives_a_verified_output(tmp_path, quick_embed):
     """No record reaches embed, prune, select or mix: the run finishes with no shards, every row in the ledger,
     and each stage's section saying that no record reached it."""
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (
         {"id": "a", "text": ""}, {"id": "b", "text": None}, {"id": "c", "text": "\u0000"})))
     (tmp_path / "targets.jsonl").write_text(json.dumps({"text": "a target"}) + "\n")
     select = {"enabled": True, "method": "bm25", "targets": str(tmp_path / "targets.jsonl"), "count": 1}
-    config = job_config(tmp_path / "in.jsonl", tmp_path / "out", embed={"enabled": True},
+    config = job_config(tmp_path / "in.jsonl", tmp_path / "out", embed=quick_embed,
                         prune={"enabled": True}, select=select, mix={"enabled": True})
     config["input"]["columns"] = {"id": "id", "text": "text"}
     manifest = run_job(plan_job(build_config(config), []))

@@ -21,8 +21,8 @@ def sections(page: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_report_of_the_default_stages(sample_slice, tmp_path):
-    config = job_config(sample_slice / "*", tmp_path / "out", embed={"enabled": True},
+def test_report_of_the_default_stages(sample_slice, tmp_path, quick_embed):
+    config = job_config(sample_slice / "*", tmp_path / "out", embed=quick_embed,
                         prune={"enabled": True, "keep_fraction": 0.7}, mix={"enabled": True, "shards": 3})
     manifest = run_job(plan_job(build_config(config), []))
     page = (tmp_path / "out" / "report" / "index.html").read_text()
@@ -43,7 +43,7 @@ def test_report_of_the_default_stages(sample_slice, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_with_every_stage(tmp_path, tiny_sae, capsys):
+def test_report_with_every_stage(tmp_path, tiny_sae, capsys, quick_embed):
     table = pq.read_table(SAMPLE / "bigbench_tasks.parquet").to_pandas()
     docs = pq.read_table(SAMPLE / "docs_paragraphs.parquet").slice(0, 6)
     (tmp_path / "in").mkdir()
@@ -53,7 +53,7 @@ def test_report_with_every_stage(tmp_path, tiny_sae, capsys):
     spider = table[table["source"] == "semantic_parsing_spider"]["text"].tolist()[-3:]
     targets.write_text("".join(json.dumps({"text": t}) + "\n" for t in spider))
     config = job_config(
-        tmp_path / "in" / "*", tmp_path / "out", embed={"enabled": True},
+        tmp_path / "in" / "*", tmp_path / "out", embed=quick_embed,
         prune={"enabled": True, "keep_fraction": 0.9},
         select={"enabled": True, "targets": str(targets), "sae": str(tiny_sae), "ratio": 0.5, "max_tokens": 64},
         rephrase={"enabled": True, "styles": ["medium"], "greedy": True, "max_new_tokens": 24, "max_records": 3,

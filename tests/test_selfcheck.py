@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, quick_embed):
     """A real prune + select (bm25, 40 of the pool) output on the sample slice."""
     import pyarrow.parquet as pq
     from conftest import SAMPLE
@@ -29,7 +29,7 @@ def finished(tmp_path_factory):
     (root / "input").mkdir()
     pq.write_table(pq.read_table(SAMPLE / "debian_descriptions.parquet").slice(900, 200), root / "input" / "a.parquet")
     select = {"enabled": True, "method": "bm25", "targets": str(targets_file(root)), "count": 40}
-    config = job_config(root / "input" / "*", root / "out", embed={"enabled": True}, select=select,
+    config = job_config(root / "input" / "*", root / "out", embed=quick_embed, select=select,
                         prune={"enabled": True, "keep_fraction": 0.7})
     run_job(plan_job(build_config(config), []))
     return root / "out"

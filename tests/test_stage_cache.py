@@ -23,6 +23,12 @@ PIPELINE = {"embed": {"enabled": True}, "prune": {"enabled": True, "keep_fractio
             "mix": {"enabled": True, "shards": 2}}
 
 
+@pytest.fixture
+def quick_pipeline(quick_embed) -> dict:
+    """PIPELINE with the quick embedding model (conftest.quick_embed)."""
+    return {**PIPELINE, "embed": quick_embed}
+
+
 def run(config: dict, force: bool = False) -> dict:
     return run_job(plan_job(build_config(config), []), force=force)
 
@@ -63,9 +69,10 @@ def output_bytes(output: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slice, tmp_path, block_writes):
+def test_changing_only_the_mix_reuses_every_stage_and_embeds_nothing(sample_slice, tmp_path, quick_pipeline,
+                                                                     block_writes):
     output = tmp_path / "out"
-    config = job_config(sample_slice / "*", output, **PIPELINE)
+    config = job_config(sample_slice / "*", output, **quick_pipeline)
     first = run(config)
     assert stages(first) == [("validate", False), ("embed", False), ("prune", False)]
     assert stage_compressions(block_writes) == {stage: {"zstd"} for stage in ("validate", "embed", "prune")}
@@ -90,9 +97,9 @@ def cache_entries(root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_decision_switched_back_reuses_the_first_runs_entry(sample_slice, tmp_path):
+def test_a_decision_switched_back_reuses_the_first_runs_entry(sample_slice, tmp_path, quick_pipeline):
     output = tmp_path / "out"
-    config = job_config(sample_slice / "*", output, **PIPELINE)
+    config = job_config(sample_slice / "*", output, **quick_pipeline)
     first = run(config)
     first_bytes = output_bytes(output)
     config["prune"]["keep_fraction"] = 0.4
@@ -172,9 +179,9 @@ def test_a_cache_size_may_be_given_with_a_unit():
 
 
 @pytest.mark.slow
-def test_force_recomputes_every_stage_with_identical_output(sample_slice, tmp_path):
+def test_force_recomputes_every_stage_with_identical_output(sample_slice, tmp_path, quick_pipeline):
     output = tmp_path / "out"
-    config = job_config(sample_slice / "*", output, **PIPELINE)
+    config = job_config(sample_slice / "*", output, **quick_pipeline)
     run(config)
     first_bytes = output_bytes(output)
     forced = run(config, force=True)
@@ -184,8 +191,8 @@ def test_force_recomputes_every_stage_with_identical_output(sample_slice, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_changed_input_file_invalidates_every_stage(sample_slice, tmp_path):
-    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+def test_a_changed_input_file_invalidates_every_stage(sample_slice, tmp_path, quick_pipeline):
+    config = job_config(sample_slice / "*", tmp_path / "out", **quick_pipeline)
     run(config)
     table = pq.read_table(sample_slice / "b_docs.parquet")
     pq.write_table(table.slice(0, 59), sample_slice / "b_docs.parquet")
@@ -196,8 +203,8 @@ def test_a_changed_input_file_invalidates_every_stage(sample_slice, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path):
-    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path, quick_pipeline):
+    config = job_config(sample_slice / "*", tmp_path / "out", **quick_pipeline)
     first = run(config)
     embed_dir = next((tmp_path / ".out.cache").glob("embed-*"))
     next((embed_dir / "embed" / "records").glob("*.parquet")).unlink()  # the stage's records
@@ -207,8 +214,8 @@ def test_a_damaged_cache_entry_is_recomputed_not_read(sample_slice, tmp_path):
 
 
 @pytest.mark.slow
-def test_without_the_cache_nothing_is_kept_beside_the_output(sample_slice, tmp_path, block_writes):
-    config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
+def test_without_the_cache_nothing_is_kept_beside_the_output(sample_slice, tmp_path, quick_pipeline, block_writes):
+    config = job_config(sample_slice / "*", tmp_path / "out", **quick_pipeline)
     config["output"]["cache"] = False
     run(config)
     assert stage_compressions(block_writes) == {stage: {"none"} for stage in ("validate", "embed", "prune")}, \

@@ -65,10 +65,11 @@ def test_code_keys_follow_each_stage_imports():
     assert "winnow.selectors.semdedup" not in module_closure(["winnow.pipelines.stages.embed"])
 
 
-def test_editing_a_helper_changes_that_stage_key_and_no_earlier_one(sample_slice, tmp_path, monkeypatch):
+def test_editing_a_helper_changes_that_stage_key_and_no_earlier_one(sample_slice, tmp_path, monkeypatch,
+                                                                     quick_embed):
     targets = tmp_path / "targets.jsonl"
     targets.write_text(json.dumps({"text": "a kernel module"}) + "\n")
-    config = build_config(job_config(sample_slice / "*", tmp_path / "out", embed={"enabled": True},
+    config = build_config(job_config(sample_slice / "*", tmp_path / "out", embed=quick_embed,
                                      prune={"enabled": True},
                                      select={"enabled": True, "method": "bm25", "targets": str(targets)}))
 
@@ -102,11 +103,11 @@ def steps_of(manifest: dict, stage: str) -> list[tuple[str, bool]]:
 ])
 @pytest.mark.slow
 def test_a_changed_decision_reuses_the_scores_and_equals_a_cold_run(sample_slice, tmp_path, pipeline, changes,
-                                                                     reused_steps):
+                                                                     reused_steps, quick_embed):
     targets = tmp_path / "targets.jsonl"
     texts = pq.read_table(SAMPLE / "docs_paragraphs.parquet").column("text").to_pylist()[200:203]
     targets.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    config = job_config(sample_slice / "*", tmp_path / "out", embed={"enabled": True},
+    config = job_config(sample_slice / "*", tmp_path / "out", embed=quick_embed,
                         prune={"enabled": True, "keep_fraction": 0.7},
                         select={"enabled": True, "method": "bm25", "targets": str(targets), "count": 60},
                         mix={"enabled": True, "shards": 2})
