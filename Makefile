@@ -40,8 +40,12 @@ $(SAE_SAMPLE): | setup
 run-select: setup $(SAE_SAMPLE)
 	$(BIN)/winnow run configs/select.yaml $(ARGS)
 
+# Test files spread over TEST_WORKERS processes (pytest-xdist, a file's tests in one process so module
+# fixtures are built once): most of a job test's time is Beam's single-threaded Python, so two processes fill
+# two cores (docs/NOTES.md, "make test in two processes"). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The whole runner matrix: every stage on a local Dask cluster and on the portable runner against in-process,
 # and the combined job on multi_processing workers.

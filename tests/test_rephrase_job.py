@@ -121,7 +121,7 @@ def test_a_killed_run_resumes_without_regenerating_finished_windows(docs, tmp_pa
     import sys
     import time
 
-    rephrase = {**REPHRASE, "window": 1}  # one window per input row
+    rephrase = {**REPHRASE, "styles": ["medium"], "window": 1}  # one window per input row: four windows
     config = job_config(docs / "docs.parquet", tmp_path / "out", rephrase=rephrase)
     path = tmp_path / "job.json"
     path.write_text(json.dumps(config))
