@@ -131,6 +131,35 @@ def test_a_batch_order_does_not_change_a_text_vector(packaged, export_dir):
     np.testing.assert_allclose(encoder.encode(TEXTS[::-1], batch_size=8)[::-1], together, atol=1e-5)
 
 
+class _Recording(backends._GraphEncoder):
+    """The graph encoder's batching over a stand-in graph that records each batch's shape and gives each text the
+    one-hot vector of the batch it ran in (first batch: dimension 0)."""
+
+    def __init__(self, folder):
+        super().__init__(folder, None)
+        self.shapes: list[tuple[int, int]] = []
+
+    def run(self, feed):
+        self.shapes.append(feed["input_ids"].shape)
+        vectors = np.zeros((len(feed["input_ids"]), 3), dtype=np.float32)
+        vectors[:, len(self.shapes) - 1] = 1.0
+        return vectors
+
+
+def test_graph_batches_are_cut_from_the_shortest_text_and_run_longest_first(packaged, export_dir):
+    """The runtime sizes its buffers once, for the longest batch (OpenVINO grew them batch after batch when the
+    lengths rose: docs/NOTES.md); the batches themselves, and so the vectors, are the ones cut from the shortest
+    text."""
+    encoder = _Recording(backends.ensure_export(*packaged, "onnx", "fp32", export_dir))
+    texts = [" ".join(["word"] * n) for n in (7, 1, 30, 4, 12, 2, 20, 9)]
+    vectors = encoder.encode(texts, batch_size=3)
+    assert [size for size, _ in encoder.shapes] == [2, 3, 3], "the partial batch holds the longest texts"
+    lengths = [tokens for _, tokens in encoder.shapes]
+    assert lengths == sorted(lengths, reverse=True), lengths
+    # by length: [1, 2, 4] words, [7, 9, 12], [20, 30]; the last of these runs first
+    assert vectors.argmax(axis=1).tolist() == [1, 2, 0, 2, 1, 2, 0, 1]
+
+
 def test_static_model_is_distilled_locally_and_gives_256_dimensions(packaged, export_dir, reference):
     folder = backends.ensure_export(*packaged, "static", "fp32", export_dir)
     vectors = backends.load_encoder("static", folder).encode(TEXTS)
