@@ -106,6 +106,10 @@ def _stage_line(name: str, entry) -> None:
     reused_steps = [step["step"] for step in entry.steps if step["reused"]]
     if reused_steps and not entry.reused:
         done += f" (reused its {', '.join(reused_steps)} from the cache)"
+    resumed = [f"{step['resumed_files']} files of its {step['step']}" for step in entry.steps
+               if step.get("resumed_files") and not entry.reused]
+    if resumed:
+        done += f" (took {', '.join(resumed)} from an interrupted run)"
     print(f"winnow: {name}: {done} ({entry.records} records out, {entry.removed} removed; key {entry.key})",
           flush=True)
 

@@ -225,8 +225,9 @@ def _wait_for(predicate, seconds: float, job: subprocess.Popen) -> bool:
 
 @pytest.mark.distributed  # 114 s: make test-distributed; tests/test_stage_cache.py kills and resumes on disk
 def test_a_run_killed_mid_stage_resumes_from_the_cache_on_s3(s3_server, sample_slice, tmp_path):
-    """SIGKILL while the embed stage runs on S3, then the same command: the lock left behind is taken over,
-    validate comes from the S3 cache, embed and prune are computed, the output equals an uninterrupted local
+    """SIGKILL while the embed stage runs on S3, once it finished a file, then the same command: the lock left
+    behind is taken over, validate comes from the S3 cache, embed takes the killed run's finished files (server-side
+    copies) and computes the others, prune is computed, the output equals an uninterrupted local
     run's, `winnow verify s3://...` passes, and a shard changed behind the manifest's back is caught."""
     url, s3_args = s3_server
     bucket = "resume"
@@ -239,9 +240,8 @@ def test_a_run_killed_mid_stage_resumes_from_the_cache_on_s3(s3_server, sample_s
     command = [sys.executable, "-m", "winnow.pipelines", "run", str(path), "--", *s3_args]
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert _wait_for(lambda: any(k.endswith("/stage.json") for k in keys(url, bucket, ".out.cache/validate-")),
-                         300, job), "the validate stage finished"
-        time.sleep(1.0)
+        assert _wait_for(lambda: any(k.endswith(".meta.json") for k in keys(url, bucket, ".out.cache/.embed-embed-")),
+                         300, job), "the embed stage finished a file (kept for a resumed run)"
         assert job.poll() is None, "the job is still embedding when it is killed"
     finally:
         os.killpg(job.pid, signal.SIGKILL)
@@ -250,10 +250,13 @@ def test_a_run_killed_mid_stage_resumes_from_the_cache_on_s3(s3_server, sample_s
     assert keys(url, bucket, ".out.lock") == [".out.lock"], "the killed run's lock is left behind"
     assert not [k for k in keys(url, bucket, ".out.cache/embed-") if k.endswith("/stage.json")]
 
+    kept = len([k for k in keys(url, bucket, ".out.cache/.embed-embed-") if k.endswith(".meta.json")])
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "winnow: validate: reused from the cache" in resumed.stdout
     assert "winnow: embed: computed" in resumed.stdout and "winnow: prune: computed" in resumed.stdout
+    assert f"(took {kept} files of its embed from an interrupted run)" in resumed.stdout
+    assert keys(url, bucket, ".out.cache/.") == [], "the kept files and the killed run's leftovers are gone"
     markers = [k for k in keys(url, bucket, ".out.cache/") if k.endswith("/stage.json")]
     assert sorted(k.split("/")[1].split("-")[0] for k in markers) == ["embed", "prune", "validate"]
 

@@ -279,8 +279,9 @@ def _wait_for(predicate, seconds: float, job: subprocess.Popen) -> bool:
 
 @pytest.mark.slow
 def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_output(sample_slice, tmp_path):
-    """SIGKILL while the embed stage runs, then the same command: validate comes from the cache, embed and
-    prune are computed, and shards, ledger and embeddings equal an uninterrupted run's byte for byte."""
+    """SIGKILL while the embed stage runs, once it finished a record file, then the same command: validate comes
+    from the cache, embed takes the files the killed run finished and computes the others, prune is computed,
+    and shards, ledger and embeddings equal an uninterrupted run's byte for byte."""
     config = job_config(sample_slice / "*", tmp_path / "out", **PIPELINE)
     path = tmp_path / "job.json"
     path.write_text(json.dumps(config))
@@ -288,8 +289,8 @@ def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_outpu
     cache = tmp_path / ".out.cache"
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert _wait_for(lambda: any(cache.glob(".embed-*.tmp-*")), 300, job), "the embed stage started"
-        time.sleep(1.0)
+        assert _wait_for(lambda: any(cache.glob(".embed-embed-*.resume/records/*.meta.json")), 300, job), \
+            "the embed stage finished a file"
         assert job.poll() is None, "the job is still embedding when it is killed"
     finally:
         os.killpg(job.pid, signal.SIGKILL)
@@ -298,12 +299,15 @@ def test_a_run_killed_mid_stage_resumes_with_finished_stages_and_identical_outpu
     assert [p.name.split("-")[0] for p in cache.glob("validate-*")] == ["validate"]
     assert not list(cache.glob("embed-*")), "the interrupted stage has no finished entry"
 
+    kept = len(list(cache.glob(".embed-embed-*.resume/records/*.meta.json")))
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "winnow: validate: reused from the cache" in resumed.stdout
     assert "winnow: embed: computed" in resumed.stdout and "winnow: prune: computed" in resumed.stdout
+    assert f"(took {kept} files of its embed from an interrupted run)" in resumed.stdout
     assert cache_entries(cache) == ["embed", "prune", "validate"], \
         "the killed run's temporary directory is gone"
+    assert not list(cache.glob(".*")), "and so are its kept files"
 
     uninterrupted = json.loads(json.dumps(config))
     uninterrupted["output"] = {**config["output"], "path": str(tmp_path / "uninterrupted"), "cache": False}

@@ -59,6 +59,7 @@ class StepContext:
     drops_vectors: bool = False  # no later step reads the embeddings: a files step writes its records without
     scratch: str = ""  # a folder for the step's temporary files (its passes' too), deleted when the step is done
     compression: str = "zstd"  # of the blocks the step writes (blocks.block_compression)
+    resume: str = ""  # a `resumes_files` step's folder of files finished by an earlier attempt (file_resume.py)
 
 
 StepBuild = Callable[[Any, Any, StepContext], StepOutput]
@@ -81,6 +82,8 @@ class Step:
     passes: tuple[Pass, ...] = ()
     writes_records: bool = True  # False: a last step that only writes files beside the records (embeddings);
     # the stage's records are the previous step's, read by the next stage where that step wrote them
+    resumes_files: bool = False  # a files step that writes one file per input file, through file_resume: a
+    # killed run's next attempt takes the files it finished instead of computing them again
 
 
 @dataclass

@@ -18,7 +18,8 @@ code invalidates that step and every later one, and nothing earlier.
 A stage is written into a temporary directory and renamed into place only when it finished and `stage.json` is
 written (on an object store, which has no rename, into the entry's own emptied prefix with `stage.json` written
 last as its marker); a run killed mid-stage leaves no entry that lookup accepts, and the next run recomputes
-that stage only.
+that stage only, taking the files that its model steps had finished from
+`.STAGE-STEP-KEY.resume/` (engine/file_resume.py).
 
 The cache remembers a sweep: after a successful run, entries of earlier runs are kept while the whole cache fits
 in `output.cache_max_bytes`, and dropped least recently used first beyond it (`history.json` records the run
@@ -252,6 +253,11 @@ class StageCache:
     @staticmethod
     def read_step(directory: str) -> dict[str, Any]:
         return read_json(join(directory, STEP_FILE))
+
+    def resume_folder(self, stage: str, step: str, key: str) -> str:
+        """Where a `resumes_files` step keeps the files it finished while it runs (engine/file_resume.py); a
+        leftover, not an entry, for `remember`."""
+        return join(self.root, f".{stage}-{step}-{key}.resume")
 
     def begin(self, name: str, key: str) -> str:
         """Where to write the stage: a fresh temporary directory, or on an object store the entry's own prefix,

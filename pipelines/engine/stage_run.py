@@ -10,6 +10,9 @@ threshold cost only the decision.
 
 The models a step loaded are let go when its pipeline is done, before the next step starts: the embed stage's
 model (2 GiB of OpenVINO at int8) is not resident while its embeddings output is written.
+
+A step that `resumes_files` (embed, select's scores) keeps each file it finishes apart while it runs, so that
+the same command after a killed run takes those files and computes only the rest (engine/file_resume.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from winnow.pipelines.engine import file_resume
 from winnow.pipelines.engine.model_stage import release_models
 from winnow.pipelines.engine.options import add_metrics, run_pipeline
 from winnow.pipelines.engine.passes import run_passes
@@ -40,7 +44,7 @@ from winnow.pipelines.io.storage import copy_tree, delete_file, delete_tree, is_
 
 def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], directory: str, step: int = 0,
                       job=None, previous: StageEntry | None = None, constants: dict[str, Any] | None = None,
-                      scratch: str = "") -> None:
+                      scratch: str = "", resume: str = "") -> None:
     """One step's graph (by default the stage's first): read the previous step's cached records (the first
     step of the first stage reads the input), run the step, write its records and removed rows to the cache
     and the list of every file it wrote. Its last step gathers that list, so every branch is upstream of it:
@@ -56,7 +60,8 @@ def build_stage_graph(pipeline: beam.Pipeline, planned, upstream: list[str], dir
     job = job or planned.job
     output = definition.build(pipeline, records, StepContext(job, directory, previous, constants or {},
                                                              planned_step.drops_vectors, scratch,
-                                                             block_compression(job.config.output.cache)))
+                                                             block_compression(job.config.output.cache),
+                                                             resume))
     written = [*output.metadata]
     if not definition.reads_files:  # a files step wrote its records itself (their metadata is in `metadata`)
         records = output.records
@@ -93,6 +98,7 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
         for index, planned_step in enumerate(planned.steps):
             step_started = time.perf_counter()
             step_dir = directory if index == last else join(directory, planned_step.name)
+            resumed = 0
             found = cache.find_step(planned.name, planned_step.name, planned_step.key) \
                 if reuse_steps and index < last else None
             if found is not None:
@@ -105,18 +111,21 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                     Path(step_dir).mkdir(parents=True, exist_ok=True)
                 step_metrics = {}
                 scratch = join(job.work_dir, "_steps", f"{planned.name}-{planned_step.name}")
+                resume, resumed = _resume_folder(cache, planned, planned_step, fresh=not reuse_steps)
                 try:
                     constants = run_passes(options, planned_step.step.passes, inputs, step_dir, step_metrics,
                                            previous, scratch)
                     passes_seconds = time.perf_counter() - step_started
                     add_metrics(step_metrics, run_pipeline(
-                        options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs, c=constants, s=scratch:
-                        build_stage_graph(pipeline, planned, u, d, i, job, p, c, s)))
+                        options, lambda pipeline, i=index, d=step_dir, p=previous, u=inputs, c=constants, s=scratch,
+                        r=resume: build_stage_graph(pipeline, planned, u, d, i, job, p, c, s, r)))
                 finally:
                     delete_tree(scratch)
                     release_models()
                 step_files = read_files_meta(join(step_dir, FILES_META))
                 delete_file(join(step_dir, FILES_META))
+                if resume:
+                    delete_tree(resume)
                 reused = False
             seconds = time.perf_counter() - step_started
             if index < last:
@@ -133,12 +142,25 @@ def run_stage(job, planned, upstream: StageEntry | None, cache: StageCache, opti
                 add_metrics(metrics, step_metrics)
             steps.append({"step": planned_step.name, "key": planned_step.key, "reused": reused,
                           "seconds": round(0.0 if reused else seconds, 3),
-                          "passes_seconds": round(passes_seconds, 3)})
+                          "passes_seconds": round(passes_seconds, 3),
+                          **({"resumed_files": resumed} if not reused and resumed else {})})
     except BaseException:
         cache.discard(directory)
         raise
     return cache.commit(planned.name, planned.key, directory, files, time.perf_counter() - started,
                         planned.steps[-1].material, metrics, steps)
+
+
+def _resume_folder(cache: StageCache, planned, planned_step, fresh: bool) -> tuple[str, int]:
+    """A `resumes_files` step's folder of finished files, and how many an earlier attempt left in it that this
+    one takes ("" and 0 for other steps). `fresh` (--force, or no cache): what an earlier run left is dropped."""
+    if not planned_step.step.resumes_files:
+        return "", 0
+    folder = cache.resume_folder(planned.name, planned_step.name, planned_step.key)
+    if fresh:
+        delete_tree(folder)
+        return folder, 0
+    return folder, file_resume.prepare(folder)
 
 
 def _in_step_folder(meta: dict[str, Any], step: str, stage_records: bool) -> dict[str, Any]:

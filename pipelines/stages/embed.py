@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import BeamIOError
 
+from winnow.pipelines.engine import file_resume
 from winnow.pipelines.engine.embed_model import EmbedHandler, EmbedPlan
 from winnow.pipelines.engine.model_stage import acquire_model, model_lock
 from winnow.pipelines.engine.progress import Progress
@@ -147,10 +148,11 @@ class _EmbedFileFn(beam.DoFn):
     """A cache file of records -> the same rows with their vectors, written into this stage's cache (a typed
     block for a block, pickled records for pickled records); its file metadata."""
 
-    def __init__(self, plan: EmbedPlan, directory: str, compression: str):
+    def __init__(self, plan: EmbedPlan, directory: str, compression: str, resume: str):
         self.plan = plan
         self.directory = directory
         self.compression = compression
+        self.resume = resume
         self.busy_ms = beam.metrics.Metrics.distribution(EmbedHandler.namespace, "busy_ms")
         self.embedded = beam.metrics.Metrics.counter(EmbedHandler.namespace, EmbedHandler.counter)
         self.reused = beam.metrics.Metrics.counter(EmbedHandler.namespace, "texts_reused")
@@ -198,6 +200,16 @@ class _EmbedFileFn(beam.DoFn):
 
     def process(self, path: str) -> Iterator[dict[str, Any]]:
         relative = f"{RECORDS}/{posixpath.basename(path)}"
+        finished = file_resume.take(self.resume, self.directory, relative)
+        if finished is not None:
+            self.progress.advance(finished["rows"])
+            yield finished
+            return
+        meta = self._embed_file(path, relative)
+        file_resume.keep(self.resume, self.directory, relative, meta)
+        yield meta
+
+    def _embed_file(self, path: str, relative: str) -> dict[str, Any]:
         table = read_cache_table(path)
         if is_block(table.schema):
             table = table.sort_by([("file_index", "ascending"), ("input_row", "ascending")])
@@ -207,14 +219,13 @@ class _EmbedFileFn(beam.DoFn):
             if table.num_rows:
                 table = table.append_column(VECTOR_COLUMN, vector_array(vectors))
                 table = table.append_column(REUSED_COLUMN, pa.array(reused))
-            yield write_block(self.directory, relative, table, self.compression)
-            return
+            return write_block(self.directory, relative, table, self.compression)
         records = sorted(table_elements(table), key=lambda r: (r["file_index"], r["input_row"], r.get("variant", 0)))
         vectors, reused = self._vectors(
             np.array([r["file_index"] for r in records], dtype=np.int64),
             np.array([r["input_row"] for r in records], dtype=np.int64),
             [r["text"] for r in records], [r["text_hash"] for r in records])
-        yield write_records_file(self.directory, relative, [
+        return write_records_file(self.directory, relative, [
             {**record, VECTOR_COLUMN: vectors[index], REUSED_COLUMN: bool(reused[index])}
             for index, record in enumerate(records)])
 
@@ -296,7 +307,7 @@ def _embed(plan: EmbedPlan):
     def build(pipeline, files, context: StepContext) -> StepOutput:
         written = (
             files  # stage_run's Create of the files spreads them (a Reshuffle)
-            | "Embed" >> beam.ParDo(_EmbedFileFn(plan, context.directory, context.compression))
+            | "Embed" >> beam.ParDo(_EmbedFileFn(plan, context.directory, context.compression, context.resume))
         )
         return StepOutput(None, [], [written])
     return build
@@ -319,7 +330,7 @@ def _steps(plan: EmbedPlan, config) -> list[Step]:
     settings = config_section(config, "embed", exclude=("reuse", "torch_threads", "export_dir"))
     return [
         Step("embed", _embed(plan), {"embed": settings}, {"model": plan.fingerprint, "device": plan.device},
-             adds_vectors=True, reads_files=True),
+             adds_vectors=True, reads_files=True, resumes_files=True),
         Step(EMBEDDINGS_DIR, _write_embeddings, {"output": {"rows": config.output.ledger_rows,
                                                             "row_group_rows": config.output.row_group_rows}},
              reads_vectors=True, reads_files=True, writes_records=False),

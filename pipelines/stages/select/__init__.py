@@ -56,7 +56,7 @@ def _scores(plan: SelectPlan):
         shortlist = shortlist_top(plan).place(context.constants).key if plan.shortlist else None
         written = score_files(paths, plan, context.directory, context.constants["prototype"],
                               context.constants.get("bm25"), context.drops_vectors, context.compression,
-                              shortlist=shortlist)
+                              shortlist=shortlist, resume=context.resume)
         return StepOutput(None, [], written)
     return build
 
@@ -91,7 +91,7 @@ def _steps(plan: SelectPlan, config: WinnowConfig) -> list[Step]:
     return [
         *steps,
         Step("scores", _scores(plan), {"select": scores}, models, reads_vectors=METHODS[plan.method].reads_vectors,
-             reads_files=True, passes=passes),
+             reads_files=True, passes=passes, resumes_files=True),
         Step("decide", _decide(plan), {"select": {k: section[k] for k in DECISION_KEYS}}, reads_files=True,
              passes=decide_passes(plan)),
     ]

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.pipelines.config import ConfigError, WinnowConfig
+from winnow.pipelines.engine import file_resume
 from winnow.pipelines.engine.model_stage import ModelHandler, acquire_model, model_lock
 from winnow.pipelines.engine.passes import Pass
 from winnow.pipelines.engine.progress import Progress
@@ -335,8 +336,9 @@ class _ScoreFileFn(beam.DoFn):
     worker, on the first window that needs them."""
 
     def __init__(self, plan: SelectPlan, directory: str, prototype, stats, drops_vectors: bool, compression: str,
-                 column: str, shortlist: tuple | None):
+                 column: str, shortlist: tuple | None, resume: str):
         self.handler = SelectHandler(plan, prototype, stats)
+        self.resume = resume
         self.column = column
         self.shortlist = shortlist
         self.compression = compression
@@ -355,6 +357,14 @@ class _ScoreFileFn(beam.DoFn):
         return self.held.value
 
     def process(self, path: str) -> Iterator[dict[str, Any]]:
+        relative = f"{RECORDS}/{posixpath.basename(path)}"
+        finished = file_resume.take(self.resume, self.directory, relative)
+        if finished is None:
+            finished = self._score_file(path, relative)
+            file_resume.keep(self.resume, self.directory, relative, finished)
+        yield finished
+
+    def _score_file(self, path: str, relative: str) -> dict[str, Any]:
         handler, method, plan = self.handler, self.handler.method, self.handler.plan
         drop = (VECTOR_COLUMN,) if self.drops_vectors else ()
         rows = CachedRows.read(path, () if method.reads_vectors else drop)
@@ -393,20 +403,21 @@ class _ScoreFileFn(beam.DoFn):
             columns["sae_score"] = pa.array(scores, pa.float64(), mask=~scored)
             columns[FEATURES_COLUMN] = pa.array([list(f.items()) for f in features],
                                                 pa.map_(pa.int64(), pa.float64()))
-        yield rows.write(self.directory, f"{RECORDS}/{posixpath.basename(path)}", columns, drop=drop,
-                         compression=self.compression)
+        return rows.write(self.directory, relative, columns, drop=drop, compression=self.compression)
 
 
 def score_files(paths, plan: SelectPlan, directory: str, prototype, stats=None, drops_vectors: bool = False,
-                compression: str = "zstd", column: str = "select_score", shortlist: tuple | None = None):
+                compression: str = "zstd", column: str = "select_score", shortlist: tuple | None = None,
+                resume: str = ""):
     """The scores of selection: the previous step's record files, the prototype and (BM25) the pool statistics
     from the passes -> (metadata of the record files written with their scores in `column`; of the prototype
     file, mona only). With a shortlist (`plan.shortlist`), only rows whose shortlist rank key is at or above
-    `shortlist` are scored; the others get -inf (never selected) and no SAE score."""
+    `shortlist` are scored; the others get -inf (never selected) and no SAE score. `resume`: the step's folder of
+files an interrupted attempt finished (engine/file_resume.py)."""
     written = [
         paths  # stage_run's Create of the files spreads them (a Reshuffle)
         | "Score" >> beam.ParDo(_ScoreFileFn(plan, directory, prototype, stats, drops_vectors, compression,
-                                             column, shortlist))
+                                             column, shortlist, resume))
     ]
     if METHODS[plan.method].sparse_features:
         written.append(

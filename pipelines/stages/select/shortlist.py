@@ -51,7 +51,7 @@ def _build(plan: SelectPlan):
     def build(pipeline, paths, context: StepContext) -> StepOutput:
         written = score_files(paths, cheap, context.directory, context.constants["prototype"],
                               context.constants.get("bm25"), context.drops_vectors, context.compression,
-                              column=SHORTLIST_SCORE)
+                              column=SHORTLIST_SCORE, resume=context.resume)
         return StepOutput(None, [], written)
     return build
 
@@ -65,7 +65,8 @@ def shortlist_step(plan: SelectPlan, targets_digest: str) -> Step:
         models.update(embed_model=plan.embed_model_fingerprint, embed_backend=plan.embed_backend,
                       device=plan.device)
     return Step("shortlist", _build(plan), {"select": {"shortlist": plan.shortlist}}, models,
-                reads_vectors=METHODS[cheap.method].reads_vectors, reads_files=True, passes=score_passes(cheap))
+                reads_vectors=METHODS[cheap.method].reads_vectors, reads_files=True, passes=score_passes(cheap),
+                resumes_files=True)
 
 
 def text_digest(texts) -> str:
