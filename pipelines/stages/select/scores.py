@@ -359,10 +359,17 @@ class _ScoreFileFn(beam.DoFn):
     def process(self, path: str) -> Iterator[dict[str, Any]]:
         relative = f"{RECORDS}/{posixpath.basename(path)}"
         finished = file_resume.take(self.resume, self.directory, relative)
-        if finished is None:
+        if finished is not None:
+            self._progress().advance(finished["rows"])
+        else:
             finished = self._score_file(path, relative)
             file_resume.keep(self.resume, self.directory, relative, finished)
         yield finished
+
+    def _progress(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(self.handler.label, self.handler.expected(), self.handler.unit)
+        return self.progress
 
     def _score_file(self, path: str, relative: str) -> dict[str, Any]:
         handler, method, plan = self.handler, self.handler.method, self.handler.plan
@@ -376,8 +383,7 @@ class _ScoreFileFn(beam.DoFn):
             scored = threshold.selected(shortlist_scores, ids, self.shortlist, plan.seed)
         scores = np.where(scored, 0.0, -np.inf)
         features: list[dict[int, float]] = [{} for _ in range(len(rows))]
-        if self.progress is None:
-            self.progress = Progress(handler.label, handler.expected(), handler.unit)
+        progress = self._progress()
         for start, stop in _windows(keys, plan.window):
             members = start + np.flatnonzero(scored[start:stop])
             if not len(members):
@@ -397,7 +403,7 @@ class _ScoreFileFn(beam.DoFn):
             for score in np.asarray(window_scores, dtype=np.float64).tolist():
                 handler.score_values.update(int(score * 1e6))
             self.scored.inc(len(members))
-            self.progress.advance(len(members))
+            progress.advance(len(members))
         columns = {self.column: pa.array(scores, pa.float64())}
         if method.sparse_features:
             columns["sae_score"] = pa.array(scores, pa.float64(), mask=~scored)
