@@ -11,6 +11,7 @@ deleted when the step finishes; a successful run removes any left by other keys 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from winnow.pipelines.io.storage import copy_file, delete_file, exists, join, list_files, read_json, write_json
@@ -60,3 +61,15 @@ def keep(folder: str, directory: str, relative: str, meta: dict[str, Any]) -> No
     delete_file(kept)
     copy_file(join(directory, relative), kept)
     write_json(kept + META_SUFFIX, meta)
+
+
+def take_or_compute(folder: str, directory: str, relative: str,
+                    compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The step's per-file body: the kept file when an earlier attempt finished it, else `compute()`'s file, kept
+    for a later attempt. Returns the file's metadata and whether it was taken."""
+    finished = take(folder, directory, relative)
+    if finished is not None:
+        return finished, True
+    finished = compute()
+    keep(folder, directory, relative, finished)
+    return finished, False

@@ -200,13 +200,10 @@ class _EmbedFileFn(beam.DoFn):
 
     def process(self, path: str) -> Iterator[dict[str, Any]]:
         relative = f"{RECORDS}/{posixpath.basename(path)}"
-        finished = file_resume.take(self.resume, self.directory, relative)
-        if finished is not None:
-            self.progress.advance(finished["rows"])
-            yield finished
-            return
-        meta = self._embed_file(path, relative)
-        file_resume.keep(self.resume, self.directory, relative, meta)
+        meta, taken = file_resume.take_or_compute(self.resume, self.directory, relative,
+                                                  lambda: self._embed_file(path, relative))
+        if taken:
+            self.progress.advance(meta["rows"])
         yield meta
 
     def _embed_file(self, path: str, relative: str) -> dict[str, Any]:

@@ -358,12 +358,10 @@ class _ScoreFileFn(beam.DoFn):
 
     def process(self, path: str) -> Iterator[dict[str, Any]]:
         relative = f"{RECORDS}/{posixpath.basename(path)}"
-        finished = file_resume.take(self.resume, self.directory, relative)
-        if finished is not None:
+        finished, taken = file_resume.take_or_compute(self.resume, self.directory, relative,
+                                                      lambda: self._score_file(path, relative))
+        if taken:
             self._progress().advance(finished["rows"])
-        else:
-            finished = self._score_file(path, relative)
-            file_resume.keep(self.resume, self.directory, relative, finished)
         yield finished
 
     def _progress(self) -> Progress:
